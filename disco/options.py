@@ -1,0 +1,41 @@
+"""Validated options for partitioning (one dataclass, keyword-only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from disco.errors import DiscoError
+
+MAX_NODES = 64
+
+# Bytes per element of each transport dtype that activations may cross the network in.
+TRANSPORT_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionOptions:
+    """How to split a model.
+
+    nodes: number of devices the model is split across (1..64).
+    assignment: how channels produced by a channel-mixing layer are given to nodes by default.
+        "balanced" gives node k the contiguous block [k*C/N, (k+1)*C/N) (sizes differ by at most one).
+    """
+
+    nodes: int
+    assignment: str = "balanced"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int):
+            raise DiscoError(f"nodes must be an integer, got {self.nodes!r}")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise DiscoError(f"nodes must be between 1 and {MAX_NODES}, got {self.nodes}")
+        if self.assignment != "balanced":
+            raise DiscoError(f"unknown assignment {self.assignment!r}; known: 'balanced'")
+
+
+def transport_bytes(dtype: str) -> int:
+    """Bytes per element for a transport dtype name, with a clear error for unknown names."""
+    try:
+        return TRANSPORT_DTYPE_BYTES[dtype]
+    except KeyError:
+        known = ", ".join(TRANSPORT_DTYPE_BYTES)
+        raise DiscoError(f"unknown transport dtype {dtype!r}; known: {known}") from None

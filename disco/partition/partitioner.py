@@ -1,0 +1,116 @@
+"""`partition()`: turn a plain model into its simulation-mode DISCO twin."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from disco.errors import DiscoError, UnsupportedOperationError
+from disco.options import PartitionOptions
+from disco.partition.assignment import balanced, channel_vector, majority_per_group
+from disco.partition.layers import DiscoLayer, mixing_entry, to_disco
+from disco.partition.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, OwnerPropagator, trace
+
+
+def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise DiscoError("example_inputs must be a tensor or a tuple of tensors")
+    return tuple(inputs)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Analyse in eval mode so BatchNorm statistics are not touched; restore the caller's mode after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def disco_layers(model: nn.Module) -> dict[str, DiscoLayer]:
+    """The partitioned model's channel-mixing layers by qualified name, in definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DiscoLayer)}
+
+
+def _chooser(nodes: int, overrides: dict[str, torch.Tensor]) -> OutputChooser:
+    def choose(name: str, module: nn.Module, in_assign: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, DiscoLayer):
+            if not torch.equal(module.in_assign.cpu(), in_assign):
+                raise DiscoError(f"layer '{name}' now receives channels on other nodes than when it was partitioned; "
+                                 "partition the model again")
+            return module.out_assign.cpu()
+        if name in overrides:
+            return overrides[name]
+        groups = getattr(module, "groups", 1)
+        out_channels = module.weight.shape[0]
+        if groups > 1:
+            return majority_per_group(in_assign, groups, out_channels, nodes)
+        return balanced(out_channels, nodes)
+    return choose
+
+
+def analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], nodes: int,
+            overrides: dict[str, torch.Tensor] | None = None) -> GraphAnalysis:
+    """Trace and run the model once, following channel ownership (see propagate.py)."""
+    overrides = {} if overrides is None else overrides
+    gm = trace(model)
+    while True:  # each conflict fixes one layer's assignment, so this ends after at most #layers rounds
+        propagator = OwnerPropagator(gm, nodes, _chooser(nodes, overrides))
+        try:
+            with eval_mode(gm):
+                return propagator.analyse(*inputs)
+        except AssignmentConflict as conflict:
+            _resolve(conflict, propagator, model, overrides)
+
+
+def _resolve(conflict: AssignmentConflict, propagator: OwnerPropagator, model: nn.Module,
+             overrides: dict[str, torch.Tensor]) -> None:
+    """Tensors combined elementwise must share an assignment: re-assign one operand's producing layer."""
+    first, second = conflict.operands
+    for producer, other in ((second, first), (first, second)):
+        source = propagator.sources.get(producer)
+        if source is None or source in overrides or isinstance(model.get_submodule(source), DiscoLayer):
+            continue
+        module = model.get_submodule(source)
+        vector = channel_vector(propagator.owners[other], mixing_entry(module)[2])
+        if vector is not None and vector.numel() == module.weight.shape[0]:
+            overrides[source] = vector
+            return
+    raise UnsupportedOperationError(conflict.node.name, f"{conflict.node.op} {conflict.node.target}",
+                                    "it combines tensors whose channels live on different nodes, and neither "
+                                    "operand comes straight from a layer whose assignment could be changed")
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.Module:
+    """Simulation-mode model: one process computing exactly what `nodes` devices compute together.
+
+    Every conv/linear becomes its Disco twin (same parameters, plus assignments and a group mask with
+    every group kept), so the result's outputs equal the original model's until masks are changed.
+    `options` are the fields of PartitionOptions other than `nodes`.
+    """
+    opts = PartitionOptions(nodes=nodes, **options)
+    inputs = as_input_tuple(example_inputs)
+    simulated = copy.deepcopy(model)
+    analysis = analyse(simulated, inputs, opts.nodes)
+    if not analysis.mixing:
+        raise DiscoError(f"{type(model).__name__} has no channel-mixing layer (conv or linear) to split")
+    plans: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for call in analysis.mixing:
+        previous = plans.setdefault(call.module, (call.in_assign, call.out_assign))
+        if not (torch.equal(previous[0], call.in_assign) and torch.equal(previous[1], call.out_assign)):
+            raise UnsupportedOperationError(call.node, f"call_module {call.module}",
+                                            "this layer is called more than once with channels on different nodes")
+    for name, (in_assign, out_assign) in plans.items():
+        _replace(simulated, name, to_disco(simulated.get_submodule(name), in_assign, out_assign, opts.nodes))
+    return simulated

@@ -1,0 +1,269 @@
+"""Follow channel ownership through a model's torch.fx graph while running it on an example input.
+
+`analyse(model, example_inputs, nodes, choose_output)` runs the traced model once, node by node, and
+carries beside every activation its owner map (see assignment.py). Each operation kind (rules.py) has
+one rule for owner maps; an unknown operation, or one that would mix channels of different nodes
+outside a channel-mixing layer, raises UnsupportedOperationError naming the graph node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from disco.errors import DiscoError, UnsupportedOperationError
+from disco.partition.assignment import REPLICATED, broadcast_channels, channel_vector
+from disco.partition.layers import DiscoLayer, mixing_entry
+from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
+
+
+class DiscoTracer(fx.Tracer):
+    """torch.fx tracer that keeps Disco layers (subclasses of Conv/Linear) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, DiscoLayer) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = DiscoTracer().trace(model)
+    except Exception as error:  # fx raises many types; the user needs to know it is tracing that failed
+        raise DiscoError(f"torch.fx could not trace {type(model).__name__}: {error}") from error
+    return fx.GraphModule(model, graph)
+
+
+@dataclass
+class MixingCall:
+    """One call of a channel-mixing layer, as seen on the example input."""
+
+    module: str
+    node: str
+    in_assign: torch.Tensor
+    out_assign: torch.Tensor
+    in_shape: torch.Size
+    out_shape: torch.Size
+    index: int
+
+
+@dataclass
+class ValueRecord:
+    """Elements of one activation held by each node (replicated data counts on every node)."""
+
+    index: int
+    node: str
+    elements_per_node: list[int]
+    element_size: int
+    last_use: int
+
+
+@dataclass
+class GraphAnalysis:
+    nodes: int
+    batch: int
+    mixing: list[MixingCall] = field(default_factory=list)
+    channel_owner_of_module: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    values: list[ValueRecord] = field(default_factory=list)
+    input_elements: int = 0
+    output_elements_per_node: list[int] = field(default_factory=list)
+    replicated_attributes: set[str] = field(default_factory=set)  # parameters read directly (get_attr)
+
+
+class AssignmentConflict(Exception):
+    """Two operands of an elementwise op have the same channels on different nodes (internal)."""
+
+    def __init__(self, node: fx.Node, operands: list[fx.Node]):
+        self.node = node
+        self.operands = operands
+        super().__init__(node.name)
+
+
+# choose_output(module_name, module, in_assign) -> out_assign for a channel-mixing layer
+OutputChooser = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
+class OwnerPropagator(fx.Interpreter):
+    """Runs the graph and computes an owner map for every value (see module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: int, choose_output: OutputChooser):
+        super().__init__(gm)
+        self.nodes = nodes
+        self.choose_output = choose_output
+        self.owners: dict[fx.Node, object] = {}
+        self.sources: dict[fx.Node, str | None] = {}  # mixing layer whose fresh output reaches here unchanged
+        self.layout_origin: dict[fx.Node, fx.Node | None] = {}  # last op that moved channels off dim 1/-1
+        self.analysis: GraphAnalysis | None = None
+        self._index = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+    # --- driving -----------------------------------------------------------------------------------
+    def analyse(self, *inputs: torch.Tensor) -> GraphAnalysis:
+        batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
+        self.analysis = GraphAnalysis(nodes=self.nodes, batch=batch)
+        self.analysis.input_elements = sum(t.numel() for t in inputs) // batch
+        with torch.no_grad():
+            self.run(*inputs)
+        return self.analysis
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        owner = self._owner_of(n, value)
+        self.owners[n] = owner
+        self._record_memory(n, value, owner)
+        return value
+
+    # --- rules -------------------------------------------------------------------------------------
+    def _owner_of(self, n: fx.Node, value):
+        if n.op == "output":
+            owner = fx.node.map_arg(n.args[0], lambda a: self.owners[a])
+            self.analysis.output_elements_per_node = self._elements_per_node(owner)
+            return owner
+        if not any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(value)):
+            return value  # sizes, shapes, dtypes: their "owner map" is the value itself
+        if n.op in ("placeholder", "get_attr"):
+            self.sources[n] = None
+            if n.op == "get_attr":
+                self.analysis.replicated_attributes.add(n.target)
+            return tree_map(lambda t: torch.full(t.shape, float(REPLICATED)) if isinstance(t, torch.Tensor) else t,
+                            value)
+        kind, module = self._kind(n)
+        if kind is OpKind.MIXING:
+            return self._mixing(n, module, value)
+        owner = {OpKind.ELEMENTWISE: self._elementwise, OpKind.SPATIAL: self._spatial,
+                 OpKind.MOVE: self._move, OpKind.REDUCE: self._reduce}[kind](n, module, value)
+        if module is not None:
+            self._record_module_channels(n, owner)
+        return owner
+
+    def _kind(self, n: fx.Node) -> tuple[OpKind, nn.Module | None]:
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        if n.op == "call_module":
+            kind = kind_of_module(module)
+        elif n.op == "call_function":
+            kind = kind_of_function(n.target)
+        else:
+            kind = kind_of_method(n.target)
+        if kind is None:
+            what = type(module).__name__ if module is not None else _describe(n)
+            raise UnsupportedOperationError(
+                n.name, _describe(n),
+                f"DISCO does not know how '{what}' moves or mixes channels, so it cannot split it across nodes; "
+                "register it in disco.partition.rules or rewrite the model with supported operations")
+        return kind, module
+
+    def _tensor_args(self, n: fx.Node) -> list[tuple[fx.Node, torch.Tensor]]:
+        """(producer, owner map) of each tensor operand of n, in argument order."""
+        found = []
+        for arg in tree_leaves((n.args, n.kwargs)):
+            if isinstance(arg, fx.Node) and isinstance(self.owners.get(arg), torch.Tensor):
+                found.append((arg, self.owners[arg]))
+        return found
+
+    def _first_channels(self, n: fx.Node, dim: int, purpose: str) -> torch.Tensor:
+        producer, owner = self._tensor_args(n)[0]
+        vector = channel_vector(owner, dim)
+        if vector is None:
+            raise UnsupportedOperationError(n.name, _describe(n), f"{purpose} needs its input split by channel along "
+                                            f"dim {dim}, but it is not{self._origin_hint(producer)}")
+        return vector
+
+    def _origin_hint(self, producer: fx.Node) -> str:
+        origin = self.layout_origin.get(producer)
+        if origin is None:
+            return ""
+        return (f": graph node '{origin.name}' ({_describe(origin)}) moved the split channel dimension, "
+                "which DISCO cannot follow into this operation")
+
+    def _inherit(self, n: fx.Node) -> None:
+        args = self._tensor_args(n)
+        first = args[0][0] if args else None
+        self.sources[n] = self.sources.get(first)
+        self.layout_origin[n] = self.layout_origin.get(first)
+
+    def _elementwise(self, n: fx.Node, module, value):
+        combined, combined_from = None, None
+        operands = self._tensor_args(n)[:1] if module is not None else self._tensor_args(n)
+        for producer, owner in operands:
+            owner = owner.broadcast_to(value.shape)
+            if combined is None:
+                combined, combined_from = owner, producer
+                continue
+            conflict = (combined != owner) & (combined >= 0) & (owner >= 0)
+            if bool(conflict.any()):
+                raise AssignmentConflict(n, [combined_from, producer])
+            combined = torch.where(combined >= 0, combined, owner)
+        self._inherit(n)
+        return combined
+
+    def _spatial(self, n: fx.Node, module, value):
+        vector = self._first_channels(n, 1, "this per-channel spatial operation")
+        self._inherit(n)
+        return broadcast_channels(vector, value.shape, 1)
+
+    def _move(self, n: fx.Node, module, value):
+        args = fx.node.map_arg(n.args, lambda a: self.owners[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.owners[a])
+        if n.op == "call_module":
+            owner = module(*args, **kwargs)
+        elif n.op == "call_method":
+            owner = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            owner = n.target(*args, **kwargs)
+        self._inherit(n)
+        if isinstance(owner, torch.Tensor):
+            if channel_vector(owner, 1) is None and channel_vector(owner, -1) is None:
+                self.layout_origin[n] = n
+            self.sources[n] = None
+        return owner
+
+    def _reduce(self, n: fx.Node, module, value):
+        args, kwargs = list(n.args), dict(n.kwargs)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        owner = self._tensor_args(n)[0][1]
+        dims = tuple(range(owner.dim())) if dim is None else dim
+        low, high = owner.amin(dim=dims, keepdim=keepdim), owner.amax(dim=dims, keepdim=keepdim)
+        if not bool((low == high).all()):
+            raise UnsupportedOperationError(n.name, _describe(n), f"it reduces over dims {dims}, which hold channels "
+                                            "of different nodes (a cross-node reduction)")
+        self._inherit(n)
+        return low.reshape(value.shape)
+
+    def _mixing(self, n: fx.Node, module: nn.Module, value):
+        _, _, channel_dim = mixing_entry(module)
+        in_assign = self._first_channels(n, channel_dim, f"channel-mixing layer {type(module).__name__}")
+        out_assign = self.choose_output(n.target, module, in_assign)
+        x_shape = self._tensor_args(n)[0][1].shape
+        self.analysis.mixing.append(MixingCall(n.target, n.name, in_assign, out_assign, x_shape, value.shape,
+                                                   self._index[n]))
+        self.sources[n] = n.target
+        self.layout_origin[n] = None
+        return broadcast_channels(out_assign, value.shape, channel_dim)
+
+    # --- bookkeeping for memory and parameter accounting ------------------------------------------------
+    def _record_module_channels(self, n: fx.Node, owner) -> None:
+        vector = channel_vector(owner, 1) if isinstance(owner, torch.Tensor) and owner.dim() > 1 else None
+        self.analysis.channel_owner_of_module.setdefault(n.target, vector)
+
+    def _elements_per_node(self, owner) -> list[int]:
+        counts = [0] * self.nodes
+        for leaf in tree_leaves(owner):
+            if isinstance(leaf, torch.Tensor):
+                for k in range(self.nodes):
+                    counts[k] += int(((leaf == k) | (leaf == REPLICATED)).sum()) // self.analysis.batch
+        return counts
+
+    def _record_memory(self, n: fx.Node, value, owner) -> None:
+        tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+        if n.op == "output" or not tensors:
+            return
+        last_use = max((self._index[u] for u in n.users), default=self._index[n])
+        self.analysis.values.append(ValueRecord(self._index[n], n.name, self._elements_per_node(owner),
+                                                tensors[0].element_size(), last_use))
+

@@ -1,0 +1,101 @@
+"""What each operation does to channel ownership, by kind. Unknown operations are refused.
+
+Kinds:
+- ELEMENTWISE: output element depends on the input elements at the same (broadcast) position.
+- SPATIAL: works within each channel over spatial dims (pooling, interpolation); channels on dim 1.
+- MOVE: pure data movement (view, cat, permute, getitem...): followed exactly on owner maps.
+- REDUCE: reduction over given dims; allowed when those dims do not span nodes.
+- MIXING: channel-mixing layers (see layers.MIXING_LAYERS); these carry communication groups.
+"""
+from __future__ import annotations
+
+import operator
+from enum import Enum
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from disco.partition.layers import mixing_entry
+
+
+class OpKind(Enum):
+    ELEMENTWISE = "elementwise"
+    SPATIAL = "spatial"
+    MOVE = "move"
+    REDUCE = "reduce"
+    MIXING = "mixing"
+
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm,
+)
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+
+# Modules whose parameters are one value per channel on dim 1 (counted on the channel's node).
+PER_CHANNEL_PARAM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.PReLU)
+
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp,
+    torch.clamp, torch.sqrt, torch.neg, torch.abs,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish,
+    F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d, F.batch_norm,
+}
+_SPATIAL_FUNCTIONS = {
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d,
+    F.avg_pool1d, F.max_pool1d, F.interpolate, F.pad, torch.nn.functional.upsample,
+}
+_MOVE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack,
+    torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.narrow, operator.getitem,
+    F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+
+_ELEMENTWISE_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
+    "tanh", "clamp", "clamp_", "clamp_min", "exp", "pow", "neg", "sqrt", "abs", "float", "to", "type_as",
+    "hardtanh_", "detach",
+}
+_MOVE_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split", "squeeze",
+    "unsqueeze", "narrow", "unflatten", "clone",
+}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+
+
+def kind_of_module(module: nn.Module) -> OpKind | None:
+    if mixing_entry(module) is not None:
+        return OpKind.MIXING
+    if isinstance(module, _ELEMENTWISE_MODULES):
+        return OpKind.ELEMENTWISE
+    if isinstance(module, _SPATIAL_MODULES):
+        return OpKind.SPATIAL
+    if isinstance(module, _MOVE_MODULES):
+        return OpKind.MOVE
+    return None
+
+
+def kind_of_function(target) -> OpKind | None:
+    for kind, table in ((OpKind.ELEMENTWISE, _ELEMENTWISE_FUNCTIONS), (OpKind.SPATIAL, _SPATIAL_FUNCTIONS),
+                        (OpKind.MOVE, _MOVE_FUNCTIONS), (OpKind.REDUCE, _REDUCE_FUNCTIONS)):
+        if target in table:
+            return kind
+    return None
+
+
+def kind_of_method(name: str) -> OpKind | None:
+    for kind, table in ((OpKind.ELEMENTWISE, _ELEMENTWISE_METHODS), (OpKind.MOVE, _MOVE_METHODS),
+                        (OpKind.REDUCE, _REDUCE_METHODS)):
+        if name in table:
+            return kind
+    return None

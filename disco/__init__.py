@@ -7,3 +7,7 @@ from disco.partition.partitioner import disco_layers, partition
 __all__ = ["DiscoError", "DiscoLayer", "PartitionOptions", "UnsupportedOperationError", "disco_layers",
            "partition"]
 __version__ = "0.1.0"
+
+from disco.accounting import cost_report  # noqa: E402  (needs the partition package loaded first)
+
+__all__ += ["cost_report"]

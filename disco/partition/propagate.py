@@ -67,6 +67,7 @@ class GraphAnalysis:
     channel_owner_of_module: dict[str, torch.Tensor | None] = field(default_factory=dict)
     values: list[ValueRecord] = field(default_factory=list)
     input_elements: int = 0
+    output_elements: int = 0
     output_elements_per_node: list[int] = field(default_factory=list)
     replicated_attributes: set[str] = field(default_factory=set)  # parameters read directly (get_attr)
 
@@ -123,6 +124,8 @@ class OwnerPropagator(fx.Interpreter):
         if n.op == "output":
             owner = fx.node.map_arg(n.args[0], lambda a: self.owners[a])
             self.analysis.output_elements_per_node = self._elements_per_node(owner)
+            self.analysis.output_elements = sum(t.numel() for t in tree_leaves(owner)
+                                                if isinstance(t, torch.Tensor)) // self.analysis.batch
             return owner
         if not any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(value)):
             return value  # sizes, shapes, dtypes: their "owner map" is the value itself

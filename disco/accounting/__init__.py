@@ -1,0 +1,3 @@
+from disco.accounting.report import cost_report
+
+__all__ = ["cost_report"]

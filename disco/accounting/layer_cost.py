@@ -1,0 +1,82 @@
+"""Exact per-layer costs of one channel-mixing call: bytes each node sends, MACs and parameters per node."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from disco.partition.layers import DiscoLayer
+from disco.partition.propagate import MixingCall
+
+
+@dataclass
+class LayerCost:
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    elements_per_channel: int  # spatial size (H*W, or tokens) of one input channel, per image
+    groups_total: int
+    groups_kept: int
+    dense_elements_matrix: torch.Tensor  # [src, dst] elements sent per image with every group kept
+    elements_matrix: torch.Tensor  # [src, dst] elements sent per image with the current mask
+    macs_per_node: list[int]
+    dense_macs_per_node: list[int]
+
+    def as_dict(self, bytes_per_element: int) -> dict:
+        return {
+            "name": self.name, "type": self.kind, "in_channels": self.in_channels,
+            "out_channels": self.out_channels, "elements_per_channel": self.elements_per_channel,
+            "groups_total": self.groups_total, "groups_kept": self.groups_kept,
+            "dense_bytes": int(self.dense_elements_matrix.sum()) * bytes_per_element,
+            "bytes": int(self.elements_matrix.sum()) * bytes_per_element,
+            "bytes_matrix": (self.elements_matrix * bytes_per_element).tolist(),
+            "macs_per_node": self.macs_per_node, "dense_macs_per_node": self.dense_macs_per_node,
+        }
+
+
+def _per_image_elements(shape: torch.Size, channels: int, channel_dim: int, batch: int) -> int:
+    return math.prod(shape) // (batch * channels)
+
+
+def _sent_matrix(layer: DiscoLayer, groups: torch.Tensor, elements_per_channel: int) -> torch.Tensor:
+    """[src, dst] elements: group (c -> k) moves one channel from node in_assign[c] to node k."""
+    matrix = torch.zeros(layer.nodes, layer.nodes, dtype=torch.long)
+    dst, channel = groups.cpu().nonzero(as_tuple=True)
+    src = layer.in_assign.cpu()[channel]
+    matrix.index_put_((src, dst), torch.full_like(src, elements_per_channel), accumulate=True)
+    return matrix
+
+
+def _kernel_elements(layer: DiscoLayer) -> int:
+    return math.prod(layer.weight.shape[2:])
+
+
+def layer_cost(layer: DiscoLayer, call: MixingCall, batch: int) -> LayerCost:
+    in_channels, out_channels = layer.in_assign.numel(), layer.out_assign.numel()
+    channel_dim = 1 if layer.weight.dim() > 2 else -1
+    per_channel_in = _per_image_elements(call.in_shape, in_channels, channel_dim, batch)
+    per_channel_out = _per_image_elements(call.out_shape, out_channels, channel_dim, batch)
+    possible = layer.possible_groups()
+    kept = possible & (layer.group_mask > 0)
+    macs_per_pair = per_channel_out * _kernel_elements(layer)
+    dense_pairs = layer.outputs_per_group().sum(-1) * (in_channels // layer.conv_groups)
+    return LayerCost(
+        name=call.module, kind=type(layer).__name__.removeprefix("Disco"), in_channels=in_channels,
+        out_channels=out_channels, elements_per_channel=per_channel_in,
+        groups_total=int(possible.sum()), groups_kept=int(kept.sum()),
+        dense_elements_matrix=_sent_matrix(layer, possible, per_channel_in),
+        elements_matrix=_sent_matrix(layer, kept, per_channel_in),
+        macs_per_node=(layer.kept_weights_per_node().cpu() * macs_per_pair).tolist(),
+        dense_macs_per_node=(dense_pairs.cpu() * macs_per_pair).tolist(),
+    )
+
+
+def layer_param_elements(layer: DiscoLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """([nodes] kept, [nodes] dense) parameter elements of a layer: its weight rows and bias entries."""
+    kernel = _kernel_elements(layer)
+    bias_rows = torch.bincount(layer.out_assign.cpu(), minlength=layer.nodes) if layer.bias is not None else 0
+    kept = layer.kept_weights_per_node().cpu() * kernel + bias_rows
+    dense = layer.outputs_per_group().sum(-1).cpu() * (layer.in_assign.numel() // layer.conv_groups) * kernel
+    return kept, dense + bias_rows

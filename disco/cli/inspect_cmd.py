@@ -1,0 +1,101 @@
+"""`disco inspect`: how a model splits across N nodes and what each node sends, computes and stores."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from disco.accounting import cost_report
+from disco.models import build_model, parse_input_size
+from disco.options import TRANSPORT_DTYPE_BYTES
+from disco.partition.masks import keep_random_groups
+from disco.partition.partitioner import partition
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "inspect", help="show how a model splits across nodes (bytes sent, MACs, memory per node)",
+        description="Partition a model across N nodes and print, per image, the bytes each node sends, the "
+                    "MACs and parameter/activation memory per node, next to the dense split (every channel sent).")
+    parser.add_argument("--model", required=True,
+                        help="torchvision:NAME (e.g. torchvision:resnet50) or path/to/file.py:factory_function")
+    parser.add_argument("--nodes", type=int, default=2, help="number of devices to split across (default 2)")
+    parser.add_argument("--input-size", default="3,224,224", help="one input's shape C,H,W (default 3,224,224)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(TRANSPORT_DTYPE_BYTES),
+                        help="dtype activations cross the network in (default fp32)")
+    parser.add_argument("--keep-random", type=float, metavar="FRACTION",
+                        help="keep only a random fraction of communication groups (to see the effect of masks)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --keep-random (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the full cost report as JSON")
+    parser.add_argument("--verbose", action="store_true", help="also print one row per channel-mixing layer")
+    parser.set_defaults(handler=run)
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:,.2f} MB"
+
+
+def _gmacs(value: float) -> str:
+    return f"{value / 1e9:,.3f} G"
+
+
+def _summary_table(report: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("per image")
+    for k in range(report["nodes"]):
+        table.add_column(f"node {k}", justify="right")
+    table.add_column("total", justify="right")
+
+    def row(label, values, fmt):
+        table.add_row(label, *(fmt(v) for v in values), fmt(sum(values)))
+    row("sent (this split)", [sum(r) for r in report["bytes_matrix"]], _mb)
+    row("sent (dense split)", [sum(r) for r in report["dense_bytes_matrix"]], _mb)
+    row("MACs", report["macs_per_node"], _gmacs)
+    row("parameters", report["param_bytes_per_node"], _mb)
+    row("activations (peak)", report["activation_bytes_per_node"], _mb)
+    row("memory", report["memory_bytes_per_node"], _mb)
+    return table
+
+
+def _layer_table(report: dict) -> Table:
+    table = Table(title="channel-mixing layers")
+    for column in ("layer", "type", "in", "out", "elems/channel", "groups kept", "bytes", "dense bytes"):
+        table.add_column(column, justify="left" if column in ("layer", "type") else "right")
+    for layer in report["layers"]:
+        table.add_row(layer["name"], layer["type"], str(layer["in_channels"]), str(layer["out_channels"]),
+                      str(layer["elements_per_channel"]), f"{layer['groups_kept']}/{layer['groups_total']}",
+                      f"{layer['bytes']:,}", f"{layer['dense_bytes']:,}")
+    return table
+
+
+def _print(report: dict, args: argparse.Namespace) -> None:
+    console = Console()
+    if args.verbose:
+        console.print(_layer_table(report))
+    console.print(_summary_table(report, f"{args.model} on {report['nodes']} nodes, input {args.input_size}, "
+                                         f"{report['transport_dtype']} transport"))
+    model_macs, model_params = report["model_macs"], report["model_param_bytes"]
+    console.print(f"communication: {report['bytes']:,} of {report['dense_bytes']:,} dense bytes per image "
+                  f"(ratio {report['ratio']:.3f}); groups kept {report['groups_kept']:,}/{report['groups_total']:,}")
+    console.print(f"whole model on one device: {_gmacs(model_macs)}MACs, {_mb(model_params)} parameters; "
+                  f"largest node does {max(report['macs_per_node']) / model_macs:.1%} of the MACs")
+    console.print(f"input scattered from node 0: {report['io_bytes']['input']:,} B; output gathered on node 0: "
+                  f"{report['io_bytes']['output']:,} B (reported apart, same for every split)")
+
+
+def run(args: argparse.Namespace) -> int:
+    size = parse_input_size(args.input_size)
+    model = build_model(args.model).eval()
+    example = torch.zeros(1, *size)
+    simulated = partition(model, nodes=args.nodes, example_inputs=example)
+    if args.keep_random is not None:
+        keep_random_groups(simulated, args.keep_random, seed=args.seed)
+    report = cost_report(simulated, example, transport_dtype=args.dtype)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print(report, args)
+    return 0

@@ -1,0 +1,34 @@
+"""`disco` command line: one sub-command per module in this package."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from disco.cli import inspect_cmd
+from disco.errors import DiscoError
+
+COMMANDS = (inspect_cmd,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disco",
+        description="DISCO: split a vision model across N devices and send only a small, learned subset of "
+                    "channels between them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (DiscoError, FileNotFoundError) as error:
+        print(f"disco {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

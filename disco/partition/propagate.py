@@ -102,6 +102,7 @@ class OwnerPropagator(fx.Interpreter):
         self.layout_origin: dict[fx.Node, fx.Node | None] = {}  # last op that moved channels off dim 1/-1
         self.analysis: GraphAnalysis | None = None
         self._index = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.extra_traceback = False  # our errors already name the graph node
 
     # --- driving -----------------------------------------------------------------------------------
     def analyse(self, *inputs: torch.Tensor) -> GraphAnalysis:
@@ -113,7 +114,11 @@ class OwnerPropagator(fx.Interpreter):
         return self.analysis
 
     def run_node(self, n: fx.Node):
-        value = super().run_node(n)
+        try:
+            value = super().run_node(n)
+        except (RuntimeError, TypeError, IndexError) as error:  # the model itself fails on this input
+            raise DiscoError(f"the model fails on the example input at graph node '{n.name}' "
+                             f"({_describe(n)}): {str(error).splitlines()[0]}") from error
         owner = self._owner_of(n, value)
         self.owners[n] = owner
         self._record_memory(n, value, owner)
@@ -210,8 +215,11 @@ class OwnerPropagator(fx.Interpreter):
         return broadcast_channels(vector, value.shape, 1)
 
     def _move(self, n: fx.Node, module, value):
-        args = fx.node.map_arg(n.args, lambda a: self.owners[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.owners[a])
+        # Owner maps are often broadcast views; `view` needs real memory, so materialise them here.
+        def owner_of(a):
+            return tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, self.owners[a])
+        args = fx.node.map_arg(n.args, owner_of)
+        kwargs = fx.node.map_arg(n.kwargs, owner_of)
         if n.op == "call_module":
             owner = module(*args, **kwargs)
         elif n.op == "call_method":

@@ -1,0 +1,65 @@
+"""`disco inspect` end to end, in a subprocess as a user runs it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import disco
+from tests_helpers import tiny_model_spec
+
+
+def run_disco(*args):
+    return subprocess.run([sys.executable, "-m", "disco.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_inspect_json_equals_library_report():
+    result = run_disco("inspect", "--model", tiny_model_spec(), "--nodes", "2", "--input-size", "1,12,12", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    from disco.models import build_model
+    model = build_model(tiny_model_spec())
+    x = torch.zeros(1, 1, 12, 12)
+    assert report == json.loads(json.dumps(disco.cost_report(disco.partition(model, nodes=2, example_inputs=x), x)))
+    # hand count: conv2 reads 8 channels of 12x12, each sent to the other node; linear reads 16 features of 1
+    assert report["dense_bytes"] == (8 * 144 + 16) * 4
+
+
+def test_inspect_table_mentions_totals():
+    result = run_disco("inspect", "--model", tiny_model_spec(), "--nodes", "3", "--input-size", "1,12,12",
+                       "--verbose", "--keep-random", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "node 2" in result.stdout and "dense split" in result.stdout and "ratio" in result.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "torchvision:resnet5000"], "unknown torchvision model"),
+    (["--model", "nonexistent.py:make"], "not found"),
+    (["--model", "resnet50"], "model spec"),
+    (["--model", "torchvision:resnet18", "--input-size", "3,abc"], "input size"),
+    (["--model", "torchvision:resnet18", "--input-size", "0,224,224"], "input size"),
+    (["--model", "torchvision:resnet18", "--nodes", "0"], "nodes"),
+    (["--model", "torchvision:resnet18", "--input-size", "1,32,32"], "fails on the example input"),
+])
+def test_bad_input_gives_one_line_error(args, needle):
+    result = run_disco("inspect", *args)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_factory_that_returns_no_model_is_refused():
+    spec = tiny_model_spec().replace("make_model", "not_a_model")
+    result = run_disco("inspect", "--model", spec)
+    assert result.returncode == 2 and "not a torch.nn.Module" in result.stderr
+
+
+def test_help_explains_every_option():
+    result = run_disco("inspect", "--help")
+    assert result.returncode == 0
+    for option in ("--model", "--nodes", "--input-size", "--dtype", "--json", "--verbose"):
+        assert option in result.stdout

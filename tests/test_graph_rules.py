@@ -1,0 +1,151 @@
+"""User modules: supported data movement is followed exactly, unknown channel mixing is refused clearly."""
+import pytest
+import torch
+from torch import nn
+
+import disco
+from disco.partition.masks import keep_random_groups
+from reference import hand_zeroed, hook_count
+
+
+class Branchy(nn.Module):
+    """cat, chunk, split, residual add, view/flatten, a depthwise conv and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.left = nn.Conv2d(6, 6, 3, padding=1)
+        self.right = nn.Conv2d(6, 10, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(16)
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16 * 4 * 4, 7)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = torch.chunk(x, 2, dim=1)
+        y = torch.cat([self.left(a), self.right(b)], dim=1)
+        y = self.bn(self.depthwise(y))
+        y = y + self.mix(y)
+        first, second = y.split([8, 8], dim=1)
+        y = torch.cat([second, first], 1)
+        y = nn.functional.adaptive_avg_pool2d(y, 4)
+        return self.head(y.view(y.size(0), -1))
+
+
+class NeedsUnification(nn.Module):
+    """Adds a concatenation of two convs to a third conv: their assignments must be made to agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
+
+
+class Transposes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x).transpose(1, 2))
+
+
+class ReducesChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y * y.mean(1, keepdim=True)
+
+
+class UnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return torch.cumsum(self.a(x), dim=1)
+
+
+@pytest.mark.parametrize("nodes", range(1, 9))
+def test_user_module_dense_equals_original_and_masks_match_reference(nodes):
+    model, x = Branchy().eval(), torch.randn(3, 3, 16, 16)
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), model(x), atol=1e-5, rtol=0)
+    keep_random_groups(simulated, 0.3, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), hand_zeroed(model, simulated)(x), atol=1e-5, rtol=1e-4)
+    report = disco.cost_report(simulated, x)
+    assert report["bytes_matrix"] == hook_count(model, simulated, x, 4)
+    if nodes == 1:
+        assert report["dense_bytes"] == 0
+
+
+def test_data_movement_is_followed_exactly():
+    simulated = disco.partition(Branchy(), nodes=2, example_inputs=torch.randn(1, 3, 16, 16))
+    layers = disco.disco_layers(simulated)
+    stem = layers["stem"].out_assign
+    # chunk: left reads channels 0..5 of the stem, right reads 6..11
+    assert torch.equal(layers["left"].in_assign, stem[:6])
+    assert torch.equal(layers["right"].in_assign, stem[6:])
+    # depthwise conv stays local: its outputs live with its inputs, so it has no communication groups
+    depthwise = layers["depthwise"]
+    assert torch.equal(depthwise.out_assign, depthwise.in_assign)
+    assert not depthwise.possible_groups().any()
+    # swap of halves then flatten: the head's input features follow the swapped channels, 16 positions each
+    mix = layers["mix"].out_assign
+    swapped = torch.cat([mix[8:], mix[:8]])
+    assert torch.equal(layers["head"].in_assign, swapped.repeat_interleave(16))
+
+
+def test_tensors_added_together_get_one_assignment():
+    model, x = NeedsUnification().eval(), torch.randn(2, 3, 5, 5)
+    simulated = disco.partition(model, nodes=2, example_inputs=x)
+    layers = disco.disco_layers(simulated)
+    concatenated = torch.cat([layers["a"].out_assign, layers["b"].out_assign])
+    assert torch.equal(layers["c"].out_assign, concatenated)
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_transpose_of_feature_map_is_refused_naming_the_op():
+    with pytest.raises(disco.UnsupportedOperationError) as error:
+        disco.partition(Transposes(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
+    message = str(error.value)
+    assert "'b'" in message and "transpose" in message
+
+
+def test_reduction_over_channels_is_refused():
+    with pytest.raises(disco.UnsupportedOperationError, match="mean"):
+        disco.partition(ReducesChannels(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_unknown_operation_is_refused_naming_it():
+    with pytest.raises(disco.UnsupportedOperationError, match="cumsum"):
+        disco.partition(UnknownOp(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_a_single_node_partition_of_a_model_without_channels_is_refused():
+    with pytest.raises(disco.DiscoError, match="no channel-mixing layer"):
+        disco.partition(nn.ReLU(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("nodes", [0, -1, 65, 2.5, "2"])
+def test_bad_node_counts_are_refused(nodes):
+    with pytest.raises(disco.DiscoError, match="nodes"):
+        disco.partition(Branchy(), nodes=nodes, example_inputs=torch.randn(1, 3, 16, 16))
+
+
+def test_balanced_assignment_with_channels_not_divisible_by_nodes():
+    from disco.partition.assignment import balanced
+    for channels in (1, 7, 10, 64):
+        for nodes in range(1, 9):
+            counts = torch.bincount(balanced(channels, nodes), minlength=nodes)
+            assert counts.sum() == channels and counts.max() - counts.min() <= 1

@@ -58,3 +58,60 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     if not 1 <= len(size) <= 4 or any(s <= 0 for s in size):
         raise DiscoError(f"input size {text!r} must be 1 to 4 positive integers such as 3,224,224")
     return size
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def adapt_stem(model: nn.Module, channels: int, stride: int | None = None) -> nn.Module:
+    """Give the first conv `channels` inputs (and optionally a new stride, e.g. 1 for 28x28 images)."""
+    found = _first_conv(model)
+    if found is None:
+        return model
+    name, conv = found
+    if conv.in_channels == channels and (stride is None or conv.stride == (stride, stride)):
+        return model
+    new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, stride=stride or conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=1, bias=conv.bias is not None)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def build_for_data(spec: str, *, channels: int, classes: int, stem_stride: int | None = None,
+                   **kwargs) -> nn.Module:
+    """A model for data with `channels` inputs and `classes` outputs. torchvision models are built with
+    num_classes and get their first conv adapted; a user's factory receives **kwargs unchanged."""
+    source = spec.rpartition(":")[0]
+    if source == "torchvision":
+        return adapt_stem(build_model(spec, num_classes=classes, **kwargs), channels, stem_stride)
+    return build_model(spec, **kwargs)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load a safetensors file (or a torch file with weights_only=True: never an arbitrary pickle)."""
+    import safetensors.torch
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiscoError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        state = safetensors.torch.load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a non-weights pickle is refused here by design
+            raise DiscoError(f"{path} is not a weights-only torch file ({error}); use safetensors") from error
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if (strict and (missing or unexpected)) or wrong:
+        detail = "; ".join(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("wrong shape", wrong)) if keys)
+        raise DiscoError(f"weights in {path} do not fit the model ({detail})")
+    model.load_state_dict(state, strict=strict)
+    return model

@@ -57,8 +57,10 @@ class DiscoLayer:
         return reads & ~self.own_inputs()
 
     def keep_matrix(self) -> torch.Tensor:
-        """[nodes, in_channels] bool: input channels node k uses (own, replicated, or received)."""
-        return self.own_inputs() | (self.group_mask > 0)
+        """[nodes, in_channels] 0/1 float: input channels node k uses (own, replicated, or received).
+        Built from group_mask with torch.where so a mask that requires grad gets d(loss)/d(mask):
+        the first-order estimate of what dropping each group costs, used when learning what to send."""
+        return torch.where(self.own_inputs(), torch.ones_like(self.group_mask), self.group_mask)
 
     def input_columns(self) -> torch.Tensor:
         """[out, in_per_group]: the global input channel each weight column reads."""
@@ -79,7 +81,7 @@ class DiscoLayer:
 
     def kept_weights_per_node(self) -> torch.Tensor:
         """[nodes]: (output, input) weight pairs each node holds, kernel elements not counted."""
-        used = self.keep_matrix().reshape(self.nodes, self.conv_groups, -1).sum(-1)
+        used = (self.keep_matrix() > 0).reshape(self.nodes, self.conv_groups, -1).sum(-1)
         return (self.outputs_per_group() * used).sum(-1)
 
     def set_group_mask(self, mask: torch.Tensor) -> None:
@@ -87,7 +89,8 @@ class DiscoLayer:
         if mask.shape != self.group_mask.shape:
             raise DiscoError(f"group mask must have shape {tuple(self.group_mask.shape)}, got {tuple(mask.shape)}")
         possible = self.possible_groups()
-        self.group_mask.copy_((mask.to(self.group_mask.device) > 0) & possible)
+        with torch.no_grad():
+            self.group_mask.copy_((mask.to(self.group_mask.device) > 0) & possible)
 
 
 class DiscoConv1d(DiscoLayer, nn.Conv1d):

@@ -1,0 +1,198 @@
+"""Accuracy vs bytes per image on Fashion-MNIST: learned DISCO masks vs random groups vs no communication.
+
+Trains the dense model once, then sparsifies it at each budget and node count (sparsify + fine-tune with
+distillation), and writes docs/results/tradeoff.md, tradeoff.json and tradeoff.png. Re-run:
+    .venv/bin/python bench/tradeoff.py            # the full sweep (about an hour on 2 CPU cores)
+    .venv/bin/python bench/tradeoff.py --quick    # a few-minute smoke version (numbers not meaningful)
+Runs go to runs/tradeoff/<name>/ (each a normal `disco train` run folder with report.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MOBILENET = dict(model="torchvision:mobilenet_v2", model_kwargs={"width_mult": 0.5}, stem_stride=1)
+RESNET18 = dict(model="torchvision:resnet18", model_kwargs={}, stem_stride=None)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    family: str  # which dense model it starts from
+    nodes: int
+    budget: float
+    method: str
+    seed: int
+    label: str
+
+
+def plan(quick: bool) -> tuple[dict, list[Job]]:
+    families = {"mobilenet_v2_w0.5": MOBILENET, "resnet18": RESNET18}
+    jobs = []
+    for nodes in (2, 4):
+        f = "mobilenet_v2_w0.5"
+        for budget in (1.0, 0.5, 0.2, 0.1, 0.05):
+            jobs.append(Job(f"{f}-n{nodes}-learned-{budget}-s0", f, nodes, budget, "learned", 0, "DISCO (learned)"))
+        jobs.append(Job(f"{f}-n{nodes}-learned-0.1-s1", f, nodes, 0.1, "learned", 1, "DISCO (learned)"))
+        for budget, seeds in ((0.1, (0, 1)), (0.05, (0,))):
+            for seed in seeds:
+                jobs.append(Job(f"{f}-n{nodes}-random-{budget}-s{seed}", f, nodes, budget, "random", seed,
+                                "random groups"))
+        for seed in (0, 1):
+            jobs.append(Job(f"{f}-n{nodes}-nocomm-s{seed}", f, nodes, 0.0, "learned", seed, "no communication"))
+    for budget, method, label in ((0.1, "learned", "DISCO (learned)"), (0.1, "random", "random groups"),
+                                  (0.0, "learned", "no communication"), (1.0, "learned", "DISCO (learned)")):
+        jobs.append(Job(f"resnet18-n2-{method}-{budget}-s0", "resnet18", 2, budget, method, 0, label))
+    if quick:
+        jobs = [j for j in jobs if j.family == "mobilenet_v2_w0.5" and j.nodes == 2 and j.seed == 0
+                and j.budget in (1.0, 0.1, 0.0)]
+        families = {"mobilenet_v2_w0.5": MOBILENET}
+    return families, jobs
+
+
+def _config(args, family: dict, out: Path, **overrides):
+    from disco.training.config import TrainConfig
+    base = TrainConfig(out=str(out), dense_epochs=args.dense_epochs, sparsify_epochs=args.sparsify_epochs,
+                       finetune_epochs=args.finetune_epochs, train_subset=args.train_subset,
+                       test_subset=args.test_subset, **family)
+    return replace(base, **overrides)
+
+
+def _run(config, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    from disco.training.pipeline import train
+    out = Path(config.out)
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    return train(config, resume=(out / "checkpoint").exists())
+
+
+def run_dense(args, family_name: str, family: dict) -> Path:
+    out = args.runs / f"{family_name}-dense"
+    if not (out / "dense.safetensors").is_file() or not (out / "dense.json").is_file():
+        config = _config(args, family, out, sparsify_epochs=0, finetune_epochs=0, budget=1.0,
+                         train_subset=args.dense_subset)
+        _run(config, args.threads * args.jobs)
+    return out
+
+
+def summarise(results: dict[str, dict], jobs: list[Job], dense: dict[str, float]) -> list[dict]:
+    rows = {}
+    for job in jobs:
+        report = results.get(job.name)
+        if report is None:
+            continue
+        key = (job.family, job.nodes, job.label, job.budget)
+        rows.setdefault(key, []).append(report)
+    table = []
+    for (family, nodes, label, budget), reports in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], -kv[0][3])):
+        accuracies = [r["disco_accuracy"] for r in reports]
+        table.append({"family": family, "nodes": nodes, "method": label, "budget": budget,
+                      "seeds": len(reports), "accuracy": statistics.mean(accuracies),
+                      "spread": (max(accuracies) - min(accuracies)) / 2 if len(accuracies) > 1 else None,
+                      "ratio": statistics.mean(r["ratio"] for r in reports),
+                      "bytes": statistics.mean(r["bytes_per_image"] for r in reports),
+                      "dense_bytes": reports[0]["dense_bytes_per_image"],
+                      "macs_max_node": statistics.mean(max(r["macs_per_node"]) for r in reports),
+                      "model_macs": reports[0]["model_macs"], "dense_accuracy": dense[family]})
+    return table
+
+
+def render(table: list[dict], args, elapsed: float) -> str:
+    lines = ["# Accuracy vs communication (Fashion-MNIST)", "",
+             "Produced by `python bench/tradeoff.py` " + ("--quick " if args.quick else "") +
+             f"in {elapsed / 60:.0f} min. Dense model trained once ({args.dense_epochs} epochs on "
+             f"{args.dense_subset or 60000} images); every other row starts from it and gets the same "
+             f"{args.sparsify_epochs} sparsify + {args.finetune_epochs} fine-tune epochs on "
+             f"{args.train_subset or 60000} images (fine-tuning distils from the dense model). Test accuracy "
+             f"on {args.test_subset or 10000} test images. 'DISCO (learned)' at budget 1.0 is the dense split "
+             "given the same extra epochs. Spread = half the range over seeds.", "",
+             "| model | nodes | method | budget | seeds | accuracy | spread | vs dense (points) | ratio | bytes/image "
+             "| largest node's MACs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        spread = f"±{r['spread'] * 100:.2f}" if r["spread"] is not None else ""
+        lines.append(f"| {r['family']} | {r['nodes']} | {r['method']} | {r['budget']} | {r['seeds']} "
+                     f"| {r['accuracy'] * 100:.2f}% | {spread} | {(r['accuracy'] - r['dense_accuracy']) * 100:+.2f} "
+                     f"| {r['ratio']:.4f} | {r['bytes']:,.0f} of {r['dense_bytes']:,} "
+                     f"| {r['macs_max_node'] / r['model_macs']:.1%} |")
+    dense_rows = sorted({(r['family'], r['dense_accuracy']) for r in table})
+    lines += ["", "Dense model (one device): " + ", ".join(f"{f} {a * 100:.2f}%" for f, a in dense_rows), "",
+              "![accuracy vs bytes](tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["family"], r["nodes"]) for r in table})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (family, nodes) in zip(axes[0], panels):
+        rows = [r for r in table if r["family"] == family and r["nodes"] == nodes]
+        for method, marker in (("DISCO (learned)", "o-"), ("random groups", "s--"), ("no communication", "^")):
+            points = sorted((max(r["bytes"], 1.0), r["accuracy"] * 100, (r["spread"] or 0) * 100)
+                            for r in rows if r["method"] == method)
+            if points:
+                xs, ys, es = zip(*points)
+                ax.errorbar(xs, ys, yerr=es, fmt=marker, capsize=3, label=method)
+        ax.axhline(rows[0]["dense_accuracy"] * 100, color="grey", linestyle=":", label="dense, one device")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes sent per image (fp32; no communication drawn at 1)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{family}, {nodes} nodes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: few samples, few jobs")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tradeoff")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--only", default=None, help="only families whose name contains this")
+    args = parser.parse_args()
+    args.dense_epochs, args.sparsify_epochs, args.finetune_epochs = 2, 1, 1
+    args.dense_subset, args.train_subset, args.test_subset = None, 20000, None
+    if args.quick:
+        args.dense_epochs, args.dense_subset, args.train_subset, args.test_subset = 1, 2000, 1000, 1000
+    started = time.perf_counter()
+    families, jobs = plan(args.quick)
+    if args.only:
+        families = {k: v for k, v in families.items() if args.only in k}
+        jobs = [j for j in jobs if j.family in families]
+    dense_runs = {name: run_dense(args, name, family) for name, family in families.items()}
+    dense = {name: json.loads((run / "dense.json").read_text())["test_accuracy"] for name, run in dense_runs.items()}
+    configs = {job.name: _config(args, families[job.family], args.runs / job.name, nodes=job.nodes,
+                                 budget=job.budget, method=job.method, seed=job.seed,
+                                 dense_run=str(dense_runs[job.family])) for job in jobs}
+    results = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(_run, config, args.threads) for name, config in configs.items()}
+        for name, future in futures.items():
+            results[name] = future.result()
+            print(f"done {name}: accuracy {results[name]['disco_accuracy']:.4f} ratio {results[name]['ratio']:.4f}",
+                  flush=True)
+    table = summarise(results, jobs, dense)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "tradeoff-quick" if args.quick else "tradeoff"
+    (args.out / f"{stem}.json").write_text(json.dumps(table, indent=1))
+    plot(table, args.out / f"{stem}.png")
+    text = render(table, args, time.perf_counter() - started).replace("tradeoff.png", f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

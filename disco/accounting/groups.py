@@ -1,0 +1,27 @@
+"""Bytes per communication group: what dropping each (input channel -> node) group saves per image."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from disco.options import transport_bytes
+from disco.partition.partitioner import analyse, as_input_tuple, disco_layers
+
+
+def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """{layer name: [nodes, in_channels] bytes per image} (0 where a group does not exist).
+
+    A layer called several times sends its channels once per call, so the calls add up.
+    """
+    bytes_per_element = transport_bytes(transport_dtype)
+    layers = disco_layers(model)
+    nodes = next(iter(layers.values())).nodes
+    analysis = analyse(model, as_input_tuple(example_inputs), nodes)
+    costs = {name: torch.zeros(layer.group_mask.shape) for name, layer in layers.items()}
+    for call in analysis.mixing:
+        layer = layers[call.module]
+        per_channel = math.prod(call.in_shape) // (analysis.batch * layer.in_assign.numel())
+        costs[call.module] += layer.possible_groups().cpu().float() * per_channel * bytes_per_element
+    return costs

@@ -1,0 +1,3 @@
+from disco.data.datasets import DataSpec, load_dataset
+
+__all__ = ["DataSpec", "load_dataset"]

@@ -1,0 +1,120 @@
+"""Datasets for training and evaluation: Fashion-MNIST (offline from Debian's package) or an ImageFolder.
+
+Both give a DataSpec: train/test datasets of (image tensor, label) plus the number of input channels,
+classes and the image size, which the model is adapted to.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision import datasets, transforms
+
+from disco.errors import DiscoError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+HOW_TO_GET_FASHION_MNIST = (
+    "Fashion-MNIST not found. Install it with `apt-get install dataset-fashion-mnist` (puts it in "
+    f"{DEBIAN_FASHION_MNIST}), or run once with internet access so torchvision can download it, "
+    "or pass your own data with --data PATH (ImageFolder layout with train/ and val/)")
+
+
+@dataclass
+class DataSpec:
+    name: str
+    train: Dataset
+    test: Dataset
+    channels: int
+    classes: int
+    image_size: tuple[int, int]
+    class_names: list[str]
+
+
+def default_cache() -> Path:
+    return Path.home() / ".cache" / "disco"
+
+
+def _stage_debian_files(cache: Path) -> Path | None:
+    """torchvision's FashionMNIST reads uncompressed raw files: decompress Debian's .gz copies once."""
+    if not all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in FASHION_MNIST_FILES):
+        return None
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = raw / name
+        if not target.is_file():
+            with gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz", "rb") as src, open(f"{target}.part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            Path(f"{target}.part").rename(target)
+    return cache
+
+
+def _as_tensor_dataset(split: datasets.FashionMNIST) -> TensorDataset:
+    """Whole split as normalised float tensors in memory: far faster than a PIL transform per item."""
+    images = (split.data.unsqueeze(1).float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return TensorDataset(images, split.targets.long())
+
+
+def fashion_mnist(cache: Path | None = None) -> DataSpec:
+    cache = cache or default_cache()
+    root = _stage_debian_files(cache)
+    try:
+        if root is not None:
+            train, test = (datasets.FashionMNIST(root, train=t, download=False) for t in (True, False))
+        else:
+            train, test = (datasets.FashionMNIST(cache, train=t, download=True) for t in (True, False))
+    except (RuntimeError, OSError) as error:
+        raise DiscoError(f"{HOW_TO_GET_FASHION_MNIST} ({error})") from error
+    return DataSpec("fashion-mnist", _as_tensor_dataset(train), _as_tensor_dataset(test), channels=1,
+                    classes=10, image_size=(28, 28), class_names=list(train.classes))
+
+
+def image_folder(path: Path, image_size: int | None = None) -> DataSpec:
+    """`path/train/<class>/*.png` and `path/val/<class>/*.png` (torchvision ImageFolder layout)."""
+    path = Path(path)
+    for split in ("train", "val"):
+        if not (path / split).is_dir():
+            raise DiscoError(f"{path / split} not found: --data expects an ImageFolder layout with train/ and val/ "
+                             "sub-folders, one folder per class")
+    probe = datasets.ImageFolder(path / "train")
+    if not probe.samples:
+        raise DiscoError(f"no images found under {path / 'train'}")
+    first = transforms.functional.pil_to_tensor(probe.loader(probe.samples[0][0]))
+    channels = first.shape[0]
+    size = (image_size, image_size) if image_size else tuple(first.shape[1:])
+    steps = [transforms.Resize(size)] if image_size else []
+    if channels == 1:
+        steps.insert(0, transforms.Grayscale(1))
+    transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize([0.5] * channels,
+                                                                                        [0.5] * channels)])
+    train = datasets.ImageFolder(path / "train", transform=transform)
+    test = datasets.ImageFolder(path / "val", transform=transform)
+    if train.classes != test.classes:
+        raise DiscoError(f"train/ and val/ of {path} have different class folders")
+    return DataSpec(path.name, train, test, channels=channels, classes=len(train.classes), image_size=size,
+                    class_names=train.classes)
+
+
+def load_dataset(dataset: str | None = "fashion-mnist", data: Path | None = None, *, cache: Path | None = None,
+                 image_size: int | None = None) -> DataSpec:
+    """The named dataset, or the user's ImageFolder at `data` (which takes precedence)."""
+    if data is not None:
+        return image_folder(Path(data), image_size)
+    if dataset == "fashion-mnist":
+        return fashion_mnist(cache)
+    raise DiscoError(f"unknown dataset {dataset!r}; known: fashion-mnist (or give --data PATH)")
+
+
+def subset(dataset: Dataset, count: int | None, seed: int = 0) -> Dataset:
+    """A fixed random subset of `count` samples (all when None): quick runs and tests."""
+    if count is None or count >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(dataset, order.tolist())

@@ -1,0 +1,3 @@
+from disco.sparsify.sparsifier import Sparsifier, SparsifyOptions
+
+__all__ = ["Sparsifier", "SparsifyOptions"]

@@ -1,0 +1,192 @@
+"""Learning which channels cross the network, inside any training loop.
+
+    sparsifier = Sparsifier(model, example_inputs, SparsifyOptions(budget=0.2, total_steps=len(loader) * epochs))
+    for x, y in loader:
+        loss = criterion(model(x), y) + sparsifier.regularizer()
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        sparsifier.step()          # like an lr scheduler: advances the mask schedule
+    sparsifier.freeze()            # masks fixed for fine-tuning
+
+Method (DESIGN.md 4): a group lasso over communication groups, each weighted by the bytes it costs,
+pushes expensive groups towards zero; every `prune_every` steps the masks are cut to a cubic schedule
+that reaches the byte budget exactly at `end_fraction` of the steps. Groups are ranked by first-order
+importance (d loss / d mask, squared and summed since the last cut: what removing the group would cost)
+per byte, and kept by a greedy knapsack, so the global budget goes where it buys accuracy. The "random"
+method keeps random groups on the same schedule (a baseline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from disco.accounting.groups import group_bytes
+from disco.errors import DiscoError
+from disco.partition.layers import DiscoLayer
+from disco.partition.partitioner import disco_layers
+from disco.sparsify.selection import cubic_target, keep_within_budget
+
+METHODS = ("learned", "random")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparsifyOptions:
+    """budget: bytes allowed as a fraction of the dense split's, in [0, 1] (0 = no communication).
+    total_steps: optimiser steps of the sparsification phase.
+    end_fraction: the budget is reached after this fraction of total_steps (the rest trains with final masks).
+    prune_every: steps between mask cuts (0 = about 20 cuts over the schedule).
+    regularization: strength of the bytes-weighted group lasso (0 disables it).
+    method: "learned" or "random" (baseline: random groups on the same schedule).
+    transport_dtype: the dtype whose bytes the budget counts (the ratio is the same for every dtype)."""
+
+    budget: float
+    total_steps: int
+    end_fraction: float = 0.75
+    prune_every: int = 0
+    regularization: float = 1e-4
+    method: str = "learned"
+    seed: int = 0
+    transport_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.budget <= 1.0:
+            raise DiscoError(f"budget must be in [0, 1] (a fraction of the dense split's bytes), got {self.budget}")
+        if self.total_steps < 1:
+            raise DiscoError(f"total_steps must be at least 1, got {self.total_steps}")
+        if not 0.0 < self.end_fraction <= 1.0:
+            raise DiscoError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
+        if self.prune_every < 0 or self.regularization < 0:
+            raise DiscoError("prune_every and regularization must not be negative")
+        if self.method not in METHODS:
+            raise DiscoError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+
+    @property
+    def end_step(self) -> int:
+        return max(1, round(self.total_steps * self.end_fraction))
+
+    @property
+    def cut_every(self) -> int:
+        return self.prune_every or max(1, self.end_step // 20)
+
+
+def group_norms(layer: DiscoLayer) -> torch.Tensor:
+    """[nodes, in_channels]: L2 norm of each group's weight slice W[a_out == k, c] (differentiable)."""
+    squares = layer.weight.pow(2).flatten(2).sum(-1) if layer.weight.dim() > 2 else layer.weight.pow(2)
+    if layer.conv_groups == 1:
+        rows_of_node = F.one_hot(layer.out_assign, layer.nodes).T.to(squares.dtype)
+        per_group = rows_of_node @ squares
+    else:
+        rows = layer.out_assign[:, None].expand_as(squares)
+        per_group = squares.new_zeros(layer.group_mask.shape).index_put((rows, layer.input_columns()), squares,
+                                                                       accumulate=True)
+    return (per_group + 1e-12).sqrt()
+
+
+class Sparsifier:
+    """Drives a partitioned model's group masks to a byte budget during training (see module doc)."""
+
+    def __init__(self, model: nn.Module, example_inputs, options: SparsifyOptions):
+        self.options = options
+        self.layers = disco_layers(model)
+        if not self.layers:
+            raise DiscoError("Sparsifier needs a partitioned model: call disco.partition first")
+        self.costs = {name: c.to(layer.group_mask.device)
+                      for (name, c), layer in zip(group_bytes(model, example_inputs, options.transport_dtype).items(),
+                                                  self.layers.values())}
+        self.dense_bytes = float(sum(c.sum() for c in self.costs.values()))
+        existing = torch.cat([c[c > 0] for c in self.costs.values()])
+        self._mean_cost = float(existing.mean()) if existing.numel() else 1.0
+        self.importance = {name: torch.zeros_like(c) for name, c in self.costs.items()}
+        self.steps_done = 0
+        self.frozen = False
+        self._generator = torch.Generator().manual_seed(options.seed)
+        self._track_mask_gradients(True)
+
+    # --- the training-loop interface ---------------------------------------------------------------
+    def regularizer(self) -> torch.Tensor:
+        """Bytes-weighted group lasso over the groups still kept (add it to the loss)."""
+        device = next(iter(self.layers.values())).weight.device
+        if self.frozen or self.options.regularization == 0:
+            return torch.zeros((), device=device)
+        total = torch.zeros((), device=device)
+        for name, layer in self.layers.items():
+            weight = self.costs[name] / self._mean_cost * (layer.group_mask.detach() > 0)
+            total = total + (weight * group_norms(layer)).sum()
+        return self.options.regularization * total
+
+    def step(self) -> None:
+        """Call once per optimiser step, after backward: gathers importance, cuts masks on schedule."""
+        if self.frozen:
+            return
+        self._gather_importance()
+        self.steps_done += 1
+        at_end = self.steps_done == self.options.end_step
+        if self.steps_done <= self.options.end_step and (at_end or self.steps_done % self.options.cut_every == 0):
+            self.cut_to(cubic_target(self.steps_done, self.options.end_step, self.options.budget))
+
+    def freeze(self) -> None:
+        """Fix the masks (fine-tuning): step() and regularizer() do nothing from now on."""
+        self.frozen = True
+        self._track_mask_gradients(False)
+
+    @property
+    def ratio(self) -> float:
+        """Current bytes as a fraction of the dense split's."""
+        return self.kept_bytes() / self.dense_bytes if self.dense_bytes else 0.0
+
+    def kept_bytes(self) -> float:
+        return float(sum((c * (self.layers[n].group_mask.detach() > 0)).sum() for n, c in self.costs.items()))
+
+    # --- mask selection ----------------------------------------------------------------------------
+    def cut_to(self, target_ratio: float) -> None:
+        """Keep the most valuable groups per byte within target_ratio * dense bytes.
+
+        Groups still kept rank first (by importance per byte, or at random); groups dropped earlier rank
+        after all of them and only fill capacity left over by the granularity of groups, so the budget is
+        met to within the smallest group while masks otherwise only ever shrink."""
+        names = list(self.layers)
+        existing = [self.costs[n] > 0 for n in names]
+        costs = torch.cat([self.costs[n][e] for n, e in zip(names, existing)]).cpu()
+        was_kept = torch.cat([(self.layers[n].group_mask.detach() > 0)[e] for n, e in zip(names, existing)]).cpu()
+        if self.options.method == "random":
+            value = torch.rand(costs.shape, generator=self._generator)
+        else:
+            importance = torch.cat([self.importance[n][e] for n, e in zip(names, existing)]).cpu()
+            value = importance / costs
+            value = value / (value.max() + 1e-30)
+        value = torch.where(was_kept, value + 2.0, value)  # values lie in [0, 1]: kept groups come first
+        keep = keep_within_budget(value, costs, target_ratio * self.dense_bytes)
+        offset = 0
+        for name, mask in zip(names, existing):
+            count = int(mask.sum())
+            new_mask = torch.zeros_like(mask)
+            new_mask[mask] = keep[offset:offset + count].to(mask.device)
+            self.layers[name].set_group_mask(new_mask)
+            self.importance[name].zero_()
+            offset += count
+
+    def _gather_importance(self) -> None:
+        for name, layer in self.layers.items():
+            if layer.group_mask.grad is not None:
+                self.importance[name] += layer.group_mask.grad.detach().pow(2)
+                layer.group_mask.grad = None
+
+    def _track_mask_gradients(self, enabled: bool) -> None:
+        for layer in self.layers.values():
+            layer.group_mask.requires_grad_(enabled)
+            layer.group_mask.grad = None
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done, "frozen": self.frozen, "generator": self._generator.get_state(),
+                "importance": {n: t.cpu() for n, t in self.importance.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+        self._generator.set_state(state["generator"])
+        for name, value in state["importance"].items():
+            self.importance[name].copy_(value)
+        if state["frozen"]:
+            self.freeze()

@@ -1,0 +1,55 @@
+"""report.json and report.md of a training run: accuracy dense vs DISCO next to the costs."""
+from __future__ import annotations
+
+import json
+
+from disco.accounting import cost_report
+
+
+def _row(label: str, values: list, fmt) -> str:
+    return f"| {label} | " + " | ".join(fmt(v) for v in values) + " |"
+
+
+def write_report(run, simulated, accuracy: float) -> dict:
+    config = run.config
+    costs = cost_report(simulated.cpu(), run.example.cpu(), transport_dtype=config.transport_dtype)
+    simulated.to(run.device)
+    report = {
+        "model": config.model, "model_kwargs": config.model_kwargs, "dataset": run.data.name,
+        "nodes": config.nodes, "budget": config.budget, "method": config.method,
+        "dense_accuracy": run.dense_accuracy, "disco_accuracy": accuracy,
+        "ratio": costs["ratio"], "bytes_per_image": costs["bytes"], "dense_bytes_per_image": costs["dense_bytes"],
+        "transport_dtype": costs["transport_dtype"],
+        "macs_per_node": costs["macs_per_node"], "dense_macs_per_node": costs["dense_macs_per_node"],
+        "model_macs": costs["model_macs"],
+        "param_bytes_per_node": costs["param_bytes_per_node"],
+        "dense_param_bytes_per_node": costs["dense_param_bytes_per_node"],
+        "io_bytes": costs["io_bytes"],
+    }
+    (run.out / "report.json").write_text(json.dumps(report, indent=1))
+    (run.out / "report.md").write_text(render(report))
+    print(render(report))
+    return report
+
+
+def render(r: dict) -> str:
+    nodes = r["nodes"]
+    head = "| per image | " + " | ".join(f"node {k}" for k in range(nodes)) + " |"
+    lines = [
+        f"# DISCO run: {r['model']} on {r['dataset']}, {nodes} nodes, budget {r['budget']} ({r['method']})",
+        "",
+        f"- accuracy: dense {r['dense_accuracy']:.4f}, DISCO {r['disco_accuracy']:.4f} "
+        f"({(r['disco_accuracy'] - r['dense_accuracy']) * 100:+.2f} points)",
+        f"- communication: {r['bytes_per_image']:,} of {r['dense_bytes_per_image']:,} bytes per image "
+        f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({1 / r['ratio'] if r['ratio'] else float('inf'):.1f}x less)",
+        f"- whole model: {r['model_macs']:,} MACs",
+        "",
+        head,
+        "|---" * (nodes + 1) + "|",
+        _row("MACs (DISCO)", r["macs_per_node"], lambda v: f"{v:,}"),
+        _row("MACs (dense split)", r["dense_macs_per_node"], lambda v: f"{v:,}"),
+        _row("parameter bytes (DISCO)", r["param_bytes_per_node"], lambda v: f"{v:,}"),
+        _row("parameter bytes (dense split)", r["dense_param_bytes_per_node"], lambda v: f"{v:,}"),
+        "",
+    ]
+    return "\n".join(lines)

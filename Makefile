@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_RUN := runs/demo
+
+.PHONY: install data demo test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,15 +16,27 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: install
+# Fashion-MNIST from Debian's package (offline); installed when missing and running as root.
+data:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (tests needing it skip)"; fi; \
+	fi
+
+# The main job: how ResNet-50 splits, then a small DISCO model trained on Fashion-MNIST to 10x less traffic.
+demo: install data
 	$(BIN)/disco inspect --model torchvision:resnet50 --nodes 2 --input-size 3,224,224
 	$(BIN)/disco inspect --model torchvision:resnet50 --nodes 4 --input-size 3,224,224
+	rm -rf $(DEMO_RUN)
+	$(BIN)/disco train --model torchvision:mobilenet_v2 --model-kwargs width_mult=0.5 --stem-stride 1 \
+	  --nodes 2 --budget 0.1 --epochs 1 --train-subset 10000 --test-subset 2000 --out $(DEMO_RUN)
 
-test: install
+test: install data
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install data
 	$(BIN)/python bench/accounting.py
+	$(BIN)/python bench/tradeoff.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import importlib.util
 from pathlib import Path
 
@@ -33,14 +34,16 @@ def _factory_model(path: str, factory: str, **kwargs) -> nn.Module:
     builder = getattr(module, factory, None)
     if not callable(builder):
         raise DiscoError(f"{file} has no function named {factory!r}")
-    model = builder(**kwargs)
+    accepted = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    model = builder(**{k: v for k, v in kwargs.items() if takes_any or k in accepted})
     if not isinstance(model, nn.Module):
         raise DiscoError(f"{file}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
 def build_model(spec: str, **kwargs) -> nn.Module:
-    """`torchvision:resnet50` (random weights) or `my_models.py:make_net` (called with **kwargs)."""
+    """`torchvision:resnet50` (random weights) or `my_models.py:make_net` (called with the **kwargs it accepts)."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise DiscoError(f"model spec {spec!r} must look like 'torchvision:resnet50' or 'path/to/file.py:factory'")
@@ -86,7 +89,7 @@ def build_for_data(spec: str, *, channels: int, classes: int, stem_stride: int |
     source = spec.rpartition(":")[0]
     if source == "torchvision":
         return adapt_stem(build_model(spec, num_classes=classes, **kwargs), channels, stem_stride)
-    return build_model(spec, **kwargs)
+    return build_model(spec, **{"num_classes": classes, "in_channels": channels, **kwargs})
 
 
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:

@@ -24,8 +24,8 @@ def test_inspect_json_equals_library_report():
     model = build_model(tiny_model_spec())
     x = torch.zeros(1, 1, 12, 12)
     assert report == json.loads(json.dumps(disco.cost_report(disco.partition(model, nodes=2, example_inputs=x), x)))
-    # hand count: conv2 reads 8 channels of 12x12, each sent to the other node; linear reads 16 features of 1
-    assert report["dense_bytes"] == (8 * 144 + 16) * 4
+    # hand count: each input channel goes once to the other node: 8 of 12x12, 16 of 6x6, 16 features of 1
+    assert report["dense_bytes"] == (8 * 144 + 16 * 36 + 16) * 4
 
 
 def test_inspect_table_mentions_totals():

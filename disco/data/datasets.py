@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
@@ -86,9 +87,9 @@ def image_folder(path: Path, image_size: int | None = None) -> DataSpec:
     probe = datasets.ImageFolder(path / "train")
     if not probe.samples:
         raise DiscoError(f"no images found under {path / 'train'}")
-    first = transforms.functional.pil_to_tensor(probe.loader(probe.samples[0][0]))
-    channels = first.shape[0]
-    size = (image_size, image_size) if image_size else tuple(first.shape[1:])
+    with Image.open(probe.samples[0][0]) as first:  # ImageFolder's loader makes everything RGB: ask the file
+        channels = 1 if first.mode in ("L", "I", "I;16", "F", "1") else 3
+        size = (image_size, image_size) if image_size else (first.height, first.width)
     steps = [transforms.Resize(size)] if image_size else []
     if channels == 1:
         steps.insert(0, transforms.Grayscale(1))

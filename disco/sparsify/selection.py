@@ -22,10 +22,10 @@ def keep_within_budget(value_per_byte: torch.Tensor, costs: torch.Tensor, capaci
     spent = float(sorted_costs[kept_sorted].sum())
     cheapest = float(sorted_costs.min()) if len(order) else 0.0
     misses = (~kept_sorted).nonzero().flatten().tolist()
-    for position in misses:  # fill the remaining capacity in value order with whatever still fits
+    miss_costs = sorted_costs[misses].tolist()
+    for position, cost in zip(misses, miss_costs):  # fill what is left, in value order, with what still fits
         if capacity - spent < cheapest - 1e-9:
             break
-        cost = float(sorted_costs[position])
         if spent + cost <= capacity + 1e-9:
             kept_sorted[position] = True
             spent += cost

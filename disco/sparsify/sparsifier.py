@@ -146,6 +146,8 @@ class Sparsifier:
         Groups still kept rank first (by importance per byte, or at random); groups dropped earlier rank
         after all of them and only fill capacity left over by the granularity of groups, so the budget is
         met to within the smallest group while masks otherwise only ever shrink."""
+        if self.frozen:
+            raise DiscoError("masks are frozen (fine-tuning): cut_to would change what is sent")
         names = list(self.layers)
         existing = [self.costs[n] > 0 for n in names]
         costs = torch.cat([self.costs[n][e] for n, e in zip(names, existing)]).cpu()

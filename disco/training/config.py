@@ -19,6 +19,8 @@ class TrainConfig:
     nodes, budget (fraction of dense bytes, 0..1), method ("learned" or "random").
     dense_epochs / sparsify_epochs / finetune_epochs: epochs of each phase (dense is skipped when weights
     or dense_run is given). distill: fine-tune with distillation from the dense model.
+    lr: AdamW learning rate of the dense phase; the sparsify and fine-tune phases start from a trained model
+    and use lr * sparse_lr_scale (a full-size restart would undo part of the dense training).
     train_subset / test_subset: use only that many samples (quick runs)."""
 
     model: str
@@ -35,6 +37,7 @@ class TrainConfig:
     finetune_epochs: int = 2
     batch_size: int = 128
     lr: float = 2e-3
+    sparse_lr_scale: float = 0.25
     weight_decay: float = 1e-4
     regularization: float = 1e-4
     distill: bool = True
@@ -60,8 +63,8 @@ class TrainConfig:
                 raise DiscoError(f"--{name.replace('_', '-')} must not be negative")
         if self.sparsify_epochs == 0 and self.budget < 1.0:
             raise DiscoError("a budget below 1 needs at least one --sparsify-epochs to reach it")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise DiscoError("--batch-size must be at least 1 and --lr positive")
+        if self.batch_size < 1 or self.lr <= 0 or self.sparse_lr_scale <= 0:
+            raise DiscoError("--batch-size must be at least 1, --lr and --sparse-lr-scale positive")
         if self.transport_dtype not in TRANSPORT_DTYPE_BYTES:
             raise DiscoError(f"unknown transport dtype {self.transport_dtype!r}")
         if self.data is not None and not Path(self.data).exists():

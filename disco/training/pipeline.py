@@ -70,7 +70,8 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
     """Train `model` for the phase's epochs, checkpointing after each; `start` resumes mid-phase."""
     config, epochs = run.config, run.config.epochs(phase)
     steps = max(1, epochs * len(run.train_loader))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr = config.lr if phase == "dense" else config.lr * config.sparse_lr_scale
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     first_epoch = 0
     if start is not None:
@@ -133,21 +134,19 @@ def _sparse_phases(run: RunState, saved: dict | None) -> nn.Module:
                               regularization=config.regularization, method=config.method, seed=config.seed,
                               transport_dtype=config.transport_dtype)
     sparsifier = Sparsifier(simulated, run.example, options)
-    resuming = saved is not None and saved["phase"] in ("sparsify", "finetune")
-    if resuming:
+    resume_phase = saved["phase"] if saved is not None and saved["phase"] in ("sparsify", "finetune") else None
+    if resume_phase is not None:
         checkpoint.load_model_state(simulated, run.out / "checkpoint" / "model.safetensors")
         sparsifier.load_state_dict(saved["sparsifier"])
-    if not resuming or saved["phase"] == "sparsify":
-        _run_phase(run, "sparsify", simulated, cross_entropy, sparsifier, saved if resuming else None)
+    if resume_phase != "finetune":
+        _run_phase(run, "sparsify", simulated, cross_entropy, sparsifier, saved if resume_phase else None)
         if config.sparsify_epochs:
             sparsifier.cut_to(min(config.budget, sparsifier.ratio))  # exact budget even if steps ran short
-        saved = None
     sparsifier.freeze()
     teacher = copy.deepcopy(run.dense).eval()
     loss = (DistillationLoss(teacher, temperature=config.temperature, weight=config.distill_weight)
             if config.distill else cross_entropy)
-    _run_phase(run, "finetune", simulated, loss, sparsifier, saved if resuming and saved["phase"] == "finetune"
-               else None)
+    _run_phase(run, "finetune", simulated, loss, sparsifier, saved if resume_phase == "finetune" else None)
     return simulated
 
 
@@ -164,6 +163,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
     data = load_dataset(config.dataset, config.data, image_size=config.image_size)
     train_loader, test_loader = _loaders(config, data)
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)  # the initial weights are part of the run: resuming must rebuild the same ones
     dense = build_for_data(config.model, channels=data.channels, classes=data.classes, stem_stride=config.stem_stride,
                            **config.model_kwargs).to(chosen)
     example = train_loader.dataset[0][0][None].to(chosen)

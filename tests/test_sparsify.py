@@ -1,0 +1,122 @@
+"""The sparsifier meets the byte budget exactly, masks only shrink, and freezing freezes."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import disco
+from disco.errors import DiscoError
+from disco.sparsify import Sparsifier, SparsifyOptions
+from disco.sparsify.selection import cubic_target, keep_within_budget
+from disco.training.loops import DistillationLoss
+
+
+def _train(model, sparsifier, steps, x, y):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y) + sparsifier.regularizer()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+
+
+def _setup(nodes=3, budget=0.2, method="learned", steps=12):
+    # resnet18 on 16x16 inputs: enough groups of varied sizes that a budget can be met to within 2%
+    model = torchvision.models.resnet18(num_classes=4)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x[:1])
+    sparsifier = Sparsifier(simulated, x[:1], SparsifyOptions(budget=budget, total_steps=steps, method=method))
+    return simulated, sparsifier, x, y
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.2, 0.1, 0.0])
+@pytest.mark.parametrize("method", ["learned", "random"])
+def test_budget_is_met_exactly(budget, method):
+    simulated, sparsifier, x, y = _setup(budget=budget, method=method)
+    _train(simulated, sparsifier, 12, x, y)
+    ratio = disco.cost_report(simulated, x[:1])["ratio"]  # the accounting, not the sparsifier's own sum
+    assert ratio <= budget + 1e-9
+    assert ratio >= 0.98 * budget
+    assert sparsifier.ratio == pytest.approx(ratio)
+
+
+def test_schedule_is_cubic_and_masks_only_shrink_until_the_final_fill():
+    simulated, sparsifier, x, y = _setup(budget=0.1, steps=40)
+    assert cubic_target(0, 30, 0.1) == 1.0 and cubic_target(30, 30, 0.1) == pytest.approx(0.1)
+    assert cubic_target(15, 30, 0.1) == pytest.approx(0.1 + 0.9 * 0.125)
+    ratios = []
+    for _ in range(40):
+        _train(simulated, sparsifier, 1, x, y)
+        ratios.append(sparsifier.ratio)
+    assert all(b <= a + 0.02 for a, b in zip(ratios, ratios[1:]))
+    assert ratios[29] <= 0.1 and ratios[-1] == ratios[29]  # reached at 75% of the steps, then held
+
+
+def test_frozen_masks_stay_frozen():
+    simulated, sparsifier, x, y = _setup(budget=0.3)
+    _train(simulated, sparsifier, 12, x, y)
+    sparsifier.freeze()
+    masks = {n: l.group_mask.clone() for n, l in disco.disco_layers(simulated).items()}
+    _train(simulated, sparsifier, 10, x, y)
+    for name, layer in disco.disco_layers(simulated).items():
+        assert torch.equal(layer.group_mask, masks[name])
+        assert not layer.group_mask.requires_grad
+    assert float(sparsifier.regularizer()) == 0.0
+    with pytest.raises(DiscoError, match="frozen"):
+        sparsifier.cut_to(0.1)
+
+
+def test_frozen_sparsifier_ignores_steps():
+    simulated, sparsifier, x, y = _setup(budget=0.3)
+    sparsifier.freeze()
+    before = {n: l.group_mask.clone() for n, l in disco.disco_layers(simulated).items()}
+    _train(simulated, sparsifier, 12, x, y)
+    for name, layer in disco.disco_layers(simulated).items():
+        assert torch.equal(layer.group_mask, before[name])
+
+
+def test_learned_selection_prefers_important_groups():
+    """Groups whose channels carry the signal are kept; groups of dead channels are dropped first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Conv2d(8, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[1, 0:4] = 1.0  # output 1 (on node 1) reads channels 0..3 (on node 0)
+        model[1].weight[0, 4:8] = 0.001  # output 0 (node 0) barely reads channels 4..7 (node 1)
+    x = torch.randn(32, 1, 4, 4)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    simulated = disco.partition(model, nodes=2, example_inputs=x[:1])
+    sparsifier = Sparsifier(simulated, x[:1], SparsifyOptions(budget=0.5, total_steps=4, regularization=0))
+    _train(simulated, sparsifier, 4, x, y)
+    mask = disco.disco_layers(simulated)["1"].group_mask
+    assert bool((mask[1, 0:4] > 0).all()) and not bool((mask[0, 4:8] > 0).any())
+
+
+def test_knapsack_respects_capacity_and_leaves_nothing_that_fits():
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        costs = torch.randint(1, 20, (30,), generator=generator).float()
+        value = torch.rand(30, generator=generator)
+        capacity = float(torch.randint(0, 300, (1,), generator=generator))
+        kept = keep_within_budget(value, costs, capacity)
+        spent = float(costs[kept].sum())
+        assert spent <= capacity
+        assert all(spent + float(c) > capacity for c in costs[~kept])
+
+
+@pytest.mark.parametrize("bad", [dict(budget=1.5), dict(budget=-0.1), dict(method="magic"), dict(total_steps=0)])
+def test_bad_options_are_refused(bad):
+    with pytest.raises(DiscoError):
+        SparsifyOptions(**{"budget": 0.2, "total_steps": 10, **bad})
+
+
+def test_distillation_loss_matches_hand_computation():
+    teacher = nn.Linear(5, 3)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    student = torch.randn(4, 3)
+    loss = DistillationLoss(teacher, temperature=2.0, weight=0.25)(student, y, x)
+    p_teacher = torch.softmax(teacher(x) / 2, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / 2, 1))).sum(1).mean()
+    expected = 0.75 * nn.functional.cross_entropy(student, y) + 0.25 * 4 * kl
+    torch.testing.assert_close(loss, expected.detach())

@@ -10,4 +10,6 @@ __version__ = "0.1.0"
 
 from disco.accounting import cost_report  # noqa: E402  (needs the partition package loaded first)
 
-__all__ += ["cost_report"]
+from disco.sparsify import Sparsifier, SparsifyOptions  # noqa: E402
+
+__all__ += ["Sparsifier", "SparsifyOptions", "cost_report"]

@@ -104,3 +104,17 @@ def test_example_from_design_doc_two_nodes_budget_fifth():
 def test_unpartitioned_model_is_refused():
     with pytest.raises(disco.DiscoError, match="partition"):
         disco.cost_report(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+
+
+def test_peak_activation_memory_matches_hand_count():
+    from tests_helpers import load_tiny_model
+    model, x = load_tiny_model(num_classes=10, in_channels=1).eval(), torch.zeros(1, 1, 12, 12)
+    # One node: the peak is BatchNorm reading conv1's output (8x12x12) while writing its own: 2 * 1152 floats.
+    one = disco.cost_report(disco.partition(model, nodes=1, example_inputs=x), x)
+    assert one["activation_bytes_per_node"] == [2 * 8 * 144 * 4]
+    # Two nodes: at conv2 each node holds its 4 relu channels (4x144), its 8 conv2 outputs (8x36) and the
+    # 4 channels it received (4x144): 1440 floats, more than BatchNorm's 2 * 4 * 144.
+    two = disco.cost_report(disco.partition(model, nodes=2, example_inputs=x), x)
+    assert two["activation_bytes_per_node"] == [1440 * 4, 1440 * 4]
+    assert two["memory_bytes_per_node"] == [p + a for p, a in zip(two["param_bytes_per_node"],
+                                                                   two["activation_bytes_per_node"])]

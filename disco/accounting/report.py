@@ -38,7 +38,7 @@ def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: Grap
 
 
 def _peak_activation_bytes(analysis: GraphAnalysis, costs: list[LayerCost], calls_index: list[int],
-                           nodes: int) -> list[int]:
+                           element_size: int, nodes: int) -> list[int]:
     """Peak bytes of live activations per node, walking the graph in order (each value lives from its
     producer to its last user) plus the channels a node receives for the layer it is computing."""
     if not analysis.values:
@@ -46,7 +46,7 @@ def _peak_activation_bytes(analysis: GraphAnalysis, costs: list[LayerCost], call
     starts = torch.tensor([v.index for v in analysis.values])
     ends = torch.tensor([v.last_use for v in analysis.values])
     sizes = torch.tensor([[e * v.element_size for e in v.elements_per_node] for v in analysis.values])
-    received = {index: cost.elements_matrix.sum(0) * 4 for index, cost in zip(calls_index, costs)}
+    received = {index: cost.elements_matrix.sum(0) * element_size for index, cost in zip(calls_index, costs)}
     peak = torch.zeros(nodes, dtype=torch.long)
     for step in torch.unique(torch.cat([starts, ends])).tolist():
         live = ((starts <= step) & (ends >= step)).to(sizes.dtype)
@@ -81,7 +81,9 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     macs = torch.tensor([c.macs_per_node for c in costs]).sum(0)
     dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0)
     params, dense_params = _param_bytes(model, layers, analysis, nodes)
-    activations = _peak_activation_bytes(analysis, costs, [call.index for call in analysis.mixing], nodes)
+    element_size = next(iter(layers.values())).weight.element_size()  # activations share the weights' dtype
+    activations = _peak_activation_bytes(analysis, costs, [call.index for call in analysis.mixing], element_size,
+                                         nodes)
     return {
         "nodes": nodes,
         "transport_dtype": transport_dtype,

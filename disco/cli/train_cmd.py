@@ -51,14 +51,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dense-run", help="a previous run folder whose dense.safetensors to start from")
     parser.add_argument("--no-distill", dest="distill", action="store_false",
                         help="fine-tune with cross-entropy only (default: distil from the dense model)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, cosine-decayed per phase")
     parser.add_argument("--sparse-lr-scale", type=float, default=0.25,
                         help="learning rate of the sparsify and fine-tune phases, as a fraction of --lr")
     parser.add_argument("--regularization", type=float, default=1e-4, help="bytes-weighted group lasso strength")
     parser.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")
     parser.add_argument("--test-subset", type=int, help="evaluate on only this many images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random groups")
     parser.add_argument("--dtype", dest="transport_dtype", default="fp32", choices=("fp32", "fp16", "int8"),
                         help="transport dtype the report counts bytes in")
     parser.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")

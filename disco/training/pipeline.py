@@ -129,7 +129,7 @@ def _dense_phase(run: RunState, saved: dict | None) -> None:
 
 def _sparse_phases(run: RunState, saved: dict | None) -> nn.Module:
     config = run.config
-    simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example.cpu()).to(run.device)
+    simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example)
     options = SparsifyOptions(budget=config.budget, total_steps=max(1, config.sparsify_epochs * len(run.train_loader)),
                               regularization=config.regularization, method=config.method, seed=config.seed,
                               transport_dtype=config.transport_dtype)

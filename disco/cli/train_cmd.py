@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="fine-tune with cross-entropy only (default: distil from the dense model)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, cosine-decayed per phase")
-    parser.add_argument("--sparse-lr-scale", type=float, default=0.25,
+    parser.add_argument("--sparse-lr-scale", type=float, default=1.0,
                         help="learning rate of the sparsify and fine-tune phases, as a fraction of --lr")
     parser.add_argument("--regularization", type=float, default=1e-4, help="bytes-weighted group lasso strength")
     parser.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")

@@ -48,7 +48,7 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp,
     torch.clamp, torch.sqrt, torch.neg, torch.abs,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish,
-    F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d, F.batch_norm,
+    F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
 }
 _SPATIAL_FUNCTIONS = {
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d,

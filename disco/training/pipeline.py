@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +44,6 @@ class RunState:
     epochs_run: int = 0
     stop_after_epochs: int | None = None
     dense_accuracy: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _seed_for(config: TrainConfig, phase: str, epoch: int) -> int:

@@ -63,3 +63,11 @@ def test_help_explains_every_option():
     assert result.returncode == 0
     for option in ("--model", "--nodes", "--input-size", "--dtype", "--json", "--verbose"):
         assert option in result.stdout
+
+
+def test_model_kwargs_are_parsed_as_python_literals():
+    from disco.cli.train_cmd import _kwargs
+    assert _kwargs("width_mult=0.5, dropout=0.1,name=abc") == {"width_mult": 0.5, "dropout": 0.1, "name": "abc"}
+    assert _kwargs("") == {}
+    with pytest.raises(disco.DiscoError, match="name=value"):
+        _kwargs("width_mult")

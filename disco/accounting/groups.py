@@ -1,11 +1,10 @@
 """Bytes per communication group: what dropping each (input channel -> node) group saves per image."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from disco.accounting.layer_cost import elements_per_channel
 from disco.options import transport_bytes
 from disco.partition.partitioner import analyse, as_input_tuple, disco_layers
 
@@ -22,6 +21,6 @@ def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32")
     costs = {name: torch.zeros(layer.group_mask.shape) for name, layer in layers.items()}
     for call in analysis.mixing:
         layer = layers[call.module]
-        per_channel = math.prod(call.in_shape) // (analysis.batch * layer.in_assign.numel())
+        per_channel = elements_per_channel(call.in_shape, layer.in_assign.numel(), analysis.batch)
         costs[call.module] += layer.possible_groups().cpu().float() * per_channel * bytes_per_element
     return costs

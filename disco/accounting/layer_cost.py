@@ -36,7 +36,8 @@ class LayerCost:
         }
 
 
-def _per_image_elements(shape: torch.Size, channels: int, channel_dim: int, batch: int) -> int:
+def elements_per_channel(shape: torch.Size, channels: int, batch: int) -> int:
+    """Elements of one channel of one image (spatial size, or tokens) in an activation of `shape`."""
     return math.prod(shape) // (batch * channels)
 
 
@@ -55,9 +56,8 @@ def _kernel_elements(layer: DiscoLayer) -> int:
 
 def layer_cost(layer: DiscoLayer, call: MixingCall, batch: int) -> LayerCost:
     in_channels, out_channels = layer.in_assign.numel(), layer.out_assign.numel()
-    channel_dim = 1 if layer.weight.dim() > 2 else -1
-    per_channel_in = _per_image_elements(call.in_shape, in_channels, channel_dim, batch)
-    per_channel_out = _per_image_elements(call.out_shape, out_channels, channel_dim, batch)
+    per_channel_in = elements_per_channel(call.in_shape, in_channels, batch)
+    per_channel_out = elements_per_channel(call.out_shape, out_channels, batch)
     possible = layer.possible_groups()
     kept = possible & (layer.group_mask > 0)
     macs_per_pair = per_channel_out * _kernel_elements(layer)

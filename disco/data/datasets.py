@@ -36,6 +36,8 @@ class DataSpec:
     classes: int
     image_size: tuple[int, int]
     class_names: list[str]
+    mean: list[float]  # the normalisation applied to every image (needed to read new images the same way)
+    std: list[float]
 
 
 def default_cache() -> Path:
@@ -74,7 +76,16 @@ def fashion_mnist(cache: Path | None = None) -> DataSpec:
     except (RuntimeError, OSError) as error:
         raise DiscoError(f"{HOW_TO_GET_FASHION_MNIST} ({error})") from error
     return DataSpec("fashion-mnist", _as_tensor_dataset(train), _as_tensor_dataset(test), channels=1,
-                    classes=10, image_size=(28, 28), class_names=list(train.classes))
+                    classes=10, image_size=(28, 28), class_names=list(train.classes),
+                    mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD])
+
+
+def image_transform(channels: int, size: tuple[int, int] | None, mean: list[float], std: list[float]):
+    """RGB PIL image -> normalised tensor with `channels` channels (resized to `size` when given)."""
+    steps = [transforms.Grayscale(1)] if channels == 1 else []
+    if size:
+        steps.append(transforms.Resize(tuple(size)))
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def image_folder(path: Path, image_size: int | None = None) -> DataSpec:
@@ -90,17 +101,13 @@ def image_folder(path: Path, image_size: int | None = None) -> DataSpec:
     with Image.open(probe.samples[0][0]) as first:  # ImageFolder's loader makes everything RGB: ask the file
         channels = 1 if first.mode in ("L", "I", "I;16", "F", "1") else 3
         size = (image_size, image_size) if image_size else (first.height, first.width)
-    steps = [transforms.Resize(size)] if image_size else []
-    if channels == 1:
-        steps.insert(0, transforms.Grayscale(1))
-    transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize([0.5] * channels,
-                                                                                        [0.5] * channels)])
+    transform = image_transform(channels, size if image_size else None, [0.5] * channels, [0.5] * channels)
     train = datasets.ImageFolder(path / "train", transform=transform)
     test = datasets.ImageFolder(path / "val", transform=transform)
     if train.classes != test.classes:
         raise DiscoError(f"train/ and val/ of {path} have different class folders")
     return DataSpec(path.name, train, test, channels=channels, classes=len(train.classes), image_size=size,
-                    class_names=train.classes)
+                    class_names=train.classes, mean=[0.5] * channels, std=[0.5] * channels)
 
 
 def load_dataset(dataset: str | None = "fashion-mnist", data: Path | None = None, *, cache: Path | None = None,

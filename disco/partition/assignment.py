@@ -56,3 +56,8 @@ def nodes_of(owner: torch.Tensor) -> list[int]:
     """Distinct real nodes appearing in an owner map (replicated excluded)."""
     values = torch.unique(owner)
     return [int(v) for v in values if v >= 0]
+
+
+def held_channels(assign: torch.Tensor, node: int) -> torch.Tensor:
+    """Sorted indices of the channels `node` holds without communication: its own and replicated ones."""
+    return ((assign == node) | (assign == REPLICATED)).nonzero().flatten()

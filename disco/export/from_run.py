@@ -1,0 +1,44 @@
+"""Export a trained run folder (`disco train --out RUN`) as a deployment (`disco export RUN --out DIR`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from disco.data.datasets import load_dataset
+from disco.errors import DiscoError
+from disco.export.manifest import Manifest, ModelSpec
+from disco.export.shards import export
+from disco.models import build_for_data
+from disco.partition.partitioner import partition
+from disco.training import checkpoint
+from disco.training.config import TrainConfig
+
+
+def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None = None) -> Manifest:
+    run = Path(run)
+    weights = run / "disco.safetensors"
+    if not weights.is_file():
+        raise DiscoError(f"{run} has no disco.safetensors: finish (or --resume) its training first")
+    config = TrainConfig.load(run / "config.json")
+    data = load_dataset(config.dataset, config.data, image_size=config.image_size)
+    spec = ModelSpec(model=config.model, channels=data.channels, classes=data.classes, kwargs=config.model_kwargs,
+                     stem_stride=config.stem_stride)
+    model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
+                           **spec.kwargs)
+    example = data.test[0][0][None]
+    simulated = partition(model, nodes=config.nodes, example_inputs=example)
+    checkpoint.load_model_state(simulated, weights)
+    dtype = transport_dtype or config.transport_dtype
+    preprocess = {"channels": data.channels, "size": list(data.image_size), "mean": data.mean, "std": data.std}
+    dataset = {"dataset": config.dataset, "data": config.data, "image_size": config.image_size,
+               "test_subset": config.test_subset, "seed": config.seed}
+    report = run / "report.json"
+    reference = None
+    if report.is_file():
+        reference = {"accuracy": json.loads(report.read_text())["disco_accuracy"], "test_subset": config.test_subset}
+    with torch.no_grad():
+        return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
+                      preprocess=preprocess, dataset=dataset, class_names=data.class_names,
+                      reference=reference)

@@ -1,0 +1,121 @@
+"""The deployment manifest: everything a rank needs besides its own shard, as versioned JSON.
+
+A rank rebuilds the architecture from `model` (on the meta device: no weights), re-runs the owner
+propagation with each layer's exported output assignment, and checks that the channels it then expects
+agree with `layers`. `shards` holds the sha256 of every node's safetensors file, checked before any
+communication. No pickle: JSON and safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from disco.errors import DiscoError
+from disco.options import MAX_NODES
+
+FORMAT = "disco-deployment"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RUNTIME_DTYPES = ("fp32", "fp16")  # int8 needs quantisation scales the runtime does not have yet
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild the architecture: `disco.models.build_for_data(model, channels=..., classes=...,
+    stem_stride=..., **kwargs)`. `model` is torchvision:NAME or path/to/file.py:factory."""
+
+    model: str
+    channels: int
+    classes: int
+    kwargs: dict = field(default_factory=dict)
+    stem_stride: int | None = None
+
+
+@dataclass
+class LayerPlan:
+    """One channel-mixing layer: node of each input/output channel and, for every (src, dst) pair, the
+    input channels src sends to dst (sorted)."""
+
+    in_assign: list[int]
+    out_assign: list[int]
+    sends: list[list[list[int]]]
+
+
+@dataclass
+class Manifest:
+    model: ModelSpec
+    nodes: int
+    input_shape: list[int]  # one input without the batch dimension, e.g. [1, 28, 28]
+    transport_dtype: str
+    layers: dict[str, LayerPlan]
+    shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ...}] in node order
+    expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...)
+    preprocess: dict | None = None  # {"channels", "size", "mean", "std"} for reading image files
+    dataset: dict | None = None  # {"dataset", "data", "image_size", "test_subset", "seed"} for --eval
+    class_names: list[str] | None = None
+    reference: dict | None = None  # the simulation's result to compare with, e.g. {"accuracy": ...}
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        fields_ = asdict(self)  # one line per top-level field: readable, yet compact for big channel lists
+        path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in fields_.items()) + "\n}\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise DiscoError(f"no {MANIFEST_NAME} in {folder}: export a deployment with `disco export` first")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DiscoError(f"{path} is not valid JSON ({error}); export the deployment again") from error
+        if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
+            raise DiscoError(f"{path} is not a {FORMAT} manifest of version {FORMAT_VERSION} "
+                             f"(found format {raw.get('format')!r}, version {raw.get('version')!r})")
+        try:
+            raw["model"] = ModelSpec(**raw["model"])
+            raw["layers"] = {name: LayerPlan(**plan) for name, plan in raw["layers"].items()}
+            manifest = cls(**raw)
+        except (KeyError, TypeError) as error:
+            raise DiscoError(f"{path} is missing or has unexpected fields ({error})") from error
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        if not 1 <= self.nodes <= MAX_NODES or len(self.shards) != self.nodes:
+            raise DiscoError(f"manifest lists {len(self.shards)} shards for {self.nodes} nodes")
+        if self.transport_dtype not in RUNTIME_DTYPES:
+            raise DiscoError(f"transport dtype {self.transport_dtype!r} is not supported by the runtime "
+                             f"(supported: {', '.join(RUNTIME_DTYPES)})")
+        for name, plan in self.layers.items():
+            if len(plan.sends) != self.nodes or any(len(row) != self.nodes for row in plan.sends):
+                raise DiscoError(f"layer {name!r}: sends must be a {self.nodes}x{self.nodes} table")
+
+    def shard_path(self, folder: Path, node: int) -> Path:
+        return Path(folder) / self.shards[node]["file"]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shard(manifest: Manifest, folder: Path, node: int) -> Path:
+    """The node's shard path, after checking it exists and matches the manifest's sha256."""
+    path = manifest.shard_path(folder, node)
+    if not path.is_file():
+        raise DiscoError(f"shard of node {node} not found: {path}")
+    actual = sha256_of(path)
+    if actual != manifest.shards[node]["sha256"]:
+        raise DiscoError(f"shard {path} does not match the manifest (sha256 {actual[:12]}... != "
+                         f"{manifest.shards[node]['sha256'][:12]}...): it was corrupted or replaced; "
+                         "copy the deployment again")
+    return path

@@ -1,0 +1,5 @@
+import sys
+
+from disco.runtime.worker import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""All communication of the runtime, in one place: torch.distributed point-to-point, counted at the send call.
+
+Every transfer is a batch of isend/irecv posted together (`exchange`), so a rank can compute while its
+channels are in flight and NCCL never deadlocks on send ordering. Bytes are counted per destination and
+category when a send is posted. A failed or timed-out transfer raises PeerFailure naming the peer, so a
+dead or hung rank ends the run with an error instead of a hang.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from disco.errors import DiscoError
+
+CATEGORIES = ("activations", "input", "output", "control")
+
+
+class PeerFailure(DiscoError):
+    """A transfer with another rank failed or timed out."""
+
+
+@dataclass
+class Exchange:
+    """Transfers in flight; `wait()` returns the received tensors by source rank."""
+
+    comm: "Comm"
+    what: str
+    pending: list[tuple[object, list[int]]]
+    received: dict[int, torch.Tensor] = field(default_factory=dict)
+    in_flight: list[torch.Tensor] = field(default_factory=list)  # send buffers must live until waited
+
+    def wait(self) -> dict[int, torch.Tensor]:
+        for work, peers in self.pending:
+            try:
+                work.wait()
+            except RuntimeError as error:  # gloo/NCCL report both dead peers and timeouts this way
+                raise self.comm.failure(peers, self.what, error) from None
+        self.pending, self.in_flight = [], []
+        return self.received
+
+
+def launch_environment() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, with a clear error when it is missing."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise DiscoError(f"not started by torchrun ({', '.join(missing)} unset): use `disco run` or "
+                         "`torchrun ... -m disco.runtime`")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def choose_backend(backend: str) -> tuple[str, torch.device]:
+    """gloo on CPU; NCCL when this rank has a GPU (backend "auto")."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise DiscoError("--backend nccl needs a GPU on every rank")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return backend, device
+    if backend != "gloo":
+        raise DiscoError(f"unknown backend {backend!r}; known: auto, gloo, nccl")
+    return backend, torch.device("cpu")
+
+
+class Comm:
+    """One rank's view of the process group (rank, world size, device) plus byte counters."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
+        self.rank, self.world, self.device, self.timeout = rank, world, device, timeout
+        self.sent = {category: [0] * world for category in CATEGORIES}
+
+    @classmethod
+    def start(cls, *, timeout: float, backend: str, device: torch.device) -> "Comm":
+        """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as error:
+            raise PeerFailure(f"could not join the process group within {timeout:g} s ({backend}): "
+                              f"{str(error).splitlines()[0]}") from None
+        return cls(dist.get_rank(), dist.get_world_size(), device, timeout)
+
+    # --- transfers ---------------------------------------------------------------------------------
+    def exchange(self, sends: dict[int, torch.Tensor], receives: dict[int, tuple[tuple[int, ...], torch.dtype]],
+                 *, category: str, what: str) -> Exchange:
+        """Post sends {dst: tensor} and receives {src: (shape, dtype)} at once; returns before they finish."""
+        ops, peers, exchange = [], [], Exchange(self, what, [])
+        for dst, tensor in sends.items():
+            tensor = tensor.to(self.device).contiguous()
+            self.sent[category][dst] += tensor.numel() * tensor.element_size()
+            ops.append(dist.P2POp(dist.isend, tensor, dst))
+            peers.append(dst)
+        for src, (shape, dtype) in receives.items():
+            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            exchange.received[src] = buffer
+            ops.append(dist.P2POp(dist.irecv, buffer, src))
+            peers.append(src)
+        if not ops:
+            return exchange
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as error:
+            raise self.failure(peers, what, error) from None
+        if len(works) == len(ops):
+            exchange.pending = [(work, [peer]) for work, peer in zip(works, peers)]
+        else:  # one work for the whole batch (NCCL)
+            exchange.pending = [(work, sorted(set(peers))) for work in works]
+        exchange.in_flight = [op.tensor for op in ops]
+        return exchange
+
+    def send(self, tensor: torch.Tensor, dst: int, *, category: str, what: str) -> None:
+        self.exchange({dst: tensor}, {}, category=category, what=what).wait()
+
+    def receive(self, shape, dtype: torch.dtype, src: int, *, what: str) -> torch.Tensor:
+        return self.exchange({}, {src: (tuple(shape), dtype)}, category="control", what=what).wait()[src]
+
+    def failure(self, peers: list[int], what: str, error: Exception) -> PeerFailure:
+        text = str(error)
+        names = " or ".join(f"rank {p}" for p in peers)
+        if "imed out" in text or "timeout" in text.lower():
+            reason = f"no answer from {names} within {self.timeout:g} s (--timeout); it is hung or too slow"
+        else:
+            reason = f"lost the connection to {names}; that process probably died (see its own error)"
+        return PeerFailure(f"rank {self.rank}: {what}: {reason}. [{text.splitlines()[0][:200]}]")
+
+    # --- setup and teardown ------------------------------------------------------------------------
+    def agree_on(self, digest: str, what: str) -> None:
+        """Every rank must hold the same `what` (compared by sha256 hex digest)."""
+        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        try:
+            dist.all_gather(gathered, mine)
+        except RuntimeError as error:
+            raise self.failure(list(range(self.world)), f"checking the {what}", error) from None
+        differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, mine)]
+        if differing:
+            raise DiscoError(f"rank {self.rank}: ranks {differing} hold a different {what}; copy the same "
+                             "deployment to every host")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,91 @@
+"""What node 0 feeds the distributed model: image files, a folder of them, a tensor file, or the
+dataset's test split (`--eval`). Images are read the way the training data was (manifest.preprocess)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import safetensors.torch
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+
+from disco.data.datasets import image_transform, load_dataset, subset
+from disco.errors import DiscoError
+from disco.export.manifest import Manifest
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    names: list[str]
+
+
+def check_input(x: torch.Tensor, manifest: Manifest) -> None:
+    """Refuse (on node 0, before anything is sent) input the deployed model was not built for."""
+    expected = tuple(manifest.input_shape)
+    if not isinstance(x, torch.Tensor) or x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DiscoError(f"input of shape {shape} does not fit the deployed model, which takes "
+                         f"[batch, {', '.join(map(str, expected))}] (channels {expected[0]})")
+    if x.dtype != torch.float32:
+        raise DiscoError(f"input dtype {x.dtype} is not supported: give float32 images")
+    if not bool(torch.isfinite(x).all()):
+        raise DiscoError("input holds NaN or infinite values")
+
+
+def _read_image(path: Path, manifest: Manifest) -> torch.Tensor:
+    if manifest.preprocess is None:
+        raise DiscoError("this deployment has no image preprocessing recorded; give a .safetensors tensor file")
+    p = manifest.preprocess
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DiscoError(f"cannot read image {path}: {error}") from error
+    return image_transform(p["channels"], p["size"], p["mean"], p["std"])(rgb)
+
+
+def _tensor_file(path: Path) -> torch.Tensor:
+    tensors = safetensors.torch.load_file(str(path))
+    if "input" not in tensors:
+        raise DiscoError(f"{path} must hold a tensor named 'input' of shape [batch, channels, height, width]")
+    return tensors["input"]
+
+
+def file_batches(path: str | Path, manifest: Manifest, batch_size: int) -> list[Batch]:
+    """An image, a folder of images (sorted by name) or a .safetensors file with a tensor 'input'."""
+    path = Path(path)
+    if not path.exists():
+        raise DiscoError(f"input not found: {path}")
+    if path.suffix == ".safetensors":
+        images = _tensor_file(path)
+        check_input(images, manifest)
+        return [Batch(chunk, None, [f"{path.name}[{i + start}]" for i in range(len(chunk))])
+                for start, chunk in zip(range(0, len(images), batch_size), images.split(batch_size))]
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise DiscoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+    batches = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = torch.stack([_read_image(f, manifest) for f in chunk])
+        check_input(images, manifest)
+        batches.append(Batch(images, None, [f.name for f in chunk]))
+    return batches
+
+
+def eval_batches(manifest: Manifest, batch_size: int, limit: int | None) -> Iterator[Batch]:
+    """The test split of the dataset the model was trained on (the same subset its report used)."""
+    if manifest.dataset is None:
+        raise DiscoError("this deployment does not record its dataset; export it from a training run for --eval")
+    d = manifest.dataset
+    data = load_dataset(d["dataset"], d["data"], image_size=d["image_size"])
+    test = subset(data.test, limit if limit is not None else d.get("test_subset"), d.get("seed", 0))
+    for images, labels in DataLoader(test, batch_size=batch_size):
+        check_input(images, manifest)
+        yield Batch(images, labels, [])

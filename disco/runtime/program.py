@@ -1,0 +1,229 @@
+"""A rank's local sub-network, built from the manifest and the rank's own shard only.
+
+The architecture is rebuilt on the meta device (no weights), traced, and the owner propagation is run
+with each layer's exported assignment, so every value's local layout on this rank is known. Then each
+graph node becomes a step: channel-mixing layers exchange channels (mixing.py), data movement becomes a
+gather (layout.py), other modules get their per-channel parameters from the shard, and the rest runs
+unchanged on the local tensors.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from disco.errors import DiscoError, UnsupportedOperationError
+from disco.export.manifest import Manifest, verify_shard
+from disco.models import build_for_data
+from disco.partition.partitioner import eval_mode
+from disco.partition.propagate import OwnerPropagator, trace
+from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
+from disco.runtime.comm import Comm
+from disco.runtime.layout import Gather, held_mask, local_shape
+from disco.runtime.mixing import mixing_step
+
+SHAPE_METHODS = ("size", "dim")
+
+
+def _meta_model(manifest: Manifest) -> nn.Module:
+    spec = manifest.model
+    with torch.device("meta"):
+        model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
+                               **spec.kwargs)
+    return model.eval()
+
+
+def _chooser(manifest: Manifest):
+    def choose(name: str, module: nn.Module, in_assign: torch.Tensor) -> torch.Tensor:
+        plan = manifest.layers.get(name)
+        if plan is None:
+            raise DiscoError(f"the model spec has a layer {name!r} that the manifest does not plan")
+        if plan.in_assign != in_assign.tolist():
+            raise DiscoError(f"layer {name!r} receives its channels on other nodes than the manifest says; the "
+                             "model spec does not rebuild the exported model")
+        return torch.tensor(plan.out_assign, dtype=torch.long)
+    return choose
+
+
+def _has_tensor(value) -> bool:
+    return any(isinstance(t, torch.Tensor) for t in tree_flatten(value)[0])
+
+
+def _to_device(step, device: torch.device):
+    for key, value in vars(step).items():
+        if isinstance(value, torch.Tensor):
+            setattr(step, key, value.to(device))
+        elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            setattr(step, key, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()})
+        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            setattr(step, key, [v.to(device) for v in value])
+    return step
+
+
+class LocalProgram:
+    """Runs this rank's part of the model; `forward(x, comm)` returns the rank's local outputs."""
+
+    def __init__(self, manifest: Manifest, tensors: dict[str, torch.Tensor], rank: int,
+                 device: torch.device = torch.device("cpu")):
+        self.manifest, self.rank, self.device = manifest, rank, device
+        self.tensors = {k: v.to(device) for k, v in tensors.items()}
+        self.graph_module = trace(_meta_model(manifest))
+        propagator = OwnerPropagator(self.graph_module, manifest.nodes, _chooser(manifest))
+        with eval_mode(self.graph_module):
+            propagator.analyse(torch.empty((1, *manifest.input_shape), device="meta"))
+        self.owners = propagator.owners
+        planned = {call.module for call in propagator.analysis.mixing}
+        if planned != set(manifest.layers):
+            raise DiscoError(f"the manifest plans layers the model spec does not call: "
+                             f"{sorted(set(manifest.layers) - planned)[:4]}")
+        self.steps = [(node, self._step(node)) for node in self.graph_module.graph.nodes]
+
+    # --- building ----------------------------------------------------------------------------------
+    def _step(self, node: fx.Node):
+        if node.op == "placeholder":
+            return None
+        if node.op == "output":
+            return None
+        if node.op == "get_attr":
+            return self._attribute(node.target)
+        if not _has_tensor(self.owners[node]):
+            return "shape" if self._is_shape_query(node) else "call"
+        module = self.graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        kind = self._kind(node, module)
+        if kind is OpKind.MIXING:
+            out_shape = local_shape(self.owners[node], self.rank, node.name)
+            step = mixing_step(node.target, module, self.manifest.layers[node.target], self.tensors, self.rank,
+                               out_shape, self.manifest.transport_dtype)
+            return _to_device(step, self.device)
+        if kind is OpKind.MOVE:
+            return _to_device(Gather(node, self.owners, self.rank, module), self.device)
+        return self._local_module(node.target, module) if module is not None else "call"
+
+    @staticmethod
+    def _is_shape_query(node: fx.Node) -> bool:
+        return ((node.op == "call_method" and node.target in SHAPE_METHODS)
+                or (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"))
+
+    @staticmethod
+    def _kind(node: fx.Node, module):
+        if module is not None:
+            kind = kind_of_module(module)
+        elif node.op == "call_function":
+            kind = kind_of_function(node.target)
+        else:
+            kind = kind_of_method(node.target)
+        if kind is None:  # the propagation refused these already; keep the runtime honest anyway
+            raise UnsupportedOperationError(node.name, f"{node.op} {node.target}", "unknown to the runtime")
+        return kind
+
+    def _attribute(self, target: str) -> torch.Tensor:
+        if target not in self.tensors:
+            raise DiscoError(f"the shard lacks tensor {target!r}; export again")
+        return self.tensors[target]
+
+    def _local_module(self, name: str, module: nn.Module) -> nn.Module:
+        """The module with its parameters and buffers replaced by this rank's slices from the shard."""
+        if not list(module.parameters(recurse=False)) and not list(module.buffers(recurse=False)):
+            return module
+        local = copy.copy(module)
+        local._parameters = {k: None if v is None else nn.Parameter(self._attribute(f"{name}.{k}"), False)
+                             for k, v in module._parameters.items()}
+        local._buffers = {k: None if v is None else self._attribute(f"{name}.{k}") for k, v in module._buffers.items()}
+        return local
+
+    # --- running -----------------------------------------------------------------------------------
+    def _shape_query(self, node: fx.Node, env: dict):
+        """size()/dim()/.shape answer for the whole (global) tensor, not the rank's slice."""
+        source = node.args[0]
+        shape = torch.Size([env[source].shape[0], *self.owners[source].shape[1:]])
+        if node.op == "call_function":
+            return shape
+        if node.target == "dim":
+            return len(shape)
+        args = fx.node.map_arg(node.args[1:], lambda a: env[a])
+        return shape[args[0]] if args else shape
+
+    def forward(self, x: torch.Tensor, comm: Comm):
+        env: dict[fx.Node, object] = {}
+        for node, step in self.steps:
+            if node.op == "placeholder":
+                env[node] = x
+                continue
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda a: env[a])
+            try:
+                env[node] = self._run(node, step, env, comm)
+            except RuntimeError as error:
+                raise DiscoError(f"rank {self.rank}: graph node '{node.name}' failed on its local tensors: "
+                                 f"{str(error).splitlines()[0]}") from error
+        raise DiscoError("the graph has no output")
+
+    def _run(self, node: fx.Node, step, env: dict, comm: Comm):
+        if isinstance(step, torch.Tensor):
+            return step
+        if step == "shape":
+            return self._shape_query(node, env)
+        args = fx.node.map_arg(node.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+        if isinstance(step, Gather):
+            return step(*[env[source] for source in step.sources])
+        if hasattr(step, "send_index"):
+            return step(args[0], comm)
+        if isinstance(step, nn.Module):
+            return step(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    # --- output layout (rank 0 assembles the whole output) ---------------------------------------
+    def output_owners(self) -> list[torch.Tensor]:
+        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        return _tensor_leaves(fx.node.map_arg(output.args[0], lambda a: self.owners[a]))
+
+    def output_positions(self, rank: int) -> list[torch.Tensor]:
+        """Per output leaf, the per-image flat positions rank `rank` contributes (rank 0: also replicated)."""
+        masks = [held_mask(o, rank) if rank == 0 else (o == rank) for o in self.output_owners()]
+        return [m.flatten().nonzero().flatten() for m in masks]
+
+    def output_part(self, local) -> torch.Tensor:
+        """[batch, elements] this rank contributes to the output: its own elements (not replicated ones)."""
+        parts = []
+        for leaf, owner in zip(_tensor_leaves(local), self.output_owners()):
+            flat = leaf.reshape(leaf.shape[0], -1)
+            if self.rank != 0:
+                own = (owner == self.rank).flatten()[held_mask(owner, self.rank).flatten()]
+                flat = flat[:, own.nonzero().flatten().to(flat.device)]
+            parts.append(flat)
+        return torch.cat(parts, dim=1)
+
+    def assemble_output(self, parts: dict[int, torch.Tensor]):
+        """On rank 0: the whole output from every rank's `output_part`, in the model's output structure."""
+        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        owners = fx.node.map_arg(output.args[0], lambda a: self.owners[a])
+        leaves, spec = tree_flatten(owners)
+        batch = parts[0].shape[0]
+        wholes = [torch.zeros((batch, o.numel()), dtype=parts[0].dtype, device=parts[0].device) for o in leaves]
+        for rank, part in parts.items():
+            start = 0
+            for whole, positions in zip(wholes, self.output_positions(rank)):
+                whole[:, positions.to(whole.device)] = part[:, start:start + positions.numel()].to(whole.dtype)
+                start += positions.numel()
+        return tree_unflatten([w.reshape(batch, *o.shape[1:]) for w, o in zip(wholes, leaves)], spec)
+
+
+def _tensor_leaves(value) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def load_program(manifest: Manifest, folder: Path, rank: int, device: torch.device) -> LocalProgram:
+    """Verify the rank's shard against the manifest (before any communication), load it, build the program."""
+    path = verify_shard(manifest, folder, rank)
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as error:  # a damaged file that still matched its hash cannot happen; report anyway
+        raise DiscoError(f"could not read shard {path}: {error}") from error
+    return LocalProgram(manifest, tensors, rank, device)

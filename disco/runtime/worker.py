@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def _predictions(batch: Batch, output: torch.Tensor, names: list[str] | None) ->
 
 def coordinate(program: LocalProgram, comm: Comm, manifest: Manifest, options: RunOptions, batches) -> dict:
     coordinator = Coordinator(program, comm, manifest)
-    accuracy = MulticlassAccuracy(num_classes=manifest.model.classes, average="micro") if options.eval else None
+    accuracy = MulticlassAccuracy(num_classes=manifest.model.classes, average="micro",
+                                                   sync_on_compute=False) if options.eval else None
     predictions, outputs = [], []
     try:
         for index, batch in enumerate(batches):
@@ -210,6 +212,8 @@ def run_rank(options: RunOptions) -> dict | None:
             else file_batches(options.input, manifest, options.batch_size)
     comm = Comm.start(timeout=options.timeout, backend=backend, device=device)
     comm.agree_on(sha256_of(folder / MANIFEST_NAME), "manifest")
+    if rank == 0 and not options.quiet:
+        print(f"ready: {world} ranks joined ({backend}), shards and manifest verified", flush=True)
     if rank != 0:
         serve(program, comm, manifest)
         _counters(comm)
@@ -254,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disco run: rank {rank}: error: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # leave at once: tearing down a broken process group could wait on the dead peer
+    except Exception:  # a bug, not bad input: show where, but still do not leave the peers waiting
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     if summary is not None:
         if args.summary:
             Path(args.summary).write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,30 @@
+"""`disco export RUN --out DIR`: per-node shards and a manifest from a trained run."""
+from __future__ import annotations
+
+import argparse
+
+from disco.export import export_run
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export", help="write per-node shards and a manifest from a trained run",
+        description="Write one safetensors shard per node (only the weights that node computes with) and "
+                    "manifest.json (model spec, channel plan of every layer, transport dtype, sha256 of every "
+                    "shard) into --out, from a run folder of `disco train`.")
+    parser.add_argument("run_folder", metavar="RUN", help="run folder of `disco train` (holds disco.safetensors)")
+    parser.add_argument("--out", required=True, help="deployment folder to write, e.g. deploy/NAME")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"),
+                        help="transport dtype of activations between nodes (default: the run's)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype)
+    expected = manifest.expected
+    print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "
+          f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "
+          f"ratio {expected['ratio']:.3f} of the dense split)")
+    for node, shard in enumerate(manifest.shards):
+        print(f"  node {node}: {shard['file']}  sha256 {shard['sha256'][:16]}...")
+    return 0

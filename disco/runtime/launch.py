@@ -1,0 +1,48 @@
+"""`disco run`: start N local ranks through torchrun (torch.distributed.run) and relay their output.
+
+torchrun's own report of a failed child (a long traceback) is held back unless --verbose: each rank
+already printed one line saying what went wrong."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from disco.errors import DiscoError
+from disco.export.manifest import Manifest
+
+
+def torchrun_command(deploy: str, nodes: int, worker_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nodes}",
+            "--max-restarts=0", "-m", "disco.runtime", deploy, *worker_args]
+
+
+def _is_torchrun_noise(line: str) -> bool:
+    return line.startswith(("*****", "Setting OMP_NUM_THREADS")) or (line[:1] in "WIE" and line[1:5].isdigit())
+
+
+def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, threads: int | None = None,
+           verbose: bool = False) -> int:
+    manifest = Manifest.load(deploy)
+    nodes = nodes or manifest.nodes
+    if nodes != manifest.nodes:
+        raise DiscoError(f"{deploy} is split across {manifest.nodes} nodes; --nodes {nodes} does not match")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nodes)))
+    process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=env, stderr=subprocess.PIPE,
+                               text=True, bufsize=1)
+    held_back = []
+    in_traceback = False
+    for line in process.stderr:
+        in_traceback = in_traceback or line.startswith("Traceback") or "ChildFailedError" in line
+        if verbose:
+            sys.stderr.write(line)
+        elif in_traceback or _is_torchrun_noise(line):
+            held_back.append(line)
+        else:
+            sys.stderr.write(line)
+    code = process.wait()
+    if code and not verbose:
+        print(f"disco run: a rank failed (exit code {code}); run with --verbose for torchrun's report",
+              file=sys.stderr)
+    return code

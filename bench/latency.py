@@ -1,0 +1,273 @@
+"""Per-image latency of real distributed inference: one process vs dense split vs DISCO vs no communication.
+
+Every distributed row is `disco run` (torchrun, gloo, one CPU thread per rank) on an exported deployment;
+the single-process row runs the whole model in one process with one thread. Links: plain loopback
+("unshaped") and, as root, a network namespace whose loopback is shaped with tc to 1 Gbit/s and
+100 Mbit/s (one shared link for all ranks' traffic, MTU 1500). Writes docs/results/latency.{md,json,png}.
+Re-run:
+    .venv/bin/python bench/latency.py           # about 20 minutes on 2 CPU cores
+    .venv/bin/python bench/latency.py --quick   # smoke version (numbers not meaningful)
+Deployments are cached in runs/latency/. The Fashion-MNIST rows use the runs of bench/tradeoff.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import disco  # noqa: E402
+from disco.export import ModelSpec, export, export_run  # noqa: E402
+from disco.export.manifest import Manifest  # noqa: E402
+from disco.models import build_for_data, load_weights  # noqa: E402
+from disco.sparsify import Sparsifier, SparsifyOptions  # noqa: E402
+
+WORK = ROOT / "runs" / "latency"
+LINKS = {"unshaped": None, "1gbit": "1gbit", "100mbit": "100mbit"}
+NAMESPACE = "disco-bench"
+
+
+@dataclass(frozen=True)
+class Row:
+    family: str  # "resnet50" or "fmnist-mobilenet_v2"
+    nodes: int
+    label: str  # "dense split", "DISCO 0.2", ...
+    deploy: Path
+
+
+# --- deployments ---------------------------------------------------------------------------------------
+def _masks_on_random_data(simulated, example, budget: float, steps: int) -> None:
+    """Choose groups with the training method's own importance on random images (weights untouched)."""
+    sparsifier = Sparsifier(simulated, example, SparsifyOptions(budget=budget, total_steps=steps, end_fraction=1.0,
+                                                               prune_every=1))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(2, *example.shape[1:], generator=generator)
+        y = torch.randint(0, 1000, (2,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(simulated(x), y) + sparsifier.regularizer()
+        simulated.zero_grad()
+        loss.backward()
+        sparsifier.step()
+    sparsifier.cut_to(budget)
+    sparsifier.freeze()
+
+
+def resnet50_rows(nodes: int, size: int, steps: int) -> list[Row]:
+    spec = ModelSpec(model="torchvision:resnet50", channels=3, classes=1000)
+    rows = []
+    for label, budget in (("dense split", 1.0), ("DISCO 0.2", 0.2), ("DISCO 0.1", 0.1), ("no communication", 0.0)):
+        folder = WORK / f"resnet50-{size}-n{nodes}-{budget}"
+        if not (folder / "manifest.json").is_file():
+            torch.manual_seed(0)
+            model = build_for_data(spec.model, channels=3, classes=1000).eval()
+            example = torch.randn(1, 3, size, size)
+            simulated = disco.partition(model, nodes=nodes, example_inputs=example).eval()
+            if budget < 1.0:
+                _masks_on_random_data(simulated, example, budget, steps)
+            export(simulated, folder, example_inputs=example, spec=spec)
+        rows.append(Row("resnet50", nodes, label, folder))
+    return rows
+
+
+def fmnist_rows(nodes: int) -> list[Row]:
+    runs = ROOT / "runs" / "tradeoff"
+    rows = []
+    for label, run in (("dense split", "learned-1.0"), ("DISCO 0.2", "learned-0.2"), ("DISCO 0.1", "learned-0.1"),
+                       ("no communication", "nocomm")):
+        source = runs / f"mobilenet_v2_w0.5-n{nodes}-{run}-s0"
+        if not (source / "disco.safetensors").is_file():
+            continue
+        folder = WORK / f"fmnist-{source.name}"
+        if not (folder / "manifest.json").is_file():
+            export_run(source, folder)
+        rows.append(Row("fmnist-mobilenet_v2", nodes, label, folder))
+    return rows
+
+
+def _input_file(folder: Path) -> Path:
+    path = folder / "input.safetensors"
+    if not path.is_file():
+        shape = Manifest.load(folder).input_shape
+        safetensors.torch.save_file({"input": torch.randn(1, *shape)}, str(path))
+    return path
+
+
+# --- links ---------------------------------------------------------------------------------------------
+@contextmanager
+def shaped_link(rate: str | None):
+    """None: plain loopback. Otherwise a fresh network namespace whose loopback is limited to `rate`."""
+    if rate is None:
+        yield []
+        return
+    if os.geteuid() != 0:
+        raise PermissionError("shaping a link needs root (ip netns, tc)")
+    subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
+    for command in (["ip", "netns", "add", NAMESPACE],
+                    ["ip", "netns", "exec", NAMESPACE, "ip", "link", "set", "lo", "up", "mtu", "1500"],
+                    ["ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+                     rate, "burst", "256kb", "latency", "100ms"]):
+        subprocess.run(command, check=True, capture_output=True)
+    try:
+        yield ["ip", "netns", "exec", NAMESPACE]
+    finally:
+        subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+def distributed(row: Row, prefix: list[str], repeat: int) -> dict:
+    summary = row.deploy / "summary.json"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    command = prefix + [sys.executable, "-m", "disco", "run", str(row.deploy), "--input", str(_input_file(row.deploy)),
+                        "--repeat", str(repeat), "--warmup", "1", "--summary", str(summary), "--quiet",
+                        "--timeout", "300"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{row}: {result.stderr[-2000:]}")
+    data = json.loads(summary.read_text())
+    return {"latency_s": data["latency_s"]["median"], "all_s": data["latency_s"]["all"],
+            "bytes_per_image": data["bytes_per_image"]["activations"],
+            "expected_bytes_per_image": data["expected_per_image"]["activations"]}
+
+
+SINGLE = """
+import json, statistics, sys, time, torch
+sys.path.insert(0, {root!r})
+from disco.models import build_for_data, load_weights
+torch.set_num_threads(1)
+model = build_for_data({spec!r}, channels={channels}, classes={classes}, stem_stride={stride!r}, **{kwargs!r}).eval()
+if {weights!r}:
+    load_weights(model, {weights!r})
+x = torch.randn(1, *{shape!r})
+times = []
+with torch.no_grad():
+    model(x)
+    for _ in range({repeat}):
+        began = time.perf_counter(); model(x); times.append(time.perf_counter() - began)
+print(json.dumps({{"latency_s": statistics.median(times), "all_s": times}}))
+"""
+
+
+def single_process(deploy: Path, repeat: int, weights: Path | None) -> dict:
+    manifest = Manifest.load(deploy)
+    spec = manifest.model
+    code = SINGLE.format(root=str(ROOT), spec=spec.model, channels=spec.channels, classes=spec.classes,
+                         stride=spec.stem_stride, kwargs=spec.kwargs, weights=str(weights) if weights else "",
+                         shape=tuple(manifest.input_shape), repeat=repeat)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- report --------------------------------------------------------------------------------------------
+def render(results: dict, skipped: dict, args, elapsed: float) -> str:
+    lines = ["# Latency: real distributed inference (torchrun + gloo, one CPU thread per rank)", "",
+             f"Generated by `python bench/latency.py{' --quick' if args.quick else ''}` in {elapsed / 60:.0f} min "
+             f"on a {os.cpu_count()}-core CPU machine. Median of {args.repeat} timed runs after one warm-up, batch 1; "
+             "latency is rank 0's time from sending the input to holding the whole output. Shaped links: all "
+             "ranks inside one network namespace whose loopback is limited by `tc tbf` (one shared link, MTU "
+             "1500). Bytes are activation bytes between ranks per image, counted at the send calls (they equal "
+             "the simulation's cost report in every row). With 4 ranks on 2 cores compute is oversubscribed, so "
+             "4-node compute times are pessimistic.", ""]
+    for reason in skipped.values():
+        lines.append(f"- skipped: {reason}")
+    for key, table in results.items():
+        family, nodes = key.split("|")
+        links = list(next(iter(table.values())).keys())
+        lines += ["", f"## {family}, {nodes} nodes", "",
+                  "| configuration | bytes/image | " + " | ".join(f"{link} (ms)" for link in links) + " | "
+                  + " | ".join(f"speed-up vs dense split, {link}" for link in links) + " |",
+                  "|---" * (2 + 2 * len(links)) + "|"]
+        dense = table.get("dense split", {})
+        for label, per_link in table.items():
+            cells = [f"{per_link[link]['latency_s'] * 1000:,.1f}" if per_link.get(link) else "-" for link in links]
+            speedups = []
+            for link in links:
+                if per_link.get(link) and dense.get(link):
+                    speedups.append(f"{dense[link]['latency_s'] / per_link[link]['latency_s']:.2f}x")
+                else:
+                    speedups.append("-")
+            sent = next((v["bytes_per_image"] for v in per_link.values() if v and "bytes_per_image" in v), 0)
+            lines.append(f"| {label} | {sent:,.0f} | " + " | ".join(cells) + " | " + " | ".join(speedups) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = list(results.items())
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (key, table) in zip(axes[0], panels):
+        labels = list(table)
+        links = list(next(iter(table.values())).keys())
+        width = 0.8 / len(links)
+        for i, link in enumerate(links):
+            values = [table[label][link]["latency_s"] * 1000 if table[label].get(link) else 0 for label in labels]
+            axis.bar([x + i * width for x in range(len(labels))], values, width, label=link)
+        axis.set_xticks([x + width * (len(links) - 1) / 2 for x in range(len(labels))], labels, rotation=30,
+                        ha="right", fontsize=8)
+        axis.set_yscale("log")
+        axis.set_ylabel("latency per image (ms, log)")
+        axis.set_title(key.replace("|", ", ") + " nodes", fontsize=9)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small input, few runs: a smoke test")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (median reported)")
+    parser.add_argument("--links", default=",".join(LINKS), help="comma-separated subset of " + ", ".join(LINKS))
+    parser.add_argument("--nodes", default="2,4", help="node counts")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="where latency.md/json/png go")
+    args = parser.parse_args()
+    began = time.time()
+    size, steps = (64, 2) if args.quick else (224, 4)
+    if args.quick:
+        args.repeat = min(args.repeat, 2)
+    rows = []
+    for nodes in map(int, args.nodes.split(",")):
+        rows += resnet50_rows(nodes, size, steps)
+        rows += [] if args.quick else fmnist_rows(nodes)
+    results, skipped = {}, {}
+    for name, rate in LINKS.items():
+        if name not in args.links.split(","):
+            continue
+        try:
+            with shaped_link(rate) as prefix:
+                for row in rows:
+                    print(f"[{name}] {row.family} n{row.nodes} {row.label}", flush=True)
+                    table = results.setdefault(f"{row.family}|{row.nodes}", {})
+                    table.setdefault(row.label, {})[name] = distributed(row, prefix, args.repeat)
+        except PermissionError as error:
+            skipped[name] = f"{name}: {error}"
+    for key, table in results.items():  # the single-process baseline needs no network
+        family, nodes = key.split("|")
+        deploy = next(r.deploy for r in rows if r.family == family and r.nodes == int(nodes))
+        weights = ROOT / "runs" / "tradeoff" / "mobilenet_v2_w0.5-dense" / "dense.safetensors"
+        single = single_process(deploy, args.repeat, weights if family.startswith("fmnist") and weights.is_file()
+                                else None)
+        table["one process (whole model)"] = {link: single for link in next(iter(table.values()))}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps({"results": results, "skipped": skipped}, indent=1))
+    (out / "latency.md").write_text(render(results, skipped, args, time.time() - began))
+    plot(results, out / "latency.png")
+    print((out / "latency.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

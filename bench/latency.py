@@ -136,6 +136,8 @@ def distributed(row: Row, prefix: list[str], repeat: int) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{row}: {result.stderr[-2000:]}")
     data = json.loads(summary.read_text())
+    if data["bytes_per_image"]["activations"] != data["expected_per_image"]["activations"]:
+        raise RuntimeError(f"{row}: bytes sent differ from the cost report: {data['bytes_per_image']}")
     return {"latency_s": data["latency_s"]["median"], "all_s": data["latency_s"]["all"],
             "bytes_per_image": data["bytes_per_image"]["activations"],
             "expected_bytes_per_image": data["expected_per_image"]["activations"]}

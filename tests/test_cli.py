@@ -71,3 +71,25 @@ def test_model_kwargs_are_parsed_as_python_literals():
     assert _kwargs("") == {}
     with pytest.raises(disco.DiscoError, match="name=value"):
         _kwargs("width_mult")
+
+
+@pytest.mark.parametrize("command", ["inspect", "train", "export", "run", "bench"])
+def test_every_command_explains_itself(command):
+    result = run_disco(command, "--help")
+    assert result.returncode == 0 and "usage: disco" in result.stdout
+
+
+def test_bench_passes_arguments_to_the_script():
+    result = run_disco("bench", "latency", "--help")
+    assert result.returncode == 0 and "--quick" in result.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "no/such/run", "--out", "x"], "no disco.safetensors"),
+    (["run", "no/such/deploy", "--eval"], "no manifest.json"),
+    (["run", "no/such/deploy"], "give exactly one of --input PATH or --eval"),
+])
+def test_export_and_run_errors_are_one_line(args, needle):
+    result = run_disco(*args)
+    assert result.returncode == 2
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1

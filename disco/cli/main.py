@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from disco.cli import export_cmd, inspect_cmd, run_cmd, train_cmd
+from disco.cli import bench_cmd, export_cmd, inspect_cmd, run_cmd, train_cmd
 from disco.errors import DiscoError
 
-COMMANDS = (inspect_cmd, train_cmd, export_cmd, run_cmd)
+COMMANDS = (inspect_cmd, train_cmd, export_cmd, run_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,13 +42,28 @@ def _factory_model(path: str, factory: str, **kwargs) -> nn.Module:
     return model
 
 
+def _vit_small(**kwargs) -> nn.Module:
+    """A ViT that trains on CPU: 28x28 images, 4x4 patches, 6 layers, 8 heads, width 256, MLP 512."""
+    settings = dict(image_size=28, patch_size=4, num_layers=6, num_heads=8, hidden_dim=256, mlp_dim=512)
+    return torchvision.models.VisionTransformer(**{**settings, **kwargs})
+
+
+# `disco:NAME`: small configurations of torchvision architectures that have no torchvision name
+BUILTIN_MODELS = {"vit_small": _vit_small}
+
+
 def build_model(spec: str, **kwargs) -> nn.Module:
-    """`torchvision:resnet50` (random weights) or `my_models.py:make_net` (called with the **kwargs it accepts)."""
+    """`torchvision:resnet50` (random weights), `disco:vit_small` (see BUILTIN_MODELS) or
+    `my_models.py:make_net` (called with the **kwargs it accepts)."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
         raise DiscoError(f"model spec {spec!r} must look like 'torchvision:resnet50' or 'path/to/file.py:factory'")
     if source == "torchvision":
         return _torchvision_model(name, **kwargs)
+    if source == "disco":
+        if name not in BUILTIN_MODELS:
+            raise DiscoError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        return BUILTIN_MODELS[name](**kwargs)
     return _factory_model(source, name, **kwargs)
 
 
@@ -87,7 +102,7 @@ def build_for_data(spec: str, *, channels: int, classes: int, stem_stride: int |
     """A model for data with `channels` inputs and `classes` outputs. torchvision models are built with
     num_classes and get their first conv adapted; a user's factory receives **kwargs unchanged."""
     source = spec.rpartition(":")[0]
-    if source == "torchvision":
+    if source in ("torchvision", "disco"):
         return adapt_stem(build_model(spec, num_classes=classes, **kwargs), channels, stem_stride)
     return build_model(spec, **{"num_classes": classes, "in_channels": channels, **kwargs})
 

@@ -34,7 +34,28 @@ def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: Grap
                 continue  # never used in forward
             kept += share
             dense += share
+    for target, (channels, dim) in analysis.attribute_channels.items():  # class token, position embedding...
+        owner, _, attr = target.rpartition(".")
+        param = getattr(model.get_submodule(owner) if owner else model, attr)
+        share = torch.bincount(channels, minlength=nodes) * (param.numel() // channels.numel()) * param.element_size()
+        kept += share
+        dense += share
     return kept, dense
+
+
+NORM_STATISTIC_BYTES = 4  # partial sums of norms always travel as fp32: they need the precision
+
+
+def norm_bytes_matrix(analysis: GraphAnalysis, nodes: int) -> torch.Tensor:
+    """[src, dst] bytes per image of norm partial sums: every node holding some of a norm's channels sends
+    (sum x, sum x^2) for every position to every other such node."""
+    matrix = torch.zeros(nodes, nodes, dtype=torch.long)
+    for norm in analysis.norms:
+        holders = torch.zeros(nodes, dtype=torch.bool)
+        holders[norm.channels.unique()] = True
+        pairs = holders[:, None] & holders[None, :] & ~torch.eye(nodes, dtype=torch.bool)
+        matrix += pairs.long() * (2 * norm.positions * NORM_STATISTIC_BYTES)
+    return matrix
 
 
 def _peak_activation_bytes(analysis: GraphAnalysis, costs: list[LayerCost], calls_index: list[int],
@@ -64,7 +85,8 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     """Per-image costs of a partitioned model on inputs shaped like `example_inputs` (JSON-serialisable).
 
     Bytes are activations crossing the network in `transport_dtype`; `io_bytes` (input scattered from
-    node 0, output gathered on node 0) is reported separately. MACs count conv/linear weights a node
+    node 0, output gathered on node 0) and `norm_bytes` (fp32 partial sums of LayerNorms spanning nodes)
+    are reported separately. MACs count conv/linear weights a node
     holds in kept slices; parameter bytes are those weights plus per-channel parameters (BatchNorm).
     """
     bytes_per_element = transport_bytes(transport_dtype)
@@ -82,6 +104,7 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0)
     params, dense_params = _param_bytes(model, layers, analysis, nodes)
     element_size = next(iter(layers.values())).weight.element_size()  # activations share the weights' dtype
+    norms = norm_bytes_matrix(analysis, nodes)
     activations = _peak_activation_bytes(analysis, costs, [call.index for call in analysis.mixing], element_size,
                                          nodes)
     return {
@@ -108,6 +131,7 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
             "input": analysis.input_elements * bytes_per_element * (nodes - 1),
             "output": (analysis.output_elements - analysis.output_elements_per_node[0]) * bytes_per_element,
         },
-        "norm_bytes": 0,  # no norm spans nodes in the supported CNN layers (LayerNorm comes with transformers)
+        "norm_bytes": int(norms.sum()),
+        "norm_bytes_matrix": norms.tolist(),
         "layers": [c.as_dict(bytes_per_element) for c in costs],
     }

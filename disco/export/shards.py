@@ -21,6 +21,7 @@ from disco.errors import DiscoError
 from disco.export.manifest import LayerPlan, Manifest, ModelSpec, RUNTIME_DTYPES, sha256_of
 from disco.models import build_for_data
 from disco.partition.assignment import held_channels
+from disco.partition.attention import replace_attention
 from disco.partition.layers import DiscoLayer
 from disco.partition.partitioner import analyse, as_input_tuple, disco_layers, eval_mode
 from disco.partition.propagate import GraphAnalysis
@@ -65,9 +66,13 @@ def module_tensors(model: nn.Module, analysis: GraphAnalysis, node: int) -> dict
                 tensors[qualified] = tensor[(channels == node).to(tensor.device)]
             else:
                 tensors[qualified] = tensor
-    for target in analysis.replicated_attributes:
+    for target in analysis.replicated_attributes | set(analysis.attribute_channels):
         owner, _, attr = target.rpartition(".")
-        tensors[target] = getattr(model.get_submodule(owner) if owner else model, attr)
+        tensor = getattr(model.get_submodule(owner) if owner else model, attr)
+        if target in analysis.attribute_channels:  # split by channel like the data it meets
+            channels, dim = analysis.attribute_channels[target]
+            tensor = tensor.index_select(dim, (channels == node).nonzero().flatten().to(tensor.device))
+        tensors[target] = tensor
     return tensors
 
 
@@ -88,8 +93,8 @@ def _layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
 def check_spec(model: nn.Module, spec: ModelSpec) -> None:
     """The spec must rebuild this architecture: same tensor names and shapes (built on meta: no memory)."""
     with torch.device("meta"):
-        rebuilt = build_for_data(spec.model, channels=spec.channels, classes=spec.classes,
-                                 stem_stride=spec.stem_stride, **spec.kwargs)
+        rebuilt = replace_attention(build_for_data(spec.model, channels=spec.channels, classes=spec.classes,
+                                                   stem_stride=spec.stem_stride, **spec.kwargs))
     expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.rpartition(".")[2] not in PLAN_BUFFERS}
     if expected != actual:
@@ -128,7 +133,8 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
         shards.append({"file": path.name, "sha256": sha256_of(path)})
     costs = cost_report(model, example, transport_dtype=transport_dtype)
     expected = {key: costs[key] for key in ("bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes",
-                                            "macs_per_node", "param_bytes_per_node")}
+                                            "norm_bytes", "norm_bytes_matrix", "macs_per_node",
+                                            "param_bytes_per_node")}
     manifest = Manifest(model=spec, nodes=nodes, input_shape=list(example.shape[1:]), transport_dtype=transport_dtype,
                         layers=_layer_plans(model), shards=shards, expected=expected, preprocess=preprocess,
                         dataset=dataset, class_names=class_names, reference=reference)

@@ -11,7 +11,8 @@ from disco.errors import DiscoError, UnsupportedOperationError
 from disco.options import PartitionOptions
 from disco.partition.assignment import balanced, channel_vector, majority_per_group
 from disco.partition.layers import DiscoLayer, mixing_entry, to_disco
-from disco.partition.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, OwnerPropagator, trace
+from disco.partition.attention import replace_attention
+from disco.partition.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, propagate, trace
 
 
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -51,7 +52,8 @@ def _chooser(nodes: int, overrides: dict[str, torch.Tensor]) -> OutputChooser:
         out_channels = module.weight.shape[0]
         if groups > 1:
             return majority_per_group(in_assign, groups, out_channels, nodes)
-        return balanced(out_channels, nodes)
+        block = getattr(module, "disco_channel_block", 1)  # e.g. attention heads: whole blocks on one node
+        return balanced(out_channels // block, nodes).repeat_interleave(block)
     return choose
 
 
@@ -61,12 +63,11 @@ def analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], nodes: int,
     overrides = {} if overrides is None else overrides
     gm = trace(model)
     while True:  # each conflict fixes one layer's assignment, so this ends after at most #layers rounds
-        propagator = OwnerPropagator(gm, nodes, _chooser(nodes, overrides))
         try:
             with eval_mode(gm):
-                return propagator.analyse(*inputs)
+                return propagate(gm, inputs, nodes, _chooser(nodes, overrides)).analysis
         except AssignmentConflict as conflict:
-            _resolve(conflict, propagator, model, overrides)
+            _resolve(conflict, conflict.propagator, model, overrides)
 
 
 def _resolve(conflict: AssignmentConflict, propagator: OwnerPropagator, model: nn.Module,
@@ -101,7 +102,7 @@ def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.
     """
     opts = PartitionOptions(nodes=nodes, **options)
     inputs = as_input_tuple(example_inputs)
-    simulated = copy.deepcopy(model)
+    simulated = replace_attention(copy.deepcopy(model))
     analysis = analyse(simulated, inputs, opts.nodes)
     if not analysis.mixing:
         raise DiscoError(f"{type(model).__name__} has no channel-mixing layer (conv or linear) to split")

@@ -60,6 +60,16 @@ class ValueRecord:
 
 
 @dataclass
+class NormCall:
+    """A norm over channels that span nodes (LayerNorm): nodes exchange two partial sums per position."""
+
+    module: str
+    node: str
+    channels: torch.Tensor  # node of each normalised channel (last dim)
+    positions: int  # positions (tokens, pixels) normalised per image
+
+
+@dataclass
 class GraphAnalysis:
     nodes: int
     batch: int
@@ -70,15 +80,27 @@ class GraphAnalysis:
     output_elements: int = 0
     output_elements_per_node: list[int] = field(default_factory=list)
     replicated_attributes: set[str] = field(default_factory=set)  # parameters read directly (get_attr)
+    attribute_channels: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # split ones: (nodes, dim)
+    norms: list[NormCall] = field(default_factory=list)
 
 
 class AssignmentConflict(Exception):
     """Two operands of an elementwise op have the same channels on different nodes (internal)."""
 
-    def __init__(self, node: fx.Node, operands: list[fx.Node]):
+    def __init__(self, node: fx.Node, operands: list[fx.Node], propagator: "OwnerPropagator"):
         self.node = node
         self.operands = operands
+        self.propagator = propagator
         super().__init__(node.name)
+
+
+class AttributeSplit(Exception):
+    """A parameter read directly (class token, position embedding) meets channel-split data: it must be
+    split the same way (internal: the propagation restarts with the attribute split)."""
+
+    def __init__(self, target: str, vector: torch.Tensor, dim: int):
+        self.target, self.vector, self.dim = target, vector, dim
+        super().__init__(target)
 
 
 # choose_output(module_name, module, in_assign) -> out_assign for a channel-mixing layer
@@ -93,8 +115,11 @@ def _describe(node: fx.Node) -> str:
 class OwnerPropagator(fx.Interpreter):
     """Runs the graph and computes an owner map for every value (see module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, nodes: int, choose_output: OutputChooser):
+    def __init__(self, gm: fx.GraphModule, nodes: int, choose_output: OutputChooser,
+                 attribute_splits: dict[str, tuple[torch.Tensor, int]] | None = None):
         super().__init__(gm)
+        self.attribute_splits = attribute_splits or {}
+        self.attribute_of: dict[fx.Node, str] = {}  # values computed from one directly-read parameter only
         self.nodes = nodes
         self.choose_output = choose_output
         self.owners: dict[fx.Node, object] = {}
@@ -137,17 +162,51 @@ class OwnerPropagator(fx.Interpreter):
         if n.op in ("placeholder", "get_attr"):
             self.sources[n] = None
             if n.op == "get_attr":
-                self.analysis.replicated_attributes.add(n.target)
+                return self._attribute(n, value)
             return tree_map(lambda t: torch.full(t.shape, float(REPLICATED)) if isinstance(t, torch.Tensor) else t,
                             value)
         kind, module = self._kind(n)
         if kind is OpKind.MIXING:
             return self._mixing(n, module, value)
         owner = {OpKind.ELEMENTWISE: self._elementwise, OpKind.SPATIAL: self._spatial,
-                 OpKind.MOVE: self._move, OpKind.REDUCE: self._reduce}[kind](n, module, value)
+                 OpKind.MOVE: self._move, OpKind.REDUCE: self._reduce, OpKind.NORM: self._norm,
+                 OpKind.ATTENTION: self._attention}[kind](n, module, value)
         if module is not None:
-            self._record_module_channels(n, owner)
+            self._record_module_channels(n, module, owner)
+        self._follow_attributes(n, owner)
         return owner
+
+    # --- parameters read directly (get_attr) ------------------------------------------------------------
+    def _attribute(self, n: fx.Node, value):
+        self.attribute_of[n] = n.target
+        if n.target in self.attribute_splits:
+            vector, dim = self.attribute_splits[n.target]
+            self.analysis.attribute_channels[n.target] = (vector, dim)
+            return broadcast_channels(vector, value.shape, dim)
+        self.analysis.replicated_attributes.add(n.target)
+        return tree_map(lambda t: torch.full(t.shape, float(REPLICATED)) if isinstance(t, torch.Tensor) else t, value)
+
+    def _follow_attributes(self, n: fx.Node, owner) -> None:
+        """Track values made from one replicated parameter; when one meets channel-split data, ask for the
+        parameter to be split like that data (AttributeSplit restarts the propagation)."""
+        inputs = [a for a, _ in self._tensor_args(n)]
+        from_attribute = [a for a in inputs if a in self.attribute_of]
+        if from_attribute and len(from_attribute) == len(inputs):
+            self.attribute_of[n] = self.attribute_of[from_attribute[0]]
+            return
+        if not from_attribute or not isinstance(owner, torch.Tensor) or not bool((owner >= 0).any()):
+            return
+        for source in from_attribute:
+            target = self.attribute_of[source]
+            if target in self.attribute_splits or not bool((self.owners[source] == REPLICATED).all()):
+                continue
+            parameter = self.fetch_attr(target)
+            for dim in (-1, 1):
+                vector = _split_vector(owner, dim)
+                own_dim = dim if dim < 0 else dim - (owner.dim() - parameter.dim())  # broadcasting aligns right
+                if vector is not None and 0 <= own_dim % max(parameter.dim(), 1) < parameter.dim() \
+                        and parameter.shape[own_dim] == vector.numel():
+                    raise AttributeSplit(target, vector, own_dim)
 
     def _kind(self, n: fx.Node) -> tuple[OpKind, nn.Module | None]:
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
@@ -204,7 +263,7 @@ class OwnerPropagator(fx.Interpreter):
                 continue
             conflict = (combined != owner) & (combined >= 0) & (owner >= 0)
             if bool(conflict.any()):
-                raise AssignmentConflict(n, [combined_from, producer])
+                raise AssignmentConflict(n, [combined_from, producer], self)
             combined = torch.where(combined >= 0, combined, owner)
         self._inherit(n)
         return combined
@@ -233,6 +292,32 @@ class OwnerPropagator(fx.Interpreter):
             self.sources[n] = None
         return owner
 
+    def _norm(self, n: fx.Node, module, value):
+        """LayerNorm over the last dim: local per node, plus partial sums exchanged between the nodes
+        holding the normalised channels (counted apart)."""
+        if len(getattr(module, "normalized_shape", (0, 0))) != 1:
+            raise UnsupportedOperationError(n.name, _describe(n), "only norms over the last dim can be split")
+        channels = self._first_channels(n, -1, "a norm over channels")
+        self.analysis.norms.append(NormCall(n.target, n.name, channels,
+                                            value.numel() // (self.analysis.batch * channels.numel())))
+        self._inherit(n)
+        return broadcast_channels(channels, value.shape, -1)
+
+    def _attention(self, n: fx.Node, module, value):
+        """scaled_dot_product_attention on [batch, heads, tokens, head_dim]: local when whole heads
+        (q, k and v alike) sit on one node."""
+        vectors = []
+        for producer, owner in self._tensor_args(n)[:3]:
+            vector = channel_vector(owner, 1)
+            if vector is None:
+                raise UnsupportedOperationError(n.name, _describe(n), "an attention head's channels are split "
+                                                "across nodes; heads must be whole on one node")
+            vectors.append(vector)
+        if any(not torch.equal(v, vectors[0]) for v in vectors[1:]):
+            raise UnsupportedOperationError(n.name, _describe(n), "q, k and v of a head live on different nodes")
+        self._inherit(n)
+        return broadcast_channels(vectors[0], value.shape, 1)
+
     def _reduce(self, n: fx.Node, module, value):
         args, kwargs = list(n.args), dict(n.kwargs)
         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
@@ -258,8 +343,9 @@ class OwnerPropagator(fx.Interpreter):
         return broadcast_channels(out_assign, value.shape, channel_dim)
 
     # --- bookkeeping for memory and parameter accounting ------------------------------------------------
-    def _record_module_channels(self, n: fx.Node, owner) -> None:
-        vector = channel_vector(owner, 1) if isinstance(owner, torch.Tensor) and owner.dim() > 1 else None
+    def _record_module_channels(self, n: fx.Node, module: nn.Module, owner) -> None:
+        dim = -1 if isinstance(module, nn.LayerNorm) else 1
+        vector = channel_vector(owner, dim) if isinstance(owner, torch.Tensor) and owner.dim() > 1 else None
         self.analysis.channel_owner_of_module.setdefault(n.target, vector)
 
     def _elements_per_node(self, owner) -> list[int]:
@@ -278,3 +364,29 @@ class OwnerPropagator(fx.Interpreter):
         self.analysis.values.append(ValueRecord(self._index[n], n.name, self._elements_per_node(owner),
                                                 tensors[0].element_size(), last_use))
 
+
+
+def _split_vector(owner: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """The channel assignment along `dim` shared by every fully split (no replicated element) row of an
+    owner map, or None."""
+    if owner.dim() < 2:
+        return None
+    rows = owner.movedim(dim, -1).reshape(-1, owner.shape[dim])
+    split_rows = rows[(rows >= 0).all(dim=1)]
+    if not split_rows.numel() or not bool((split_rows == split_rows[0]).all()):
+        return None
+    return split_rows[0].to(torch.long)
+
+
+def propagate(gm: fx.GraphModule, inputs: tuple, nodes: int, choose_output: OutputChooser) -> OwnerPropagator:
+    """Run the owner propagation, splitting directly-read parameters where split data needs them."""
+    splits: dict[str, tuple[torch.Tensor, int]] = {}
+    while True:  # each restart splits one more parameter, so this ends
+        propagator = OwnerPropagator(gm, nodes, choose_output, splits)
+        try:
+            propagator.analyse(*inputs)
+            return propagator
+        except AttributeSplit as split:
+            if split.target in splits:
+                raise DiscoError(f"parameter {split.target!r} would need two different splits") from None
+            splits[split.target] = (split.vector, split.dim)

@@ -6,6 +6,8 @@ Kinds:
 - MOVE: pure data movement (view, cat, permute, getitem...): followed exactly on owner maps.
 - REDUCE: reduction over given dims; allowed when those dims do not span nodes.
 - MIXING: channel-mixing layers (see layers.MIXING_LAYERS); these carry communication groups.
+- NORM: LayerNorm over the last (channel) dim; nodes exchange two partial sums per position.
+- ATTENTION: scaled_dot_product_attention with heads on dim 1; heads must be whole on one node.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class OpKind(Enum):
     MOVE = "move"
     REDUCE = "reduce"
     MIXING = "mixing"
+    NORM = "norm"  # normalises over channels that may span nodes: partial sums are exchanged
+    ATTENTION = "attention"  # softmax(QK^T)V per head: local when heads are whole on one node
 
 
 _ELEMENTWISE_MODULES = (
@@ -68,7 +72,7 @@ _ELEMENTWISE_METHODS = {
 }
 _MOVE_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split", "squeeze",
-    "unsqueeze", "narrow", "unflatten", "clone",
+    "unsqueeze", "narrow", "unflatten", "clone", "expand",
 }
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
@@ -76,6 +80,8 @@ _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 def kind_of_module(module: nn.Module) -> OpKind | None:
     if mixing_entry(module) is not None:
         return OpKind.MIXING
+    if isinstance(module, nn.LayerNorm):
+        return OpKind.NORM
     if isinstance(module, _ELEMENTWISE_MODULES):
         return OpKind.ELEMENTWISE
     if isinstance(module, _SPATIAL_MODULES):
@@ -86,6 +92,8 @@ def kind_of_module(module: nn.Module) -> OpKind | None:
 
 
 def kind_of_function(target) -> OpKind | None:
+    if target is F.scaled_dot_product_attention:
+        return OpKind.ATTENTION
     for kind, table in ((OpKind.ELEMENTWISE, _ELEMENTWISE_FUNCTIONS), (OpKind.SPATIAL, _SPATIAL_FUNCTIONS),
                         (OpKind.MOVE, _MOVE_FUNCTIONS), (OpKind.REDUCE, _REDUCE_FUNCTIONS)):
         if target in table:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from disco.errors import DiscoError
 
-CATEGORIES = ("activations", "input", "output", "control")
+CATEGORIES = ("activations", "norm", "input", "output", "control")
 
 
 class PeerFailure(DiscoError):

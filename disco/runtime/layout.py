@@ -80,14 +80,14 @@ class Gather:
             ids[source] = tree_map(number, owners[source])
         return ids, torch.cat(tables) if tables else torch.zeros(0, dtype=torch.long)
 
-    def __call__(self, *values):
+    def __call__(self, batch: int, *values):
+        """`batch` images; leaves without a batch dim (parameters, e.g. a class token) broadcast over it."""
         leaves = [t for value in values for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
-        batch = leaves[0].shape[0]
-        if self.identity:
+        if self.identity and leaves[0].shape[0] == batch:
             outputs = [leaves[0].reshape(batch, *self.shapes[0][1:])]
         else:
-            flat = torch.cat([t.reshape(batch, -1) for t in leaves], dim=1) if len(leaves) > 1 \
-                else leaves[0].reshape(batch, -1)
+            flats = [t.reshape(t.shape[0], -1).expand(batch, -1) for t in leaves]
+            flat = torch.cat(flats, dim=1) if len(flats) > 1 else flats[0]
             outputs = [flat[:, index].reshape(batch, *shape[1:]) for index, shape in zip(self.indices, self.shapes)]
         return tree_unflatten(outputs, self.spec)
 

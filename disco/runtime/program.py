@@ -20,11 +20,13 @@ from disco.errors import DiscoError, UnsupportedOperationError
 from disco.export.manifest import Manifest, verify_shard
 from disco.models import build_for_data
 from disco.partition.partitioner import eval_mode
-from disco.partition.propagate import OwnerPropagator, trace
+from disco.partition.attention import replace_attention
+from disco.partition.propagate import propagate, trace
 from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
 from disco.runtime.comm import Comm
 from disco.runtime.layout import Gather, held_mask, local_shape
 from disco.runtime.mixing import mixing_step
+from disco.runtime.norm import NormStep
 
 SHAPE_METHODS = ("size", "dim")
 
@@ -34,7 +36,7 @@ def _meta_model(manifest: Manifest) -> nn.Module:
     with torch.device("meta"):
         model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
                                **spec.kwargs)
-    return model.eval()
+    return replace_attention(model).eval()
 
 
 def _chooser(manifest: Manifest):
@@ -72,10 +74,11 @@ class LocalProgram:
         self.manifest, self.rank, self.device = manifest, rank, device
         self.tensors = {k: v.to(device) for k, v in tensors.items()}
         self.graph_module = trace(_meta_model(manifest))
-        propagator = OwnerPropagator(self.graph_module, manifest.nodes, _chooser(manifest))
         with eval_mode(self.graph_module):
-            propagator.analyse(torch.empty((1, *manifest.input_shape), device="meta"))
+            example = (torch.empty((1, *manifest.input_shape), device="meta"),)
+            propagator = propagate(self.graph_module, example, manifest.nodes, _chooser(manifest))
         self.owners = propagator.owners
+        self.norms = propagator.analysis.norms
         planned = {call.module for call in propagator.analysis.mixing}
         if planned != set(manifest.layers):
             raise DiscoError(f"the manifest plans layers the model spec does not call: "
@@ -101,6 +104,9 @@ class LocalProgram:
             return _to_device(step, self.device)
         if kind is OpKind.MOVE:
             return _to_device(Gather(node, self.owners, self.rank, module), self.device)
+        if kind is OpKind.NORM:
+            channels = next(n.channels for n in self.norms if n.node == node.name)
+            return NormStep(node.target, module, channels, self._local_module(node.target, module), self.rank)
         return self._local_module(node.target, module) if module is not None else "call"
 
     @staticmethod
@@ -149,6 +155,7 @@ class LocalProgram:
 
     def forward(self, x: torch.Tensor, comm: Comm):
         env: dict[fx.Node, object] = {}
+        self.batch = x.shape[0]
         for node, step in self.steps:
             if node.op == "placeholder":
                 env[node] = x
@@ -170,8 +177,8 @@ class LocalProgram:
         args = fx.node.map_arg(node.args, lambda a: env[a])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
         if isinstance(step, Gather):
-            return step(*[env[source] for source in step.sources])
-        if hasattr(step, "send_index"):
+            return step(self.batch, *[env[source] for source in step.sources])
+        if isinstance(step, NormStep) or hasattr(step, "send_index"):
             return step(args[0], comm)
         if isinstance(step, nn.Module):
             return step(*args, **kwargs)

@@ -172,7 +172,8 @@ def summarise(result: dict, sent: dict, manifest: Manifest, comm: Comm, backend:
                       "all": result["latencies_s"]},
         "accuracy": result["accuracy"], "reference": manifest.reference,
         "bytes_sent": sent, "bytes_per_image": per_image,
-        "expected_per_image": {"activations": manifest.expected["bytes"], **manifest.expected["io_bytes"]},
+        "expected_per_image": {"activations": manifest.expected["bytes"], "norm": manifest.expected["norm_bytes"],
+                               **manifest.expected["io_bytes"]},
         "predictions": result["predictions"],
     }
 
@@ -192,7 +193,8 @@ def print_summary(summary: dict) -> None:
     actual, expected = summary["bytes_per_image"], summary["expected_per_image"]
     print(f"bytes per image ({summary['transport_dtype']}): activations {actual['activations']:,.0f} "
           f"(simulation {expected['activations']:,}), input {actual['input']:,.0f} ({expected['input']:,}), "
-          f"output {actual['output']:,.0f} ({expected['output']:,})")
+          f"output {actual['output']:,.0f} ({expected['output']:,})"
+          + (f", norm sums {actual['norm']:,.0f} ({expected['norm']:,})" if expected["norm"] else ""))
     for rank, row in enumerate(summary["bytes_sent"]["activations"]):
         print(f"  rank {rank} sent {sum(row):,} activation bytes in total: " +
               ", ".join(f"{b:,} to rank {dst}" for dst, b in enumerate(row) if dst != rank))

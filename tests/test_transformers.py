@@ -1,0 +1,152 @@
+"""Vision transformers: whole heads per node, LayerNorm partial sums, class token and position embedding
+split by channel; simulation vs the original model, hand-zeroed references and hook counts; the runtime."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import disco
+from disco.errors import UnsupportedOperationError
+from disco.export import ModelSpec, export
+from disco.models import build_for_data
+from disco.partition.attention import SplitAttention, replace_attention
+from disco.partition.masks import keep_random_groups
+from disco.training import pipeline
+from disco.training.config import TrainConfig
+from reference import hand_zeroed, hook_count
+from runtime_helpers import disco_cli
+from synthetic import make_image_folder
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    """torchvision zero-initialises the classifier; perturb every weight so outputs are informative."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_split_attention_equals_multihead_attention_and_loads_its_weights():
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    split = SplitAttention.from_multihead(mha).eval()
+    torch.testing.assert_close(split(x, x, x)[0], mha(x, x, x, need_weights=False)[0], atol=1e-6, rtol=1e-5)
+    fresh = SplitAttention(32, 4)
+    fresh.load_state_dict(mha.state_dict())  # the original's packed in_proj keys
+    torch.testing.assert_close(fresh.eval()(x, x, x)[0], mha(x, x, x, need_weights=False)[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_vit_b_16_dense_partition_equals_original(nodes):
+    model = _randomised(torchvision.models.vit_b_16())
+    x = torch.randn(1, 3, 224, 224)
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), model(x), atol=1e-4, rtol=1e-4)
+    attention = simulated.encoder.layers[0].self_attention
+    heads = attention.q_proj.out_assign.reshape(attention.num_heads, -1)
+    assert bool((heads == heads[:, :1]).all())  # every head whole on one node
+    assert sorted(set(heads[:, 0].tolist())) == list(range(nodes))
+
+
+def _small_vit(layers: int = 2) -> nn.Module:
+    return _randomised(build_for_data("disco:vit_small", channels=1, classes=10, num_layers=layers))
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_small_vit_with_groups_removed_equals_hand_zeroed_reference(nodes):
+    model = _small_vit()
+    x = torch.randn(2, 1, 28, 28)
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x[:1]).eval()
+    keep_random_groups(simulated, 0.3, seed=nodes)
+    reference = replace_attention(copy.deepcopy(model)).eval()  # equivalent, checked above
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), hand_zeroed(reference, simulated)(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_vit_costs_equal_independent_counts(nodes):
+    model = _small_vit()
+    x = torch.randn(1, 1, 28, 28)
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x).eval()
+    keep_random_groups(simulated, 0.5, seed=1)
+    report = disco.cost_report(simulated, x)
+    reference = replace_attention(copy.deepcopy(model)).eval()
+    assert report["bytes_matrix"] == hook_count(reference, simulated, x, 4)
+    norms = sum(isinstance(m, nn.LayerNorm) for m in model.modules())  # 2 per block + final
+    tokens = (28 // 4) ** 2 + 1
+    assert report["norm_bytes"] == norms * tokens * 2 * 4 * nodes * (nodes - 1)
+    # every parameter counted once across nodes (class token, position embedding and LayerNorms split)
+    dense = disco.partition(model, nodes=nodes, example_inputs=x)
+    assert sum(disco.cost_report(dense, x)["param_bytes_per_node"]) == report["model_param_bytes"]
+
+
+def test_class_token_and_position_embedding_are_split_by_channel(tmp_path):
+    model = _small_vit()
+    x = torch.randn(1, 1, 28, 28)
+    simulated = disco.partition(model, nodes=2, example_inputs=x).eval()
+    export(simulated, tmp_path, example_inputs=x, spec=ModelSpec(model="disco:vit_small", channels=1, classes=10,
+                                                                 kwargs={"num_layers": 2}))
+    channels = simulated.encoder.layers[0].self_attention.q_proj.in_assign
+    for node in range(2):
+        shard = safetensors.torch.load_file(str(tmp_path / f"node{node}.safetensors"))
+        mine = (channels == node).nonzero().flatten()
+        assert torch.equal(shard["class_token"], model.class_token.detach()[..., mine])
+        assert torch.equal(shard["encoder.pos_embedding"], model.encoder.pos_embedding.detach()[..., mine])
+        assert torch.equal(shard["encoder.ln.weight"], model.encoder.ln.weight.detach()[mine])
+
+
+class BadHeads(nn.Module):
+    """User attention whose linear splits heads (12 channels, 4 heads of 3) across 5 nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(12, 12) for _ in range(3))
+
+    def forward(self, x):
+        q, k, v = (p(x).view(x.shape[0], x.shape[1], 4, 3).transpose(1, 2) for p in self.qkv)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_split_heads_are_refused():
+    with pytest.raises(UnsupportedOperationError, match="heads must be whole"):
+        disco.partition(BadHeads(), nodes=5, example_inputs=torch.randn(1, 6, 12))
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_small_vit_distributed_equals_simulation(tmp_path, nodes):
+    model = _small_vit()
+    x = torch.randn(3, 1, 28, 28)
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x[:1]).eval()
+    keep_random_groups(simulated, 0.3, seed=nodes)
+    export(simulated, tmp_path, example_inputs=x[:1],
+           spec=ModelSpec(model="disco:vit_small", channels=1, classes=10, kwargs={"num_layers": 2}))
+    safetensors.torch.save_file({"input": x}, str(tmp_path / "x.safetensors"))
+    result = disco_cli("run", str(tmp_path), "--input", str(tmp_path / "x.safetensors"), "--batch-size", "3",
+                       "--save-output", str(tmp_path / "y.safetensors"), "--summary", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        expected = simulated(x)
+    torch.testing.assert_close(safetensors.torch.load_file(str(tmp_path / "y.safetensors"))["output"], expected,
+                               atol=1e-4, rtol=1e-4)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    report = disco.cost_report(simulated, x[:1])
+    assert summary["bytes_sent"]["activations"] == [[b * 3 for b in row] for row in report["bytes_matrix"]]
+    assert summary["bytes_sent"]["norm"] == [[b * 3 for b in row] for row in report["norm_bytes_matrix"]]
+
+
+def test_vit_trains_to_a_budget_through_the_same_pipeline(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    config = TrainConfig(model="disco:vit_small", data=str(images), out=str(tmp_path / "run"), nodes=2, budget=0.2,
+                         dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-3,
+                         model_kwargs={"image_size": 16, "num_layers": 1, "hidden_dim": 32, "num_heads": 4,
+                                       "mlp_dim": 64})
+    report = pipeline.train(config)
+    assert 0.196 <= report["ratio"] <= 0.2

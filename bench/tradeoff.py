@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MOBILENET = dict(model="torchvision:mobilenet_v2", model_kwargs={"width_mult": 0.5}, stem_stride=1)
 RESNET18 = dict(model="torchvision:resnet18", model_kwargs={}, stem_stride=None)
+VIT = dict(model="disco:vit_small", model_kwargs={}, stem_stride=None, lr=1e-3)  # 6 layers, 8 heads, width 256
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Job:
 
 
 def plan(quick: bool) -> tuple[dict, list[Job]]:
-    families = {"mobilenet_v2_w0.5": MOBILENET, "resnet18": RESNET18}
+    families = {"mobilenet_v2_w0.5": MOBILENET, "resnet18": RESNET18, "vit_small": VIT}
     jobs = []
     for nodes in (2, 4):
         f = "mobilenet_v2_w0.5"
@@ -50,6 +51,8 @@ def plan(quick: bool) -> tuple[dict, list[Job]]:
     for budget, method, label in ((0.1, "learned", "DISCO (learned)"), (0.1, "random", "random groups"),
                                   (0.0, "learned", "no communication"), (1.0, "learned", "DISCO (learned)")):
         jobs.append(Job(f"resnet18-n2-{method}-{budget}-s0", "resnet18", 2, budget, method, 0, label))
+    for budget, label in ((0.2, "DISCO (learned)"), (0.1, "DISCO (learned)"), (0.0, "no communication")):
+        jobs.append(Job(f"vit_small-n4-learned-{budget}-s0", "vit_small", 4, budget, "learned", 0, label))
     if quick:
         jobs = [j for j in jobs if j.family == "mobilenet_v2_w0.5" and j.nodes == 2 and j.seed == 0
                 and j.budget in (1.0, 0.1, 0.0)]

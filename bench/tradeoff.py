@@ -141,15 +141,21 @@ def plot(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = sorted({(r["family"], r["nodes"]) for r in table})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (family, nodes) in zip(axes[0], panels):
+    columns = min(2, len(panels))
+    grid_rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(6 * columns, 4.2 * grid_rows), squeeze=False)
+    for ax in axes.flatten()[len(panels):]:
+        ax.set_visible(False)
+    styles = (("DISCO (learned)", "o-", "tab:blue"), ("random groups", "s--", "tab:orange"),
+              ("no communication", "^", "tab:green"))
+    for ax, (family, nodes) in zip(axes.flatten(), panels):
         rows = [r for r in table if r["family"] == family and r["nodes"] == nodes]
-        for method, marker in (("DISCO (learned)", "o-"), ("random groups", "s--"), ("no communication", "^")):
+        for method, marker, color in styles:
             points = sorted((max(r["bytes"], 1.0), r["accuracy"] * 100, (r["spread"] or 0) * 100)
                             for r in rows if r["method"] == method)
             if points:
                 xs, ys, es = zip(*points)
-                ax.errorbar(xs, ys, yerr=es, fmt=marker, capsize=3, label=method)
+                ax.errorbar(xs, ys, yerr=es, fmt=marker, color=color, capsize=3, label=method)
         ax.axhline(rows[0]["dense_accuracy"] * 100, color="grey", linestyle=":", label="dense, one device")
         ax.set_xscale("log")
         ax.set_xlabel("bytes sent per image (fp32; no communication drawn at 1)")

@@ -64,7 +64,7 @@ def start_ranks(folder: Path, nodes: int, *args: str) -> list[subprocess.Popen]:
     ranks = []
     for rank in range(nodes):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nodes),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
         ranks.append(subprocess.Popen([sys.executable, "-m", "disco.runtime", str(folder), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return ranks

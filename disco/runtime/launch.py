@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
@@ -29,6 +30,8 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
         raise DiscoError(f"{deploy} is split across {manifest.nodes} nodes; --nodes {nodes} does not match")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nodes)))
+    if Path("/sys/class/net/lo").exists():  # all ranks are local: do not depend on how the hostname resolves
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=env, stderr=subprocess.PIPE,
                                text=True, bufsize=1)
     held_back = []

@@ -34,15 +34,11 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=env, stderr=subprocess.PIPE,
                                text=True, bufsize=1)
-    held_back = []
     in_traceback = False
     for line in process.stderr:
-        in_traceback = in_traceback or line.startswith("Traceback") or "ChildFailedError" in line
-        if verbose:
-            sys.stderr.write(line)
-        elif in_traceback or _is_torchrun_noise(line):
-            held_back.append(line)
-        else:
+        from_rank = line.startswith("[rank")  # a rank's own output (torchrun prefixes it): always shown
+        in_traceback = not from_rank and (in_traceback or line.startswith("Traceback") or "ChildFailedError" in line)
+        if verbose or not (in_traceback or _is_torchrun_noise(line)):
             sys.stderr.write(line)
     code = process.wait()
     if code and not verbose:

@@ -172,7 +172,7 @@ def summarise(result: dict, sent: dict, manifest: Manifest, comm: Comm, backend:
                       "all": result["latencies_s"]},
         "accuracy": result["accuracy"], "reference": manifest.reference,
         "bytes_sent": sent, "bytes_per_image": per_image,
-        "expected_per_image": {"activations": manifest.expected["bytes"], "norm": manifest.expected["norm_bytes"],
+        "expected_per_image": {"activations": manifest.expected["bytes"], "norm": manifest.expected.get("norm_bytes", 0),
                                **manifest.expected["io_bytes"]},
         "predictions": result["predictions"],
     }

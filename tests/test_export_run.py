@@ -57,7 +57,6 @@ def test_images_from_a_folder_are_read_like_the_training_data(trained):
                        "--save-output", str(out))
     assert result.returncode == 0, result.stderr
     # reference: the simulation model on the dataset's own tensors for the same files
-    from disco.export.from_run import export_run  # noqa: F401  (import check only)
     from disco.models import build_for_data
     from disco.partition.partitioner import partition
     from disco.training import checkpoint

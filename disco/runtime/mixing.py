@@ -25,6 +25,18 @@ def _shard_tensor(tensors: dict, key: str) -> torch.Tensor:
     return tensors[key]
 
 
+def _send_plan(plan: LayerPlan, rank: int) -> tuple[torch.Tensor, dict, dict]:
+    """(position of each input channel in the local tensor, -1 if not held; {dst: positions to send};
+    {src: number of channels received})."""
+    held = held_channels(torch.tensor(plan.in_assign), rank)
+    position = torch.full((len(plan.in_assign),), -1, dtype=torch.long)
+    position[held] = torch.arange(held.numel())
+    send_index = {dst: position[torch.tensor(cols, dtype=torch.long)]
+                  for dst, cols in enumerate(plan.sends[rank]) if dst != rank and cols}
+    receive_counts = {src: len(row[rank]) for src, row in enumerate(plan.sends) if src != rank and row[rank]}
+    return position, send_index, receive_counts
+
+
 class MixingStep:
     """One conv/linear call (groups == 1) on one rank."""
 
@@ -34,19 +46,13 @@ class MixingStep:
         self.channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d)) else -1
         self.transport = TRANSPORT[transport]
         self.out_shape = out_shape  # per-image local output shape
-        in_assign = torch.tensor(plan.in_assign)
-        position = torch.full((len(plan.in_assign),), -1, dtype=torch.long)
-        held = held_channels(in_assign, rank)
-        position[held] = torch.arange(held.numel())
-        self.send_index = {dst: position[torch.tensor(cols, dtype=torch.long)]
-                           for dst, cols in enumerate(plan.sends[rank]) if dst != rank and cols}
-        self.receive_counts = {src: len(row[rank]) for src, row in enumerate(plan.sends) if src != rank and row[rank]}
+        position, self.send_index, self.receive_counts = _send_plan(plan, rank)
         rows = sum(1 for a in plan.out_assign if a == rank)
         self.bias = tensors.get(f"{name}.bias")
         self.local_weight = _shard_tensor(tensors, f"{name}.weight.local") if rows else None
         remote = [_shard_tensor(tensors, f"{name}.weight.from{src}") for src in self.receive_counts] if rows else []
         self.remote_weight = torch.cat(remote, dim=1) if remote else None
-        self._check(held.numel(), rows)
+        self._check(int((position >= 0).sum()), rows)
 
     def _check(self, held: int, rows: int) -> None:
         expected = [(self.local_weight, held)] + ([(self.remote_weight, sum(self.receive_counts.values()))]
@@ -108,12 +114,8 @@ class GroupedMixingStep:
         mine = (owner_of_group[:, 0] == rank).nonzero().flatten()
         self.groups = mine.numel()
         needed = (mine[:, None] * per_group_in + torch.arange(per_group_in)).flatten()
-        held = held_channels(in_assign, rank)
-        position = torch.full((in_assign.numel(),), -1, dtype=torch.long)
-        position[held] = torch.arange(held.numel())
-        self.send_index = {dst: position[torch.tensor(cols, dtype=torch.long)]
-                           for dst, cols in enumerate(plan.sends[rank]) if dst != rank and cols}
-        self.receive_counts = {src: len(row[rank]) for src, row in enumerate(plan.sends) if src != rank and row[rank]}
+        position, self.send_index, self.receive_counts = _send_plan(plan, rank)
+        held = (position >= 0).nonzero().flatten()
         slot = torch.full((in_assign.numel(),), -1, dtype=torch.long)
         slot[needed] = torch.arange(needed.numel())
         local = needed[position[needed] >= 0]

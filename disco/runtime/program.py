@@ -84,6 +84,7 @@ class LocalProgram:
             raise DiscoError(f"the manifest plans layers the model spec does not call: "
                              f"{sorted(set(manifest.layers) - planned)[:4]}")
         self.steps = [(node, self._step(node)) for node in self.graph_module.graph.nodes]
+        self._output_layout()
 
     # --- building ----------------------------------------------------------------------------------
     def _step(self, node: fx.Node):
@@ -187,39 +188,37 @@ class LocalProgram:
         return node.target(*args, **kwargs)
 
     # --- output layout (rank 0 assembles the whole output) ---------------------------------------
-    def output_owners(self) -> list[torch.Tensor]:
+    def _output_layout(self) -> None:
+        """Computed once: the output's owner maps, and which per-image flat positions each rank holds."""
         output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
-        return _tensor_leaves(fx.node.map_arg(output.args[0], lambda a: self.owners[a]))
-
-    def output_positions(self, rank: int) -> list[torch.Tensor]:
-        """Per output leaf, the per-image flat positions rank `rank` contributes (rank 0: also replicated)."""
-        masks = [held_mask(o, rank) if rank == 0 else (o == rank) for o in self.output_owners()]
-        return [m.flatten().nonzero().flatten() for m in masks]
+        owners, self.output_spec = tree_flatten(fx.node.map_arg(output.args[0], lambda a: self.owners[a]))
+        self.output_owners = [o for o in owners if isinstance(o, torch.Tensor)]
+        self.output_positions = [[(held_mask(o, k) if k == 0 else (o == k)).flatten().nonzero().flatten()
+                                  for o in self.output_owners] for k in range(self.manifest.nodes)]
+        # a rank other than 0 holds replicated output elements too, but sends only its own ones
+        self.own_in_held = [(o == self.rank).flatten()[held_mask(o, self.rank).flatten()].nonzero().flatten()
+                            .to(self.device) for o in self.output_owners]
 
     def output_part(self, local) -> torch.Tensor:
         """[batch, elements] this rank contributes to the output: its own elements (not replicated ones)."""
         parts = []
-        for leaf, owner in zip(_tensor_leaves(local), self.output_owners()):
+        for leaf, own in zip(_tensor_leaves(local), self.own_in_held):
             flat = leaf.reshape(leaf.shape[0], -1)
-            if self.rank != 0:
-                own = (owner == self.rank).flatten()[held_mask(owner, self.rank).flatten()]
-                flat = flat[:, own.nonzero().flatten().to(flat.device)]
-            parts.append(flat)
+            parts.append(flat if self.rank == 0 else flat[:, own])
         return torch.cat(parts, dim=1)
 
     def assemble_output(self, parts: dict[int, torch.Tensor]):
         """On rank 0: the whole output from every rank's `output_part`, in the model's output structure."""
-        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
-        owners = fx.node.map_arg(output.args[0], lambda a: self.owners[a])
-        leaves, spec = tree_flatten(owners)
         batch = parts[0].shape[0]
-        wholes = [torch.zeros((batch, o.numel()), dtype=parts[0].dtype, device=parts[0].device) for o in leaves]
+        wholes = [torch.zeros((batch, o.numel()), dtype=parts[0].dtype, device=parts[0].device)
+                  for o in self.output_owners]
         for rank, part in parts.items():
             start = 0
-            for whole, positions in zip(wholes, self.output_positions(rank)):
+            for whole, positions in zip(wholes, self.output_positions[rank]):
                 whole[:, positions.to(whole.device)] = part[:, start:start + positions.numel()].to(whole.dtype)
                 start += positions.numel()
-        return tree_unflatten([w.reshape(batch, *o.shape[1:]) for w, o in zip(wholes, leaves)], spec)
+        shaped = [w.reshape(batch, *o.shape[1:]) for w, o in zip(wholes, self.output_owners)]
+        return tree_unflatten(shaped, self.output_spec)
 
 
 def _tensor_leaves(value) -> list[torch.Tensor]:

@@ -68,7 +68,7 @@ class Coordinator:
         self.program, self.comm, self.manifest = program, comm, manifest
         self.transport = TRANSPORT[manifest.transport_dtype]
         self.others = [k for k in range(comm.world) if k != comm.rank]
-        self.counts = {k: sum(p.numel() for p in program.output_positions(k)) for k in self.others}
+        self.counts = {k: sum(p.numel() for p in program.output_positions[k]) for k in self.others}
         self.latencies: list[float] = []
         self.images = 0
 

@@ -1,10 +1,14 @@
 """Accuracy vs bytes per image on Fashion-MNIST: learned DISCO masks vs random groups vs no communication.
 
 Trains the dense model once, then sparsifies it at each budget and node count (sparsify + fine-tune with
-distillation), and writes docs/results/tradeoff.md, tradeoff.json and tradeoff.png. Re-run:
-    .venv/bin/python bench/tradeoff.py            # the full sweep (about an hour on 2 CPU cores)
+distillation), and writes docs/results/tradeoff.md, tradeoff.json and tradeoff.png. The dense-prediction
+tasks (segmentation mIoU, detection mAP on Fashion-MNIST scenes; super-resolution PSNR) get their own rows.
+Re-run:
+    .venv/bin/python bench/tradeoff.py            # the full sweep (a few hours on 2 CPU cores)
+    .venv/bin/python bench/tradeoff.py --only fcn,edsr   # train only these families (others' rows kept)
     .venv/bin/python bench/tradeoff.py --quick    # a few-minute smoke version (numbers not meaningful)
-Runs go to runs/tradeoff/<name>/ (each a normal `disco train` run folder with report.json).
+Runs go to runs/tradeoff/<name>/ (each a normal `disco train` run folder with report.json); rows of runs
+already there are reused, so partial re-runs rebuild the whole table.
 """
 from __future__ import annotations
 
@@ -22,6 +26,20 @@ MOBILENET = dict(model="torchvision:mobilenet_v2", model_kwargs={"width_mult": 0
 RESNET18 = dict(model="torchvision:resnet18", model_kwargs={}, stem_stride=None)
 # 6 layers, 8 heads, width 256: ~20 min per epoch of 60k images on one CPU thread, so it trains on subsets
 VIT = dict(model="disco:vit_small", model_kwargs={}, stem_stride=None, lr=1e-3, train_subset=10000, dense_subset=20000)
+# Dense prediction, sized for CPU: 64x64 scenes for segmentation (FCN features at 1/8), 96x96 for detection
+# (its anchors); super-resolution x2 on Fashion-MNIST (14x14 -> 28x28).
+# 2000 scenes are only 16 steps per epoch at batch 128: the sparse rows restart AdamW at the full rate for so
+# few steps that even the dense split (budget 1.0) lost 5 mIoU points and all its mAP; they take batch 32
+# (63 steps per epoch) at a quarter of the rate instead (the dense models keep batch 128).
+SPARSE_ROWS_ON_FEW_SCENES = dict(batch_size=32, sparse_lr_scale=0.25)
+SEGMENTATION = dict(model="disco:fcn_resnet18", task="segmentation", image_size=64, train_subset=2000,
+                    dense_subset=2000, test_subset=500, dense_epochs=4, **SPARSE_ROWS_ON_FEW_SCENES)
+DETECTION = dict(model="disco:retinanet_resnet18", task="detection", train_subset=2000, dense_subset=2000,
+                 test_subset=500, dense_epochs=6, lr=1e-3, **SPARSE_ROWS_ON_FEW_SCENES)
+SUPERRES = dict(model="disco:edsr", task="superres", train_subset=20000, dense_subset=20000, test_subset=2000,
+                dense_epochs=3)
+TASK_FAMILIES = {"fcn_resnet18": SEGMENTATION, "retinanet_resnet18": DETECTION, "edsr": SUPERRES}
+METRIC_SCALE = {"accuracy": 100, "miou": 100, "map": 100, "psnr": 1}  # shown as %, %, %, dB
 
 
 @dataclass(frozen=True)
@@ -36,7 +54,7 @@ class Job:
 
 
 def plan(quick: bool) -> tuple[dict, list[Job]]:
-    families = {"mobilenet_v2_w0.5": MOBILENET, "resnet18": RESNET18, "vit_small": VIT}
+    families = {"mobilenet_v2_w0.5": MOBILENET, "resnet18": RESNET18, "vit_small": VIT, **TASK_FAMILIES}
     jobs = []
     for nodes in (2, 4):
         f = "mobilenet_v2_w0.5"
@@ -54,6 +72,10 @@ def plan(quick: bool) -> tuple[dict, list[Job]]:
         jobs.append(Job(f"resnet18-n2-{method}-{budget}-s0", "resnet18", 2, budget, method, 0, label))
     for budget, label in ((0.2, "DISCO (learned)"), (0.1, "DISCO (learned)"), (0.0, "no communication")):
         jobs.append(Job(f"vit_small-n4-learned-{budget}-s0", "vit_small", 4, budget, "learned", 0, label))
+    for family in TASK_FAMILIES:
+        for budget, label in ((1.0, "DISCO (learned)"), (0.2, "DISCO (learned)"), (0.1, "DISCO (learned)"),
+                              (0.0, "no communication")):
+            jobs.append(Job(f"{family}-n2-learned-{budget}-s0", family, 2, budget, "learned", 0, label))
     if quick:
         jobs = [j for j in jobs if j.family == "mobilenet_v2_w0.5" and j.nodes == 2 and j.seed == 0
                 and j.budget in (1.0, 0.1, 0.0)]
@@ -65,8 +87,8 @@ def _config(args, family: dict, out: Path, **overrides):
     from disco.training.config import TrainConfig
     values = dict(out=str(out), dense_epochs=args.dense_epochs, sparsify_epochs=args.sparsify_epochs,
                   finetune_epochs=args.finetune_epochs, train_subset=args.train_subset, test_subset=args.test_subset)
-    values.update({k: v for k, v in family.items() if k != "dense_subset"})  # a family may train on less data
-    return replace(TrainConfig(**values), **overrides)
+    values.update({k: v for k, v in family.items() if k not in ("dense_subset", "dense_epochs")})
+    return replace(TrainConfig(**values), **overrides)  # a family may train on less data, or longer
 
 
 def _run(config, threads: int) -> dict:
@@ -82,10 +104,23 @@ def _run(config, threads: int) -> dict:
 def run_dense(args, family_name: str, family: dict) -> Path:
     out = args.runs / f"{family_name}-dense"
     if not (out / "dense.safetensors").is_file() or not (out / "dense.json").is_file():
-        config = _config(args, family, out, sparsify_epochs=0, finetune_epochs=0, budget=1.0,
-                         train_subset=family.get("dense_subset", args.dense_subset))
+        config = _config(args, family, out, sparsify_epochs=0, finetune_epochs=0, budget=1.0, batch_size=128,
+                         train_subset=family.get("dense_subset", args.dense_subset),
+                         dense_epochs=family.get("dense_epochs", args.dense_epochs))
         _run(config, args.threads * args.jobs)
     return out
+
+
+def _finished_elsewhere(runs: Path, jobs: list[Job], done: dict) -> dict:
+    """Reports of rows not trained by this invocation (other families, --only) that an earlier one left."""
+    return {job.name: json.loads((runs / job.name / "report.json").read_text()) for job in jobs
+            if job.name not in done and (runs / job.name / "report.json").is_file()}
+
+
+def _dense_score(run: Path) -> float:
+    """The dense model's test metric (dense.json holds test_accuracy, test_miou, test_map or test_psnr)."""
+    saved = json.loads((run / "dense.json").read_text())
+    return next(v for k, v in saved.items() if k.startswith("test_"))
 
 
 def summarise(results: dict[str, dict], jobs: list[Job], dense: dict[str, float]) -> list[dict]:
@@ -98,8 +133,9 @@ def summarise(results: dict[str, dict], jobs: list[Job], dense: dict[str, float]
         rows.setdefault(key, []).append(report)
     table = []
     for (family, nodes, label, budget), reports in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], -kv[0][3])):
-        accuracies = [r["disco_accuracy"] for r in reports]
+        accuracies = [r.get("disco_score", r.get("disco_accuracy")) for r in reports]
         table.append({"family": family, "nodes": nodes, "method": label, "budget": budget,
+                      "task": reports[0].get("task", "classification"), "metric": reports[0].get("metric", "accuracy"),
                       "seeds": len(reports), "accuracy": statistics.mean(accuracies),
                       "spread": (max(accuracies) - min(accuracies)) / 2 if len(accuracies) > 1 else None,
                       "ratio": statistics.mean(r["ratio"] for r in reports),
@@ -124,16 +160,62 @@ def render(table: list[dict], args, elapsed: float) -> str:
              "so the time above covers only what this invocation trained.", "",
              "| model | nodes | method | budget | seeds | accuracy | spread | vs dense (points) | ratio | bytes/image "
              "| largest node's MACs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
+    for r in (r for r in table if r["task"] == "classification"):
         spread = f"±{r['spread'] * 100:.2f}" if r["spread"] is not None else ""
         lines.append(f"| {r['family']} | {r['nodes']} | {r['method']} | {r['budget']} | {r['seeds']} "
                      f"| {r['accuracy'] * 100:.2f}% | {spread} | {(r['accuracy'] - r['dense_accuracy']) * 100:+.2f} "
                      f"| {r['ratio']:.4f} | {r['bytes']:,.0f} of {r['dense_bytes']:,} "
                      f"| {r['macs_max_node'] / r['model_macs']:.1%} |")
-    dense_rows = sorted({(r['family'], r['dense_accuracy']) for r in table})
-    lines += ["", "Dense model (one device): " + ", ".join(f"{f} {a * 100:.2f}%" for f, a in dense_rows), "",
-              "![accuracy vs bytes](tradeoff.png)", ""]
+    dense_rows = sorted({(r['family'], r['dense_accuracy']) for r in table if r["task"] == "classification"})
+    lines += ["", "Dense model (one device): " + ", ".join(f"{f} {a * 100:.2f}%" for f, a in dense_rows), ""]
+    lines += render_tasks([r for r in table if r["task"] != "classification"])
+    lines += ["![accuracy vs bytes](tradeoff.png)", ""]
     return "\n".join(lines)
+
+
+def _shown(value: float, metric: str) -> str:
+    return f"{value:.2f} dB" if metric == "psnr" else f"{value * 100:.2f}%"
+
+
+def render_tasks(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Dense prediction (2 nodes)", "",
+             "Segmentation: disco:fcn_resnet18 (ResNet-18 to layer3, FCN head) on 64x64 Fashion-MNIST scenes, "
+             "mIoU over 11 classes (background included). Detection: disco:retinanet_resnet18 (ResNet-18 + FPN "
+             "64 wide + RetinaNet heads) on 96x96 scenes, COCO mAP@[0.5:0.95]; anchors, decoding and NMS run on "
+             "node 0 from the split heads' maps. Super-resolution: disco:edsr (4 residual blocks, 32 wide, "
+             "PixelShuffle x2) on Fashion-MNIST 14x14 -> 28x28, PSNR. Each family's dense model trains "
+             "from scratch on CPU (see SEGMENTATION/DETECTION/SUPERRES in bench/tradeoff.py for sizes and "
+             "epochs); every row then gets 1 sparsify + 1 fine-tune epoch with distillation (segmentation and "
+             "detection rows at batch 32 and a quarter of the learning rate: their 2000 scenes make too few steps "
+             "at batch 128, see SPARSE_ROWS_ON_FEW_SCENES). Budget 1.0 is the dense split given the same extra "
+             "epochs, the fair reference: the dense models are not converged.", "",
+             "| task | model | method | budget | metric | score | vs dense | vs dense split (1.0) | ratio "
+             "| bytes/image |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reference = next((x["accuracy"] for x in rows if x["family"] == r["family"] and x["budget"] == 1.0), None)
+        scale = METRIC_SCALE[r["metric"]]
+        unit = " dB" if r["metric"] == "psnr" else " points"
+        split_gap = f"{(r['accuracy'] - reference) * scale:+.2f}{unit}" if reference is not None else ""
+        lines.append(f"| {r['task']} | {r['family']} | {r['method']} | {r['budget']} | {r['metric']} "
+                     f"| {_shown(r['accuracy'], r['metric'])} | {(r['accuracy'] - r['dense_accuracy']) * scale:+.2f}{unit} "
+                     f"| {split_gap} | {r['ratio']:.4f} | {r['bytes']:,.0f} of {r['dense_bytes']:,} |")
+    dense = sorted({(r["family"], r["metric"], r["dense_accuracy"]) for r in rows})
+    lines += ["", "Dense models (one device): " + ", ".join(f"{f} {m} {_shown(v, m)}" for f, m, v in dense)]
+    if any(r["task"] == "superres" for r in rows):
+        lines += ["", f"Bicubic upscaling of the same test images (no network): {bicubic_psnr(SUPERRES):.2f} dB."]
+    return lines + [""]
+
+
+def bicubic_psnr(family: dict) -> float:
+    """PSNR of plain bicubic x2 upscaling on the super-resolution family's test images (the baseline)."""
+    import torch
+    from disco.data.superres import bicubic_upscale, psnr
+    from disco.data.tasks import load_task_data
+    data = load_task_data("superres", test_size=family["test_subset"])
+    low, high = (torch.stack(t) for t in zip(*(data.test[i] for i in range(len(data.test)))))
+    return float(psnr(bicubic_upscale(low, 2), high))
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -151,15 +233,18 @@ def plot(table: list[dict], path: Path) -> None:
     for ax, (family, nodes) in zip(axes.flatten(), panels):
         rows = [r for r in table if r["family"] == family and r["nodes"] == nodes]
         for method, marker, color in styles:
-            points = sorted((max(r["bytes"], 1.0), r["accuracy"] * 100, (r["spread"] or 0) * 100)
+            scale = METRIC_SCALE[rows[0]["metric"]]
+            points = sorted((max(r["bytes"], 1.0), r["accuracy"] * scale, (r["spread"] or 0) * scale)
                             for r in rows if r["method"] == method)
             if points:
                 xs, ys, es = zip(*points)
                 ax.errorbar(xs, ys, yerr=es, fmt=marker, color=color, capsize=3, label=method)
-        ax.axhline(rows[0]["dense_accuracy"] * 100, color="grey", linestyle=":", label="dense, one device")
+        ax.axhline(rows[0]["dense_accuracy"] * METRIC_SCALE[rows[0]["metric"]], color="grey", linestyle=":",
+                   label="dense, one device")
         ax.set_xscale("log")
         ax.set_xlabel("bytes sent per image (fp32; no communication drawn at 1)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel({"accuracy": "test accuracy (%)", "miou": "mIoU (%)", "map": "mAP (%)",
+                       "psnr": "PSNR (dB)"}[rows[0]["metric"]])
         ax.set_title(f"{family}, {nodes} nodes")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -174,7 +259,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--only", default=None, help="only families whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="train only families whose name contains one of these comma-separated words "
+                             "(rows of the others already in --runs are kept in the table)")
     args = parser.parse_args()
     args.dense_epochs, args.sparsify_epochs, args.finetune_epochs = 2, 1, 1
     args.dense_subset, args.train_subset, args.test_subset = None, 20000, None
@@ -182,22 +269,23 @@ def main() -> None:
         args.dense_epochs, args.dense_subset, args.train_subset, args.test_subset = 1, 2000, 1000, 1000
     started = time.perf_counter()
     families, jobs = plan(args.quick)
-    if args.only:
-        families = {k: v for k, v in families.items() if args.only in k}
-        jobs = [j for j in jobs if j.family in families]
-    dense_runs = {name: run_dense(args, name, family) for name, family in families.items()}
-    dense = {name: json.loads((run / "dense.json").read_text())["test_accuracy"] for name, run in dense_runs.items()}
+    wanted = args.only.split(",") if args.only else None
+    chosen = {k: v for k, v in families.items() if not wanted or any(w in k for w in wanted)}
+    dense_runs = {name: run_dense(args, name, family) for name, family in chosen.items()}
     configs = {job.name: _config(args, families[job.family], args.runs / job.name, nodes=job.nodes,
                                  budget=job.budget, method=job.method, seed=job.seed,
-                                 dense_run=str(dense_runs[job.family])) for job in jobs}
+                                 dense_run=str(dense_runs[job.family])) for job in jobs if job.family in chosen}
     results = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {name: pool.submit(_run, config, args.threads) for name, config in configs.items()}
         for name, future in futures.items():
             results[name] = future.result()
-            print(f"done {name}: accuracy {results[name]['disco_accuracy']:.4f} ratio {results[name]['ratio']:.4f}",
-                  flush=True)
-    table = summarise(results, jobs, dense)
+            score = results[name].get("disco_score", results[name].get("disco_accuracy"))
+            print(f"done {name}: score {score:.4f} ratio {results[name]['ratio']:.4f}", flush=True)
+    results.update(_finished_elsewhere(args.runs, jobs, results))
+    dense = {name: _dense_score(args.runs / f"{name}-dense") for name in families
+             if (args.runs / f"{name}-dense" / "dense.json").is_file()}
+    table = summarise(results, [job for job in jobs if job.family in dense], dense)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "tradeoff-quick" if args.quick else "tradeoff"
     (args.out / f"{stem}.json").write_text(json.dumps(table, indent=1))

@@ -48,8 +48,17 @@ def _vit_small(**kwargs) -> nn.Module:
     return torchvision.models.VisionTransformer(**{**settings, **kwargs})
 
 
-# `disco:NAME`: small configurations of torchvision architectures that have no torchvision name
-BUILTIN_MODELS = {"vit_small": _vit_small}
+def _builtin_models() -> dict:
+    from disco.tasks.detection import retinanet_resnet18
+    from disco.tasks.segmentation import fcn_resnet18
+    from disco.tasks.superres import edsr
+    return {"vit_small": _vit_small, "fcn_resnet18": fcn_resnet18, "retinanet_resnet18": retinanet_resnet18,
+            "edsr": edsr}
+
+
+# `disco:NAME`: small configurations of torchvision architectures that have no torchvision name, and the
+# dense-prediction models of disco.tasks (those take `in_channels` themselves)
+BUILTIN_MODELS = _builtin_models()
 
 
 def build_model(spec: str, **kwargs) -> nn.Module:
@@ -101,7 +110,13 @@ def build_for_data(spec: str, *, channels: int, classes: int, stem_stride: int |
                    **kwargs) -> nn.Module:
     """A model for data with `channels` inputs and `classes` outputs. torchvision models are built with
     num_classes and get their first conv adapted; a user's factory receives **kwargs unchanged."""
-    source = spec.rpartition(":")[0]
+    source, _, name = spec.rpartition(":")
+    accepted = inspect.signature(BUILTIN_MODELS[name]).parameters if source == "disco" and name in BUILTIN_MODELS else {}
+    if "in_channels" in accepted:  # built for the data directly: no first layer to swap
+        if stem_stride is not None and "stem_stride" not in accepted:
+            raise DiscoError(f"disco:{name} has no stem stride to set")
+        stem = {} if stem_stride is None else {"stem_stride": stem_stride}
+        return build_model(spec, num_classes=classes, in_channels=channels, **stem, **kwargs)
     if source in ("torchvision", "disco"):
         return adapt_stem(build_model(spec, num_classes=classes, **kwargs), channels, stem_stride)
     return build_model(spec, **{"num_classes": classes, "in_channels": channels, **kwargs})

@@ -49,17 +49,17 @@ def hook_count(original: nn.Module, simulated: nn.Module, x: torch.Tensor, bytes
 
     def remember(name):
         def hook(module, inputs, output):
-            shapes.setdefault(name, inputs[0].shape)
+            shapes.setdefault(name, []).append(inputs[0].shape)  # a shared layer sends on every call
         return hook
     hooks = [m.register_forward_hook(remember(name)) for name, m in plain_layers(original).items()]
     with torch.no_grad():
         original(x)
     for h in hooks:
         h.remove()
-    for name, shape in shapes.items():
+    for name, calls in shapes.items():
         plan = plans[name]
         channels = plan.in_assign.numel()
-        spatial = shape.numel() // (shape[0] * channels)
+        spatial = sum(shape.numel() // (shape[0] * channels) for shape in calls)
         groups = getattr(plan, "groups", 1)
         out_per_group = plan.out_assign.numel() // groups
         assign_in = plan.in_assign.tolist()

@@ -27,16 +27,17 @@ class Deployment:
 
 
 def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, size: int = 32, images: int = 3,
-                    transport_dtype: str = "fp32") -> Deployment:
-    """A torchvision model with random weights, non-trivial BatchNorm statistics and random masks."""
+                    transport_dtype: str = "fp32", channels: int = 3, classes: int = 10) -> Deployment:
+    """A model (a torchvision name, or any spec such as disco:edsr) with random weights, non-trivial
+    BatchNorm statistics and random masks."""
     torch.manual_seed(0)
-    spec = ModelSpec(model=f"torchvision:{model}", channels=3, classes=10)
-    original = build_for_data(spec.model, channels=3, classes=10).eval()
+    spec = ModelSpec(model=model if ":" in model else f"torchvision:{model}", channels=channels, classes=classes)
+    original = build_for_data(spec.model, channels=channels, classes=classes).eval()
     for module in original.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    inputs = torch.randn(images, 3, size, size)
+    inputs = torch.randn(images, channels, size, size)
     simulated = disco.partition(original, nodes=nodes, example_inputs=inputs[:1]).eval()
     keep_random_groups(simulated, keep, seed=nodes)
     export(simulated, folder, example_inputs=inputs[:1], spec=spec, transport_dtype=transport_dtype)

@@ -12,6 +12,13 @@ from disco.partition.partitioner import analyse, as_input_tuple, disco_layers
 from disco.partition.propagate import GraphAnalysis
 
 
+def _split_by_module(module: nn.Module, channels: torch.Tensor | None, nodes: int) -> list[dict] | None:
+    """Per node, the tensors of a module that splits its own parameters (Swin's per-head bias table)."""
+    if channels is None or not hasattr(module, "split_parameters"):
+        return None
+    return [module.split_parameters(channels, k) for k in range(nodes)]
+
+
 def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: GraphAnalysis, nodes: int):
     """([nodes] kept, [nodes] dense) parameter bytes. Per-channel parameters go with their channel's node;
     parameters not split by channel (read directly, or shaped otherwise) are counted on every node."""
@@ -24,9 +31,12 @@ def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: Grap
         if isinstance(module, DiscoLayer):
             continue
         channels = analysis.channel_owner_of_module.get(name)
+        split = _split_by_module(module, channels, nodes)
         for param_name, param in module.named_parameters(recurse=False):
             qualified = f"{name}.{param_name}" if name else param_name
-            if channels is not None and param.dim() == 1 and param.numel() == channels.numel():
+            if split is not None:
+                share = torch.tensor([split[k][param_name].numel() * param.element_size() for k in range(nodes)])
+            elif channels is not None and param.dim() == 1 and param.numel() == channels.numel():
                 share = torch.bincount(channels, minlength=nodes) * param.element_size()
             elif name in analysis.channel_owner_of_module or qualified in analysis.replicated_attributes:
                 share = torch.full((nodes,), param.numel() * param.element_size())
@@ -41,6 +51,14 @@ def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: Grap
         kept += share
         dense += share
     return kept, dense
+
+
+def _attention_macs(analysis: GraphAnalysis, nodes: int) -> torch.Tensor:
+    """[nodes] MACs of softmax(QK^T)V products, each head's on the node holding it."""
+    macs = torch.zeros(nodes, dtype=torch.long)
+    for call in analysis.attention:
+        macs += torch.bincount(call.heads, minlength=nodes) * call.macs_per_head
+    return macs
 
 
 NORM_STATISTIC_BYTES = 4  # partial sums of norms always travel as fp32: they need the precision
@@ -87,7 +105,7 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     Bytes are activations crossing the network in `transport_dtype`; `io_bytes` (input scattered from
     node 0, output gathered on node 0) and `norm_bytes` (fp32 partial sums of LayerNorms spanning nodes)
     are reported separately. MACs count conv/linear weights a node
-    holds in kept slices; parameter bytes are those weights plus per-channel parameters (BatchNorm).
+    holds in kept slices plus the attention products of its heads; parameter bytes are those weights plus per-channel parameters (BatchNorm).
     """
     bytes_per_element = transport_bytes(transport_dtype)
     layers = disco_layers(model)
@@ -100,8 +118,9 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     elements_matrix = sum(c.elements_matrix for c in costs)
     dense_matrix = sum(c.dense_elements_matrix for c in costs)
     elements, dense_elements = int(elements_matrix.sum()), int(dense_matrix.sum())
-    macs = torch.tensor([c.macs_per_node for c in costs]).sum(0)
-    dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0)
+    attention_macs = _attention_macs(analysis, nodes)
+    macs = torch.tensor([c.macs_per_node for c in costs]).sum(0) + attention_macs
+    dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0) + attention_macs
     params, dense_params = _param_bytes(model, layers, analysis, nodes)
     element_size = next(iter(layers.values())).weight.element_size()  # activations share the weights' dtype
     norms = norm_bytes_matrix(analysis, nodes)
@@ -122,6 +141,7 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
         "macs_per_node": macs.tolist(),
         "dense_macs_per_node": dense_macs.tolist(),
         "model_macs": int(dense_macs.sum()),
+        "attention_macs_per_node": attention_macs.tolist(),
         "param_bytes_per_node": params.tolist(),
         "dense_param_bytes_per_node": dense_params.tolist(),
         "model_param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

@@ -6,6 +6,7 @@ import ast
 
 from disco.errors import DiscoError
 from disco.sparsify.sparsifier import METHODS
+from disco.tasks.predictions import TASKS
 from disco.training.config import TrainConfig
 
 
@@ -34,9 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-kwargs", default="", type=_kwargs, metavar="K=V,...",
                         help="keyword arguments for the model builder, e.g. width_mult=0.5")
     parser.add_argument("--stem-stride", type=int, help="stride of the first conv (e.g. 1 for 28x28 images)")
-    parser.add_argument("--dataset", default="fashion-mnist", help="built-in dataset (default fashion-mnist)")
-    parser.add_argument("--data", help="your own data: folder with train/ and val/ in ImageFolder layout")
-    parser.add_argument("--image-size", type=int, help="resize --data images to this square size")
+    parser.add_argument("--task", default="classification", choices=TASKS,
+                        help="what the model predicts (default classification); segmentation, detection and "
+                             "superres use disco:fcn_resnet18, disco:retinanet_resnet18 and disco:edsr style models")
+    parser.add_argument("--dataset", help="built-in dataset: fashion-mnist (classification, superres), "
+                                          "fashion-scenes (segmentation, detection), photos (superres)")
+    parser.add_argument("--data", help="your own data: an ImageFolder (train/, val/) for classification, a VOC folder "
+                                       "(segmentation), a COCO folder (detection) or a folder of images (superres)")
+    parser.add_argument("--image-size", type=int,
+                        help="resize --data images to this square size (fashion-scenes: the canvas side, default 96)")
     parser.add_argument("--nodes", type=int, default=2, help="devices to split across (default 2)")
     parser.add_argument("--budget", type=float, default=0.2,
                         help="bytes allowed, as a fraction of the dense split's (0..1; 0 = no communication; "
@@ -72,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise DiscoError("--model is required (unless --resume)")
     per_phase = {f"{p}_epochs": getattr(args, f"{p}_epochs") if getattr(args, f"{p}_epochs") is not None
                  else args.epochs for p in ("dense", "sparsify", "finetune")}
-    return TrainConfig(model=args.model, out=args.out, dataset=args.dataset, data=args.data,
+    return TrainConfig(model=args.model, out=args.out, task=args.task, dataset=args.dataset, data=args.data,
                        model_kwargs=args.model_kwargs, stem_stride=args.stem_stride, nodes=args.nodes,
                        budget=args.budget, method=args.method, batch_size=args.batch_size, lr=args.lr,
                        sparse_lr_scale=args.sparse_lr_scale,

@@ -38,6 +38,7 @@ class DataSpec:
     class_names: list[str]
     mean: list[float]  # the normalisation applied to every image (needed to read new images the same way)
     std: list[float]
+    task: str = "classification"  # or segmentation / detection / superres (disco.data.tasks): what targets hold
 
 
 def default_cache() -> Path:
@@ -65,16 +66,20 @@ def _as_tensor_dataset(split: datasets.FashionMNIST) -> TensorDataset:
     return TensorDataset(images, split.targets.long())
 
 
-def fashion_mnist(cache: Path | None = None) -> DataSpec:
+def fashion_mnist_splits(cache: Path | None = None) -> tuple[datasets.FashionMNIST, datasets.FashionMNIST]:
+    """torchvision's (train, test) Fashion-MNIST splits: raw uint8 `.data` [N, 28, 28] and `.targets` [N]."""
     cache = cache or default_cache()
     root = _stage_debian_files(cache)
     try:
         if root is not None:
-            train, test = (datasets.FashionMNIST(root, train=t, download=False) for t in (True, False))
-        else:
-            train, test = (datasets.FashionMNIST(cache, train=t, download=True) for t in (True, False))
+            return tuple(datasets.FashionMNIST(root, train=t, download=False) for t in (True, False))
+        return tuple(datasets.FashionMNIST(cache, train=t, download=True) for t in (True, False))
     except (RuntimeError, OSError) as error:
         raise DiscoError(f"{HOW_TO_GET_FASHION_MNIST} ({error})") from error
+
+
+def fashion_mnist(cache: Path | None = None) -> DataSpec:
+    train, test = fashion_mnist_splits(cache)
     return DataSpec("fashion-mnist", _as_tensor_dataset(train), _as_tensor_dataset(test), channels=1,
                     classes=10, image_size=(28, 28), class_names=list(train.classes),
                     mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD])

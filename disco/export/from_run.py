@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from disco.data.datasets import load_dataset
+from disco.training.pipeline import load_run_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
@@ -22,7 +22,7 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     if not weights.is_file():
         raise DiscoError(f"{run} has no disco.safetensors: finish (or --resume) its training first")
     config = TrainConfig.load(run / "config.json")
-    data = load_dataset(config.dataset, config.data, image_size=config.image_size)
+    data = load_run_data(config)
     spec = ModelSpec(model=config.model, channels=data.channels, classes=data.classes, kwargs=config.model_kwargs,
                      stem_stride=config.stem_stride)
     model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
@@ -37,8 +37,11 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     report = run / "report.json"
     reference = None
     if report.is_file():
-        reference = {"accuracy": json.loads(report.read_text())["disco_accuracy"], "test_subset": config.test_subset}
+        results = json.loads(report.read_text())
+        metric = results.get("metric", "accuracy")
+        reference = {metric: results.get("disco_score", results.get("disco_accuracy")),
+                     "test_subset": config.test_subset}
     with torch.no_grad():
         return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
                       preprocess=preprocess, dataset=dataset, class_names=data.class_names,
-                      reference=reference)
+                      reference=reference, task=config.task)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from disco.errors import DiscoError
+from disco.tasks.predictions import TASKS
 from disco.options import MAX_NODES
 
 FORMAT = "disco-deployment"
@@ -56,6 +57,7 @@ class Manifest:
     dataset: dict | None = None  # {"dataset", "data", "image_size", "test_subset", "seed"} for --eval
     class_names: list[str] | None = None
     reference: dict | None = None  # the simulation's result to compare with, e.g. {"accuracy": ...}
+    task: str = "classification"  # how node 0 reads the output: classification, segmentation, detection, superres
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -92,6 +94,8 @@ class Manifest:
         if self.transport_dtype not in RUNTIME_DTYPES:
             raise DiscoError(f"transport dtype {self.transport_dtype!r} is not supported by the runtime "
                              f"(supported: {', '.join(RUNTIME_DTYPES)})")
+        if self.task not in TASKS:
+            raise DiscoError(f"manifest task {self.task!r} is unknown (known: {', '.join(TASKS)})")
         for name, plan in self.layers.items():
             if len(plan.sends) != self.nodes or any(len(row) != self.nodes for row in plan.sends):
                 raise DiscoError(f"layer {name!r}: sends must be a {self.nodes}x{self.nodes} table")

@@ -60,6 +60,9 @@ def module_tensors(model: nn.Module, analysis: GraphAnalysis, node: int) -> dict
     tensors = {}
     for name, channels in analysis.channel_owner_of_module.items():
         module = model.get_submodule(name)
+        if channels is not None and hasattr(module, "split_parameters"):  # it knows its own split (per head)
+            tensors.update({f"{name}.{key}": t for key, t in module.split_parameters(channels, node).items()})
+            continue
         for key, tensor in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
             qualified = f"{name}.{key}" if name else key
             if channels is not None and tensor.dim() == 1 and tensor.numel() == channels.numel():
@@ -105,11 +108,13 @@ def check_spec(model: nn.Module, spec: ModelSpec) -> None:
 
 def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelSpec, transport_dtype: str = "fp32",
            preprocess: dict | None = None, dataset: dict | None = None,
-           class_names: list[str] | None = None, reference: dict | None = None) -> Manifest:
+           class_names: list[str] | None = None, reference: dict | None = None, task: str | None = None) -> Manifest:
     """Write `node{k}.safetensors` for every node and `manifest.json` into `folder` (see module doc).
 
     `model` is a partitioned model (disco.partition, masks set); `example_inputs` one input like the
-    ones it will run on; `spec` rebuilds its architecture on every node."""
+    ones it will run on; `spec` rebuilds its architecture on every node. `task` tells node 0 how to read
+    the output (default: the model's `disco_task` attribute, as on the disco.tasks models, else
+    classification)."""
     layers = disco_layers(model)
     if not layers:
         raise DiscoError("export needs a partitioned model: call disco.partition(model, nodes=N, example_inputs=x)")
@@ -137,6 +142,8 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
                                             "param_bytes_per_node")}
     manifest = Manifest(model=spec, nodes=nodes, input_shape=list(example.shape[1:]), transport_dtype=transport_dtype,
                         layers=_layer_plans(model), shards=shards, expected=expected, preprocess=preprocess,
-                        dataset=dataset, class_names=class_names, reference=reference)
+                        dataset=dataset, class_names=class_names, reference=reference,
+                        task=task or getattr(model, "disco_task", "classification"))
+    manifest.validate()
     manifest.save(folder)
     return manifest

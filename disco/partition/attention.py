@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from disco.errors import DiscoError
+from disco.partition.window_attention import SplitWindowAttention, adopt
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 
 class SplitAttention(nn.Module):
@@ -33,11 +35,7 @@ class SplitAttention(nn.Module):
             raise DiscoError("only batch-first nn.MultiheadAttention with equal q/k/v sizes and no bias_k/"
                              "add_zero_attn can be split")
         twin = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, dropout=mha.dropout)
-        twin.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
-        if mha.in_proj_weight.device.type != "meta":
-            twin.load_state_dict(mha.state_dict())
-        twin.train(mha.training)
-        return twin
+        return adopt(twin, mha, mha.in_proj_weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept the original module's packed keys (in_proj_weight/in_proj_bias) as well as our own."""
@@ -63,11 +61,20 @@ class SplitAttention(nn.Module):
         return self.out_proj(out), None
 
 
+def _split_twin(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, nn.MultiheadAttention):
+        return SplitAttention.from_multihead(module)
+    if isinstance(module, ShiftedWindowAttention):
+        return SplitWindowAttention.from_torchvision(module)
+    return None
+
+
 def replace_attention(model: nn.Module) -> nn.Module:
-    """Swap every nn.MultiheadAttention in `model` (in place) for an equivalent SplitAttention."""
+    """Swap every nn.MultiheadAttention (ViT) and ShiftedWindowAttention (Swin) in `model`, in place, for
+    an equivalent module with separate q/k/v linears (SplitAttention, SplitWindowAttention)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.MultiheadAttention):
+        twin = _split_twin(module)
+        if twin is not None:
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
-                    SplitAttention.from_multihead(module))
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, twin)
     return model

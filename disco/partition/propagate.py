@@ -17,14 +17,16 @@ from torch.utils._pytree import tree_leaves, tree_map
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.partition.assignment import REPLICATED, broadcast_channels, channel_vector
 from disco.partition.layers import DiscoLayer, mixing_entry
+from disco.partition.window_attention import WINDOW_LEAVES
 from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
 
 
 class DiscoTracer(fx.Tracer):
-    """torch.fx tracer that keeps Disco layers (subclasses of Conv/Linear) as leaves."""
+    """torch.fx tracer that keeps Disco layers (subclasses of Conv/Linear) and the window-attention parts
+    (whose shapes drive control flow) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, DiscoLayer) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (DiscoLayer, *WINDOW_LEAVES)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -70,6 +72,15 @@ class NormCall:
 
 
 @dataclass
+class AttentionCall:
+    """One attention product (softmax(QK^T)V): local to each head's node, it costs MACs but no bytes."""
+
+    node: str
+    heads: torch.Tensor  # node of each head
+    macs_per_head: int  # QK^T plus AV multiply-accumulates per head, per image
+
+
+@dataclass
 class GraphAnalysis:
     nodes: int
     batch: int
@@ -82,6 +93,7 @@ class GraphAnalysis:
     replicated_attributes: set[str] = field(default_factory=set)  # parameters read directly (get_attr)
     attribute_channels: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # split ones: (nodes, dim)
     norms: list[NormCall] = field(default_factory=list)
+    attention: list[AttentionCall] = field(default_factory=list)
 
 
 class AssignmentConflict(Exception):
@@ -269,14 +281,16 @@ class OwnerPropagator(fx.Interpreter):
         return combined
 
     def _spatial(self, n: fx.Node, module, value):
-        vector = self._first_channels(n, 1, "this per-channel spatial operation")
+        dim = getattr(module, "disco_channel_dim", 1)
+        vector = self._first_channels(n, dim, "this per-channel spatial operation")
         self._inherit(n)
-        return broadcast_channels(vector, value.shape, 1)
+        return broadcast_channels(vector, value.shape, dim)
 
     def _move(self, n: fx.Node, module, value):
-        # Owner maps are often broadcast views; `view` needs real memory, so materialise them here.
+        # Owner maps are often broadcast views; `view` needs real memory, so materialise them here. They
+        # are shifted by one so that zeros an op pads with come out REPLICATED (-1), not node 0.
         def owner_of(a):
-            return tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, self.owners[a])
+            return tree_map(lambda t: t.contiguous() + 1 if isinstance(t, torch.Tensor) else t, self.owners[a])
         args = fx.node.map_arg(n.args, owner_of)
         kwargs = fx.node.map_arg(n.kwargs, owner_of)
         if n.op == "call_module":
@@ -285,6 +299,9 @@ class OwnerPropagator(fx.Interpreter):
             owner = getattr(args[0], n.target)(*args[1:], **kwargs)
         else:
             owner = n.target(*args, **kwargs)
+        owner = tree_map(lambda t: t - 1 if isinstance(t, torch.Tensor) else t, owner)
+        if not any(bool((o == REPLICATED).any()) for _, o in self._tensor_args(n)):
+            owner = tree_map(lambda t: _own_padding(t) if isinstance(t, torch.Tensor) else t, owner)
         self._inherit(n)
         if isinstance(owner, torch.Tensor):
             if channel_vector(owner, 1) is None and channel_vector(owner, -1) is None:
@@ -304,19 +321,32 @@ class OwnerPropagator(fx.Interpreter):
         return broadcast_channels(channels, value.shape, -1)
 
     def _attention(self, n: fx.Node, module, value):
-        """scaled_dot_product_attention on [batch, heads, tokens, head_dim]: local when whole heads
-        (q, k and v alike) sit on one node."""
+        """Attention is local when whole heads (q, k and v alike) sit on one node. scaled_dot_product_attention
+        takes [batch, heads, tokens, head_dim]; a module (Swin's WindowAttention) takes channels last."""
+        dim, block = (-1, module.head_dim) if module is not None else (1, 1)
         vectors = []
         for producer, owner in self._tensor_args(n)[:3]:
-            vector = channel_vector(owner, 1)
-            if vector is None:
+            vector = channel_vector(owner, dim)
+            if vector is None or not bool((vector.view(-1, block) == vector.view(-1, block)[:, :1]).all()):
                 raise UnsupportedOperationError(n.name, _describe(n), "an attention head's channels are split "
                                                 "across nodes; heads must be whole on one node")
             vectors.append(vector)
         if any(not torch.equal(v, vectors[0]) for v in vectors[1:]):
             raise UnsupportedOperationError(n.name, _describe(n), "q, k and v of a head live on different nodes")
+        self._record_attention(n, module, vectors[0][::block])
         self._inherit(n)
-        return broadcast_channels(vectors[0], value.shape, 1)
+        return broadcast_channels(vectors[0], value.shape, dim)
+
+    def _record_attention(self, n: fx.Node, module, heads: torch.Tensor) -> None:
+        q, k, v = (self.env[a] for a, _ in self._tensor_args(n)[:3])
+        batch = self.analysis.batch
+        if module is None:  # [B, heads, tokens, head_dim]: every query meets every key
+            queries, keys = q.shape[-2], k.shape[-2]
+            macs = queries * keys * (q.shape[-1] + v.shape[-1])
+        else:  # channels last, whole windows: every token meets the tokens of its window
+            window = module.window_size[0] * module.window_size[1]
+            macs = (q.numel() // (batch * q.shape[-1])) * window * 2 * module.head_dim
+        self.analysis.attention.append(AttentionCall(n.name, heads, macs))
 
     def _reduce(self, n: fx.Node, module, value):
         args, kwargs = list(n.args), dict(n.kwargs)
@@ -344,7 +374,7 @@ class OwnerPropagator(fx.Interpreter):
 
     # --- bookkeeping for memory and parameter accounting ------------------------------------------------
     def _record_module_channels(self, n: fx.Node, module: nn.Module, owner) -> None:
-        dim = -1 if isinstance(module, nn.LayerNorm) else 1
+        dim = getattr(module, "disco_channel_dim", -1 if isinstance(module, nn.LayerNorm) else 1)
         vector = channel_vector(owner, dim) if isinstance(owner, torch.Tensor) and owner.dim() > 1 else None
         self.analysis.channel_owner_of_module.setdefault(n.target, vector)
 
@@ -376,6 +406,21 @@ def _split_vector(owner: torch.Tensor, dim: int) -> torch.Tensor | None:
     if not split_rows.numel() or not bool((split_rows == split_rows[0]).all()):
         return None
     return split_rows[0].to(torch.long)
+
+
+def _own_padding(owner: torch.Tensor) -> torch.Tensor:
+    """Padding (Swin's patch merging at odd sizes) adds constants to split data: each node pads its own
+    channels, so a padded element belongs to the node of its channel (read from the unpadded rows)."""
+    if owner.dim() < 2 or not bool((owner == REPLICATED).any()):
+        return owner
+    for dim in (-1, 1):
+        vector = _split_vector(owner, dim)
+        if vector is None:
+            continue
+        filled = torch.where(owner == REPLICATED, broadcast_channels(vector, owner.shape, dim), owner)
+        if channel_vector(filled, dim) is not None:
+            return filled
+    return owner
 
 
 def propagate(gm: fx.GraphModule, inputs: tuple, nodes: int, choose_output: OutputChooser) -> OwnerPropagator:

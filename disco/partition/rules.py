@@ -2,12 +2,14 @@
 
 Kinds:
 - ELEMENTWISE: output element depends on the input elements at the same (broadcast) position.
-- SPATIAL: works within each channel over spatial dims (pooling, interpolation); channels on dim 1.
+- SPATIAL: works within each channel over spatial dims (pooling, interpolation); channels on dim 1, or on
+  the module's `disco_channel_dim`.
 - MOVE: pure data movement (view, cat, permute, getitem...): followed exactly on owner maps.
 - REDUCE: reduction over given dims; allowed when those dims do not span nodes.
 - MIXING: channel-mixing layers (see layers.MIXING_LAYERS); these carry communication groups.
 - NORM: LayerNorm over the last (channel) dim; nodes exchange two partial sums per position.
-- ATTENTION: scaled_dot_product_attention with heads on dim 1; heads must be whole on one node.
+- ATTENTION: scaled_dot_product_attention with heads on dim 1, or Swin's WindowAttention (channels last);
+  heads must be whole on one node.
 """
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchvision.models.swin_transformer import _patch_merging_pad
+from torchvision.ops.misc import Permute
+from torchvision.ops import stochastic_depth
+
 from disco.partition.layers import mixing_entry
+from disco.partition.window_attention import WindowAttention, WindowCrop, WindowPad
 
 
 class OpKind(Enum):
@@ -39,9 +46,9 @@ _ELEMENTWISE_MODULES = (
 _SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, WindowPad, WindowCrop,  # the last two: channels last
 )
-_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, Permute)
 
 # Modules whose parameters are one value per channel on dim 1 (counted on the channel's node).
 PER_CHANNEL_PARAM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.PReLU)
@@ -53,6 +60,7 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.clamp, torch.sqrt, torch.neg, torch.abs,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
+    stochastic_depth,  # zeroes whole samples (rows) at random in training: never mixes channels
 }
 _SPATIAL_FUNCTIONS = {
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d,
@@ -62,6 +70,7 @@ _MOVE_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack,
     torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.narrow, operator.getitem,
     F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+    _patch_merging_pad,  # Swin's patch merging: strided slices of [..., H, W, C] concatenated on C
 }
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 
@@ -82,6 +91,8 @@ def kind_of_module(module: nn.Module) -> OpKind | None:
         return OpKind.MIXING
     if isinstance(module, nn.LayerNorm):
         return OpKind.NORM
+    if isinstance(module, WindowAttention):
+        return OpKind.ATTENTION
     if isinstance(module, _ELEMENTWISE_MODULES):
         return OpKind.ELEMENTWISE
     if isinstance(module, _SPATIAL_MODULES):

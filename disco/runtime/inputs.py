@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from disco.data.datasets import image_transform, load_dataset, subset
+from disco.data.tasks import load_task_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
 
@@ -21,7 +22,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass
 class Batch:
     images: torch.Tensor
-    labels: torch.Tensor | None
+    labels: object  # with --eval: the task's targets (class labels, masks, boxes, images); else None
     names: list[str]
 
 
@@ -79,13 +80,18 @@ def file_batches(path: str | Path, manifest: Manifest, batch_size: int) -> list[
     return batches
 
 
-def eval_batches(manifest: Manifest, batch_size: int, limit: int | None) -> Iterator[Batch]:
-    """The test split of the dataset the model was trained on (the same subset its report used)."""
+def eval_batches(manifest: Manifest, batch_size: int, limit: int | None, collate=None) -> Iterator[Batch]:
+    """The test split of the dataset the model was trained on (the same subset its report used), batched
+    with the task's `collate` (targets: labels, masks, boxes or high-resolution images)."""
     if manifest.dataset is None:
         raise DiscoError("this deployment does not record its dataset; export it from a training run for --eval")
     d = manifest.dataset
-    data = load_dataset(d["dataset"], d["data"], image_size=d["image_size"])
+    if manifest.task == "classification":
+        data = load_dataset(d["dataset"], d["data"], image_size=d["image_size"])
+    else:  # scenes are generated per index: the same test_subset gives the same scenes the report scored
+        data = load_task_data(manifest.task, d["dataset"], d["data"], seed=d.get("seed", 0),
+                              test_size=d.get("test_subset"), image_size=d["image_size"])
     test = subset(data.test, limit if limit is not None else d.get("test_subset"), d.get("seed", 0))
-    for images, labels in DataLoader(test, batch_size=batch_size):
+    for images, targets in DataLoader(test, batch_size=batch_size, collate_fn=collate):
         check_input(images, manifest)
-        yield Batch(images, labels, [])
+        yield Batch(images, targets, [])

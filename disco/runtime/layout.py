@@ -46,6 +46,9 @@ class Gather:
     def __init__(self, node: fx.Node, owners: dict, rank: int, module=None):
         self.sources = [a for a in node.all_input_nodes if _has_tensor(owners[a])]
         ids, table = self._number_inputs(owners, rank)
+        self.held_total = int(table.max()) + 1 if table.numel() else 0
+        # id 0 is what an op pads with (Swin's patch merging): it reads an appended zero column
+        table = torch.cat([torch.tensor([self.held_total]), table])
         out_ids = _apply(node, module, ids, owners)
         out_leaves, self.spec = tree_flatten(out_ids)
         owner_leaves = tree_flatten(owners[node])[0]
@@ -57,7 +60,7 @@ class Gather:
                                                 "rank that the rank does not hold (internal layout error)")
             self.indices.append(picked)
             self.shapes.append(local_shape(owner, rank, node.name))
-        self.held_total = int(table.max()) + 1 if table.numel() else 0
+        self.pads = any(bool((index == self.held_total).any()) for index in self.indices)
         self.identity = len(self.sources) == 1 and len(self.indices) == 1 and torch.equal(
             self.indices[0], torch.arange(self.held_total))
 
@@ -69,7 +72,7 @@ class Gather:
                 nonlocal offset, held_offset
                 if not isinstance(owner, torch.Tensor):
                     return owner
-                numbered = torch.arange(offset, offset + owner.numel(), dtype=torch.float64).reshape(owner.shape)
+                numbered = torch.arange(offset + 1, offset + 1 + owner.numel(), dtype=torch.float64).reshape(owner.shape)
                 held = held_mask(owner, rank).flatten()
                 table = torch.full((owner.numel(),), -1, dtype=torch.long)
                 table[held] = torch.arange(int(held.sum())) + held_offset
@@ -87,6 +90,8 @@ class Gather:
             outputs = [leaves[0].reshape(batch, *self.shapes[0][1:])]
         else:
             flats = [t.reshape(t.shape[0], -1).expand(batch, -1) for t in leaves]
+            if self.pads:
+                flats.append(flats[0].new_zeros(batch, 1))
             flat = torch.cat(flats, dim=1) if len(flats) > 1 else flats[0]
             outputs = [flat[:, index].reshape(batch, *shape[1:]) for index, shape in zip(self.indices, self.shapes)]
         return tree_unflatten(outputs, self.spec)
@@ -107,3 +112,35 @@ def _apply(node: fx.Node, module, ids: dict, owners: dict):
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
+
+
+class NarrowOperands:
+    """An elementwise op whose operand is held more widely than its result (e.g. the replicated input
+    added to split data, as in EDSR's bicubic skip): such operands are cut to the result's held elements."""
+
+    def __init__(self, node: fx.Node, owners: dict, rank: int):
+        result = owners[node]
+        self.shape = local_shape(result, rank, node.name)
+        self.picks: dict[fx.Node, torch.Tensor] = {}
+        for arg in node.all_input_nodes:
+            source = owners.get(arg)
+            if isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor) \
+                    and source.shape == result.shape and not torch.equal(held_mask(source, rank), held_mask(result, rank)):
+                self.picks[arg] = _held_positions(source, result, rank, node)
+
+    def cut(self, arg: fx.Node, value: torch.Tensor) -> torch.Tensor:
+        if arg not in self.picks:
+            return value
+        return value.reshape(value.shape[0], -1)[:, self.picks[arg]].reshape(value.shape[0], *self.shape[1:])
+
+
+def _held_positions(source: torch.Tensor, result: torch.Tensor, rank: int, node: fx.Node) -> torch.Tensor:
+    """Positions, among the rank's held elements of `source`, of the elements it holds of `result`."""
+    held = held_mask(source, rank).flatten()
+    table = torch.full((source.numel(),), -1, dtype=torch.long)
+    table[held] = torch.arange(int(held.sum()))
+    picked = table[held_mask(result, rank).flatten()]
+    if bool((picked < 0).any()):
+        raise UnsupportedOperationError(node.name, f"{node.op} {node.target}", "its result holds elements an "
+                                        "operand does not have on this rank (internal layout error)")
+    return picked

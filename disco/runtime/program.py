@@ -24,7 +24,7 @@ from disco.partition.attention import replace_attention
 from disco.partition.propagate import propagate, trace
 from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
 from disco.runtime.comm import Comm
-from disco.runtime.layout import Gather, held_mask, local_shape
+from disco.runtime.layout import Gather, NarrowOperands, held_mask, local_shape
 from disco.runtime.mixing import mixing_step
 from disco.runtime.norm import NormStep
 
@@ -108,7 +108,12 @@ class LocalProgram:
         if kind is OpKind.NORM:
             channels = next(n.channels for n in self.norms if n.node == node.name)
             return NormStep(node.target, module, channels, self._local_module(node.target, module), self.rank)
-        return self._local_module(node.target, module) if module is not None else "call"
+        if module is not None:
+            return self._local_module(node.target, module)
+        if kind is OpKind.ELEMENTWISE:
+            narrowing = NarrowOperands(node, self.owners, self.rank)
+            return _to_device(narrowing, self.device) if narrowing.picks else "call"
+        return "call"
 
     @staticmethod
     def _is_shape_query(node: fx.Node) -> bool:
@@ -175,8 +180,9 @@ class LocalProgram:
             return step
         if step == "shape":
             return self._shape_query(node, env)
-        args = fx.node.map_arg(node.args, lambda a: env[a])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+        value_of = (lambda a: step.cut(a, env[a])) if isinstance(step, NarrowOperands) else (lambda a: env[a])
+        args = fx.node.map_arg(node.args, value_of)
+        kwargs = fx.node.map_arg(node.kwargs, value_of)
         if isinstance(step, Gather):
             return step(self.batch, *[env[source] for source in step.sources])
         if isinstance(step, NormStep) or hasattr(step, "send_index"):

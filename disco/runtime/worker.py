@@ -20,7 +20,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from torchmetrics.classification import MulticlassAccuracy
+from torch.utils._pytree import tree_flatten, tree_map
 
 from disco.errors import DiscoError
 from disco.export.manifest import MANIFEST_NAME, Manifest, sha256_of
@@ -28,6 +28,8 @@ from disco.runtime.comm import CATEGORIES, Comm, choose_backend, launch_environm
 from disco.runtime.inputs import Batch, eval_batches, file_batches
 from disco.runtime.mixing import TRANSPORT
 from disco.runtime.program import LocalProgram, load_program
+from disco.tasks.objectives import OBJECTIVES, objective_for
+from disco.tasks.predictions import describe
 
 RUN, STOP, REFUSED = 1, 0, 2
 
@@ -126,17 +128,30 @@ def _counters(comm: Comm) -> dict[str, list[list[int]]]:
     return {c: table[:, i].tolist() for i, c in enumerate(CATEGORIES)}
 
 
-def _predictions(batch: Batch, output: torch.Tensor, names: list[str] | None) -> list[dict]:
-    probabilities = output.float().softmax(-1)
-    best = probabilities.max(-1)
-    return [{"input": name, "class": int(c), "label": names[int(c)] if names else str(int(c)),
-             "probability": float(p)} for name, c, p in zip(batch.names, best.indices, best.values)]
+def _detector(manifest: Manifest):
+    """Node 0's decoder of detection head maps (anchors, box decoding, NMS: no weights needed)."""
+    if manifest.task != "detection":
+        return None
+    from disco.models import build_for_data
+    return build_for_data(manifest.model.model, channels=manifest.model.channels, classes=manifest.model.classes,
+                          **manifest.model.kwargs).eval()
+
+
+def _save_outputs(outputs: list, path: str) -> None:
+    """One tensor 'output', or 'output.0', 'output.1'... for models with several outputs (detection maps)."""
+    leaves = [tree_flatten(o)[0] for o in outputs]
+    tensors = [torch.cat([batch[i] for batch in leaves]).contiguous() for i in range(len(leaves[0]))]
+    names = ["output"] if len(tensors) == 1 else [f"output.{i}" for i in range(len(tensors))]
+    safetensors.torch.save_file(dict(zip(names, tensors)), path)
 
 
 def coordinate(program: LocalProgram, comm: Comm, manifest: Manifest, options: RunOptions, batches) -> dict:
     coordinator = Coordinator(program, comm, manifest)
-    accuracy = MulticlassAccuracy(num_classes=manifest.model.classes, average="micro",
-                                                   sync_on_compute=False) if options.eval else None
+    detector = _detector(manifest)
+    objective = objective_for(manifest.task, classes=manifest.model.classes, model=detector,
+                              image_size=tuple(manifest.input_shape[1:]))
+    # only rank 0 scores: no synchronisation of the metric across the process group
+    metric = objective.metric(sync_on_compute=False) if options.eval else None
     predictions, outputs = [], []
     try:
         for index, batch in enumerate(batches):
@@ -144,11 +159,13 @@ def coordinate(program: LocalProgram, comm: Comm, manifest: Manifest, options: R
                 coordinator.forward(batch.images, timed=False)
             for _ in range(options.repeat):
                 output = coordinator.forward(batch.images)
-            output = output.cpu()
-            if accuracy is not None:
-                accuracy.update(output.argmax(-1), batch.labels)
+            output = tree_map(lambda t: t.cpu(), output)
+            if metric is not None:
+                objective.update(metric, output, batch.labels)
             else:
-                predictions += _predictions(batch, output, manifest.class_names)
+                described = describe(manifest.task, output, manifest.class_names, detector=detector,
+                                     image_size=manifest.input_shape[1:])
+                predictions += [{"input": name, **d} for name, d in zip(batch.names, described)]
             if options.save_output:
                 outputs.append(output)
     except DiscoError:  # bad input met mid-way: tell the others before failing
@@ -156,8 +173,10 @@ def coordinate(program: LocalProgram, comm: Comm, manifest: Manifest, options: R
         raise
     coordinator.stop()
     if options.save_output:
-        safetensors.torch.save_file({"output": torch.cat(outputs).contiguous()}, options.save_output)
-    return {"accuracy": float(accuracy.compute()) if accuracy is not None and coordinator.images else None,
+        _save_outputs(outputs, options.save_output)
+    score = objective.score(metric) if metric is not None and coordinator.images else None
+    return {"metric": objective.metric_name, "score": score,
+            "accuracy": score if objective.metric_name == "accuracy" else None,
             "predictions": predictions, "latencies_s": coordinator.latencies, "images": coordinator.images}
 
 
@@ -170,7 +189,8 @@ def summarise(result: dict, sent: dict, manifest: Manifest, comm: Comm, backend:
         "images": images, "forwards": forwards,
         "latency_s": {"median": statistics.median(result["latencies_s"]) if forwards else None,
                       "all": result["latencies_s"]},
-        "accuracy": result["accuracy"], "reference": manifest.reference,
+        "accuracy": result["accuracy"], "metric": result["metric"], "score": result["score"],
+        "reference": manifest.reference,
         "bytes_sent": sent, "bytes_per_image": per_image,
         "expected_per_image": {"activations": manifest.expected["bytes"], "norm": manifest.expected.get("norm_bytes", 0),
                                **manifest.expected["io_bytes"]},
@@ -180,13 +200,13 @@ def summarise(result: dict, sent: dict, manifest: Manifest, comm: Comm, backend:
 
 def print_summary(summary: dict) -> None:
     for p in summary["predictions"][:50]:
-        print(f"{p['input']}: {p['label']} ({p['probability']:.1%})")
+        print(f"{p['input']}: {p['text']}")
     if len(summary["predictions"]) > 50:
         print(f"... {len(summary['predictions']) - 50} more predictions (see --summary)")
-    if summary["accuracy"] is not None:
-        reference = summary["reference"] or {}
-        also = f" (simulation: {reference['accuracy']:.4f})" if "accuracy" in reference else ""
-        print(f"accuracy on {summary['images']} test images: {summary['accuracy']:.4f}{also}")
+    if summary["score"] is not None:
+        metric, reference = summary["metric"], summary["reference"] or {}
+        also = f" (simulation: {reference[metric]:.4f})" if reference.get(metric) is not None else ""
+        print(f"{metric} on {summary['images']} test images: {summary['score']:.4f}{also}")
     if summary["latency_s"]["median"] is not None:
         print(f"latency: median {summary['latency_s']['median'] * 1000:.2f} ms per batch over {summary['forwards']} "
               f"runs ({summary['nodes']} ranks, {summary['backend']})")
@@ -210,7 +230,8 @@ def run_rank(options: RunOptions) -> dict | None:
     program = load_program(manifest, folder, rank, device)  # shard verified before any communication
     batches = None
     if rank == 0:
-        batches = eval_batches(manifest, options.batch_size, options.limit) if options.eval \
+        collate = OBJECTIVES[manifest.task].collate
+        batches = eval_batches(manifest, options.batch_size, options.limit, collate) if options.eval \
             else file_batches(options.input, manifest, options.batch_size)
     comm = Comm.start(timeout=options.timeout, backend=backend, device=device)
     comm.agree_on(sha256_of(folder / MANIFEST_NAME), "manifest")

@@ -8,6 +8,7 @@ from pathlib import Path
 from disco.errors import DiscoError
 from disco.options import MAX_NODES, TRANSPORT_DTYPE_BYTES
 from disco.sparsify.sparsifier import METHODS
+from disco.tasks.predictions import TASKS
 
 PHASES = ("dense", "sparsify", "finetune")
 
@@ -15,6 +16,7 @@ PHASES = ("dense", "sparsify", "finetune")
 @dataclass(kw_only=True)
 class TrainConfig:
     """model: model spec (torchvision:NAME or file.py:factory); model_kwargs: passed to it.
+    task: classification, segmentation, detection or superres (loss, distillation and metric per task).
     dataset / data: a known dataset name, or an ImageFolder path (train/, val/) that takes precedence.
     nodes, budget (fraction of dense bytes, 0..1), method ("learned" or "random").
     dense_epochs / sparsify_epochs / finetune_epochs: epochs of each phase (dense is skipped when weights
@@ -26,7 +28,8 @@ class TrainConfig:
 
     model: str
     out: str
-    dataset: str = "fashion-mnist"
+    task: str = "classification"
+    dataset: str | None = None  # None: the task's default (fashion-mnist; fashion-scenes for seg./detection)
     data: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     stem_stride: int | None = None
@@ -53,6 +56,10 @@ class TrainConfig:
     image_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DiscoError(f"unknown --task {self.task!r}; known: {', '.join(TASKS)}")
+        if self.dataset is None and self.task == "classification":
+            self.dataset = "fashion-mnist"
         if not 0.0 <= self.budget <= 1.0:
             raise DiscoError(f"--budget must be in [0, 1] (a fraction of the dense split's bytes), got {self.budget}")
         if not 1 <= self.nodes <= MAX_NODES:

@@ -1,4 +1,8 @@
-"""One epoch of training and one evaluation pass, with progress bars (tqdm) on a terminal."""
+"""One epoch of training and one evaluation pass, with progress bars (tqdm) on a terminal.
+
+Both work for every task: the task's Objective (disco.tasks.objectives) gives the loss, the distillation
+term and the test metric.
+"""
 from __future__ import annotations
 
 import sys
@@ -7,13 +11,13 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
 from disco.sparsify import Sparsifier
+from disco.tasks.objectives import Objective
 
 # loss_fn(outputs, targets, inputs) -> loss (inputs let a distillation loss query its teacher)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[object, object, torch.Tensor], torch.Tensor]
 
 
 def _bar(loader: DataLoader, desc: str):
@@ -22,13 +26,14 @@ def _bar(loader: DataLoader, desc: str):
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: LossFn, *, device: torch.device,
-                desc: str, sparsifier: Sparsifier | None = None) -> dict:
-    """Returns mean training loss and accuracy of the epoch (and the communication ratio reached)."""
+                desc: str, objective: Objective, sparsifier: Sparsifier | None = None) -> dict:
+    """Returns the epoch's mean training loss (and accuracy, for classification; and the ratio reached)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
+    classifying = objective.metric_name == "accuracy"
     bar = _bar(loader, desc)
     for inputs, targets in bar:
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, targets = inputs.to(device), objective.to_device(targets, device)
         outputs = model(inputs)
         loss = loss_fn(outputs, targets, inputs)
         if sparsifier is not None:
@@ -39,46 +44,56 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         scheduler.step()
         if sparsifier is not None:
             sparsifier.step()
-        total_loss += float(loss.detach()) * len(targets)
-        correct += int((outputs.detach().argmax(1) == targets).sum())
-        seen += len(targets)
-        postfix = {"loss": f"{total_loss / seen:.4f}", "acc": f"{correct / seen:.4f}"}
+        total_loss += float(loss.detach()) * len(inputs)
+        seen += len(inputs)
+        postfix = {"loss": f"{total_loss / seen:.4f}"}
+        if classifying:
+            correct += int((outputs.detach().argmax(1) == targets).sum())
+            postfix["acc"] = f"{correct / seen:.4f}"
         if sparsifier is not None:
             postfix["ratio"] = f"{sparsifier.ratio:.4f}"
         bar.set_postfix(postfix)
-    metrics = {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+    metrics = {"train_loss": total_loss / max(seen, 1)}
+    if classifying:
+        metrics["train_accuracy"] = correct / max(seen, 1)
     if sparsifier is not None:
         metrics["ratio"] = sparsifier.ratio
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, classes: int, *, device: torch.device,
+def evaluate(model: nn.Module, loader: DataLoader, objective: Objective, *, device: torch.device,
              desc: str = "eval") -> float:
-    """Top-1 accuracy (torchmetrics) of the model on the loader."""
+    """The task's test metric (torchmetrics) of the model on the loader: accuracy, mIoU, mAP or PSNR."""
     model.eval()
-    accuracy = MulticlassAccuracy(num_classes=classes, average="micro").to(device)
+    metric = objective.metric().to(device)
     for inputs, targets in _bar(loader, desc):
-        accuracy.update(model(inputs.to(device)), targets.to(device))
-    return float(accuracy.compute())
+        objective.update(metric, model(inputs.to(device)), objective.to_device(targets, device))
+    return objective.score(metric)
+
+
+class TaskLoss:
+    """The task's own loss (cross-entropy, L1, focal + box loss...)."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def __call__(self, outputs, targets, inputs: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss(outputs, targets)
 
 
 class DistillationLoss:
-    """(1 - w) * cross-entropy + w * T^2 * KL(teacher || student) at temperature T (Hinton et al.)."""
+    """(1 - w) * task loss + w * distillation towards the teacher's outputs at temperature T (Hinton et al.;
+    for classification T^2 * KL(teacher || student); see each Objective.distill)."""
 
-    def __init__(self, teacher: nn.Module, *, temperature: float, weight: float):
+    def __init__(self, teacher: nn.Module, *, temperature: float, weight: float, objective: Objective | None = None):
         self.teacher = teacher.eval()
         self.temperature = temperature
         self.weight = weight
+        self.objective = objective or Objective(classes=0)
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, outputs, targets, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher = self.teacher(inputs)
-        t = self.temperature
-        soft = nn.functional.kl_div(nn.functional.log_softmax(outputs / t, 1), nn.functional.log_softmax(teacher / t, 1),
-                                    reduction="batchmean", log_target=True) * t * t
-        return (1 - self.weight) * nn.functional.cross_entropy(outputs, targets) + self.weight * soft
-
-
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs, targets)
+        soft = self.objective.distill(outputs, teacher, self.temperature)
+        return (1 - self.weight) * self.objective.loss(outputs, targets) + self.weight * soft

@@ -17,13 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from disco.data.datasets import DataSpec, load_dataset, subset
+from disco.data.tasks import load_task_data
 from disco.errors import DiscoError
 from disco.models import build_for_data, load_weights
 from disco.partition.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.training import checkpoint
 from disco.training.config import PHASES, TrainConfig
-from disco.training.loops import DistillationLoss, cross_entropy, evaluate, train_epoch
+from disco.tasks.objectives import Objective, objective_for
+from disco.training.loops import DistillationLoss, TaskLoss, evaluate, train_epoch
 from disco.training.report import write_report
 
 
@@ -41,20 +43,30 @@ class RunState:
     device: torch.device
     dense: nn.Module
     out: Path
+    objective: Objective
     epochs_run: int = 0
     stop_after_epochs: int | None = None
-    dense_accuracy: float | None = None
+    dense_score: float | None = None  # the task's metric (accuracy, mIoU, mAP, PSNR) of the dense model
 
 
 def _seed_for(config: TrainConfig, phase: str, epoch: int) -> int:
     return config.seed * 10_000 + PHASES.index(phase) * 1_000 + epoch
 
 
-def _loaders(config: TrainConfig, data: DataSpec) -> tuple[DataLoader, DataLoader]:
+def load_run_data(config: TrainConfig) -> DataSpec:
+    """The run's data: a classification dataset, or the task's (scenes, super-resolution pairs, folders)."""
+    if config.task == "classification":
+        return load_dataset(config.dataset, config.data, image_size=config.image_size)
+    return load_task_data(config.task, config.dataset, config.data, seed=config.seed,
+                          train_size=config.train_subset, test_size=config.test_subset, image_size=config.image_size)
+
+
+def _loaders(config: TrainConfig, data: DataSpec, collate) -> tuple[DataLoader, DataLoader]:
     train = subset(data.train, config.train_subset, config.seed)
     test = subset(data.test, config.test_subset, config.seed)
-    train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator())
-    return train_loader, DataLoader(test, batch_size=256)
+    train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator(),
+                              collate_fn=collate)
+    return train_loader, DataLoader(test, batch_size=256, collate_fn=collate)
 
 
 def _log(out: Path, record: dict) -> None:
@@ -85,8 +97,9 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
         run.train_loader.generator.manual_seed(seed)
         began = time.perf_counter()
         metrics = train_epoch(model, run.train_loader, optimizer, scheduler, loss_fn, device=run.device,
-                              desc=f"{phase} {epoch + 1}/{epochs}", sparsifier=sparsifier)
-        metrics["test_accuracy"] = evaluate(model, run.test_loader, run.data.classes, device=run.device)
+                              desc=f"{phase} {epoch + 1}/{epochs}", objective=run.objective, sparsifier=sparsifier)
+        metrics[f"test_{run.objective.metric_name}"] = evaluate(model, run.test_loader, run.objective,
+                                                                 device=run.device)
         _log(run.out, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began})
         _save_checkpoint(run, phase, epoch, model, optimizer, scheduler, sparsifier)
         run.epochs_run += 1
@@ -114,16 +127,17 @@ def _dense_phase(run: RunState, saved: dict | None) -> None:
     elif saved is None or saved["phase"] == "dense":
         if saved is not None:
             checkpoint.load_model_state(run.dense, run.out / "checkpoint" / "model.safetensors")
-        _run_phase(run, "dense", run.dense, cross_entropy, None, saved)
+        _run_phase(run, "dense", run.dense, TaskLoss(run.objective), None, saved)
         checkpoint.save_model(run.dense, run.out / "dense.safetensors")
     if not (run.out / "dense.json").is_file() or given:
         if not given:
             checkpoint.load_model_state(run.dense, run.out / "dense.safetensors")
-        accuracy = evaluate(run.dense, run.test_loader, run.data.classes, device=run.device, desc="dense eval")
-        (run.out / "dense.json").write_text(json.dumps({"test_accuracy": accuracy, "weights": given}))
+        score = evaluate(run.dense, run.test_loader, run.objective, device=run.device, desc="dense eval")
+        (run.out / "dense.json").write_text(json.dumps({f"test_{run.objective.metric_name}": score,
+                                                        "weights": given}))
     else:
         checkpoint.load_model_state(run.dense, run.out / "dense.safetensors")
-    run.dense_accuracy = json.loads((run.out / "dense.json").read_text())["test_accuracy"]
+    run.dense_score = json.loads((run.out / "dense.json").read_text())[f"test_{run.objective.metric_name}"]
 
 
 def _sparse_phases(run: RunState, saved: dict | None) -> nn.Module:
@@ -138,13 +152,13 @@ def _sparse_phases(run: RunState, saved: dict | None) -> nn.Module:
         checkpoint.load_model_state(simulated, run.out / "checkpoint" / "model.safetensors")
         sparsifier.load_state_dict(saved["sparsifier"])
     if resume_phase != "finetune":
-        _run_phase(run, "sparsify", simulated, cross_entropy, sparsifier, saved if resume_phase else None)
+        _run_phase(run, "sparsify", simulated, TaskLoss(run.objective), sparsifier, saved if resume_phase else None)
         if config.sparsify_epochs:
             sparsifier.cut_to(min(config.budget, sparsifier.ratio))  # exact budget even if steps ran short
     sparsifier.freeze()
     teacher = copy.deepcopy(run.dense).eval()
-    loss = (DistillationLoss(teacher, temperature=config.temperature, weight=config.distill_weight)
-            if config.distill else cross_entropy)
+    loss = (DistillationLoss(teacher, temperature=config.temperature, weight=config.distill_weight,
+                             objective=run.objective) if config.distill else TaskLoss(run.objective))
     _run_phase(run, "finetune", simulated, loss, sparsifier, saved if resume_phase == "finetune" else None)
     return simulated
 
@@ -159,14 +173,15 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
         raise DiscoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
-    data = load_dataset(config.dataset, config.data, image_size=config.image_size)
-    train_loader, test_loader = _loaders(config, data)
+    data = load_run_data(config)
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)  # the initial weights are part of the run: resuming must rebuild the same ones
     dense = build_for_data(config.model, channels=data.channels, classes=data.classes, stem_stride=config.stem_stride,
                            **config.model_kwargs).to(chosen)
+    objective = objective_for(config.task, classes=data.classes, model=dense, image_size=data.image_size)
+    train_loader, test_loader = _loaders(config, data, objective.collate)
     example = train_loader.dataset[0][0][None].to(chosen)
-    run = RunState(config, data, train_loader, test_loader, example, chosen, dense, out,
+    run = RunState(config, data, train_loader, test_loader, example, chosen, dense, out, objective,
                    stop_after_epochs=stop_after_epochs)
     saved = _load_checkpoint(run) if resume else None
     try:
@@ -175,5 +190,5 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
     except StopRequested:
         return {"stopped": True, "epochs_run": run.epochs_run}
     checkpoint.save_model(simulated, out / "disco.safetensors")
-    accuracy = evaluate(simulated, test_loader, data.classes, device=chosen, desc="final eval")
-    return write_report(run, simulated, accuracy)
+    score = evaluate(simulated, test_loader, objective, device=chosen, desc="final eval")
+    return write_report(run, simulated, score)

@@ -10,14 +10,18 @@ def _row(label: str, values: list, fmt) -> str:
     return f"| {label} | " + " | ".join(fmt(v) for v in values) + " |"
 
 
-def write_report(run, simulated, accuracy: float) -> dict:
+def write_report(run, simulated, score: float) -> dict:
+    """`score` is the DISCO model's test metric (run.objective.metric_name); classification runs also
+    report it as dense_accuracy / disco_accuracy."""
     config = run.config
+    metric = run.objective.metric_name
     costs = cost_report(simulated.cpu(), run.example.cpu(), transport_dtype=config.transport_dtype)
     simulated.to(run.device)
     report = {
         "model": config.model, "model_kwargs": config.model_kwargs, "dataset": run.data.name,
         "nodes": config.nodes, "budget": config.budget, "method": config.method,
-        "dense_accuracy": run.dense_accuracy, "disco_accuracy": accuracy,
+        "task": config.task, "metric": metric, "dense_score": run.dense_score, "disco_score": score,
+        **({"dense_accuracy": run.dense_score, "disco_accuracy": score} if metric == "accuracy" else {}),
         "ratio": costs["ratio"], "bytes_per_image": costs["bytes"], "dense_bytes_per_image": costs["dense_bytes"],
         "transport_dtype": costs["transport_dtype"],
         "macs_per_node": costs["macs_per_node"], "dense_macs_per_node": costs["dense_macs_per_node"],
@@ -32,14 +36,20 @@ def write_report(run, simulated, accuracy: float) -> dict:
     return report
 
 
+def _score_line(r: dict) -> str:
+    metric = r.get("metric", "accuracy")
+    dense, disco = r.get("dense_score", r.get("dense_accuracy")), r.get("disco_score", r.get("disco_accuracy"))
+    gap = f"{disco - dense:+.2f} dB" if metric == "psnr" else f"{(disco - dense) * 100:+.2f} points"
+    return f"- {metric}: dense {dense:.4f}, DISCO {disco:.4f} ({gap})"
+
+
 def render(r: dict) -> str:
     nodes = r["nodes"]
     head = "| per image | " + " | ".join(f"node {k}" for k in range(nodes)) + " |"
     lines = [
         f"# DISCO run: {r['model']} on {r['dataset']}, {nodes} nodes, budget {r['budget']} ({r['method']})",
         "",
-        f"- accuracy: dense {r['dense_accuracy']:.4f}, DISCO {r['disco_accuracy']:.4f} "
-        f"({(r['disco_accuracy'] - r['dense_accuracy']) * 100:+.2f} points)",
+        _score_line(r),
         f"- communication: {r['bytes_per_image']:,} of {r['dense_bytes_per_image']:,} bytes per image "
         f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({1 / r['ratio'] if r['ratio'] else float('inf'):.1f}x less)",
         f"- whole model: {r['model_macs']:,} MACs",

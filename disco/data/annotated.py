@@ -1,0 +1,198 @@
+"""The user's own segmentation (Pascal VOC layout) and detection (COCO layout) folders.
+
+Targets use the Fashion-scenes format (disco.data.scenes): segmentation {"mask": LongTensor [H, W]},
+detection {"boxes": FloatTensor [k, 4] xyxy in pixels, "labels": LongTensor [k] in 1..K}; 0 is the
+background. Every image is resized to the first training image's size (masks with nearest neighbour, boxes
+scaled alike), so batches stack.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from disco.data.datasets import image_transform
+from disco.errors import DiscoError
+
+VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+                   "train", "tvmonitor")
+VOC_IGNORE = 255  # VOC marks object borders 255: kept as is, for a loss with ignore_index=255
+GREY_MODES = ("L", "LA", "I", "I;16", "1")
+NORMALISATION = 0.5  # mean and std per channel, as disco.data.datasets.image_folder uses for user images
+
+
+@dataclass
+class AnnotatedFolder:
+    """What a user folder gives: train/val datasets and what the model must be adapted to."""
+    train: Dataset
+    test: Dataset
+    channels: int
+    classes: int  # including the background
+    image_size: tuple[int, int]
+    class_names: list[str]
+
+
+def image_geometry(path: Path) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) of an image file: 1 channel for greyscale files, else 3."""
+    with Image.open(path) as image:
+        return (1 if image.mode in GREY_MODES else 3), (image.height, image.width)
+
+
+class _ResizedImages(Dataset):
+    """Shared part: read image i as RGB, resize to `size`, normalise with `channels` channels."""
+
+    def __init__(self, files: list[Path], channels: int, size: tuple[int, int]):
+        self.files, self.size = files, size
+        self.transform = image_transform(channels, None, [NORMALISATION] * channels, [NORMALISATION] * channels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _image(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(normalised image at self.size, the file's own (height, width))."""
+        with Image.open(self.files[index]) as image:
+            original = (image.height, image.width)
+            resized = image.convert("RGB").resize(self.size[::-1], Image.BILINEAR)
+        return self.transform(resized), original
+
+
+class VOCSegmentationFolder(_ResizedImages):
+    """(image, {"mask": LongTensor [H, W]}) for each id of one VOC split; mask values are the PNG's indices."""
+
+    def __init__(self, files: list[Path], masks: list[Path], channels: int, size: tuple[int, int]):
+        super().__init__(files, channels, size)
+        self.masks = masks
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, _ = self._image(index)
+        with read_index_mask(self.masks[index]) as mask:
+            resized = mask.resize(self.size[::-1], Image.NEAREST)
+        return image, {"mask": torch.from_numpy(np.asarray(resized, dtype=np.int64).copy())}
+
+
+class COCODetectionFolder(_ResizedImages):
+    """(image, {"boxes", "labels"}) per image of one COCO split; boxes scaled with the resize."""
+
+    def __init__(self, files: list[Path], boxes: list[torch.Tensor], labels: list[torch.Tensor], channels: int,
+                 size: tuple[int, int]):
+        super().__init__(files, channels, size)
+        self.boxes, self.labels = boxes, labels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, (height, width) = self._image(index)
+        scale = torch.tensor([self.size[1] / width, self.size[0] / height] * 2)
+        return image, {"boxes": self.boxes[index] * scale, "labels": self.labels[index]}
+
+
+def read_index_mask(path: Path) -> Image.Image:
+    """A class-index mask: a palette ("P", as VOC ships them) or greyscale PNG whose values are class ids."""
+    image = Image.open(path)
+    if image.mode not in ("P", "L"):
+        image.close()
+        raise DiscoError(f"{path} is a {image.mode} image: segmentation masks must be palette or greyscale PNGs "
+                         "whose pixel values are class indices")
+    image.load()
+    return image
+
+
+def require(path: Path, what: str, layout: str) -> Path:
+    if not path.exists():
+        raise DiscoError(f"{path} not found: expected {what} ({layout})")
+    return path
+
+
+VOC_LAYOUT = "VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt"
+
+
+def voc_split(root: Path, split: str) -> tuple[list[Path], list[Path]]:
+    """(image files, mask files) of the ids listed in ImageSets/Segmentation/<split>.txt."""
+    listing = require(root / "ImageSets" / "Segmentation" / f"{split}.txt", f"the {split} id list", VOC_LAYOUT)
+    ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DiscoError(f"{listing} lists no image ids")
+    images = [require(root / "JPEGImages" / f"{i}.jpg", "the image of every listed id", VOC_LAYOUT) for i in ids]
+    masks = [require(root / "SegmentationClass" / f"{i}.png", "the mask of every listed id", VOC_LAYOUT)
+             for i in ids]
+    return images, masks
+
+
+def voc_class_count(masks: list[Path]) -> int:
+    """1 + the largest class index in any mask (the VOC_IGNORE border value does not count)."""
+    largest = 0
+    for path in masks:
+        with read_index_mask(path) as mask:
+            values = np.unique(np.asarray(mask))
+        largest = max(largest, int(values[values != VOC_IGNORE].max(initial=0)))
+    return largest + 1
+
+
+def voc_segmentation(root: Path) -> AnnotatedFolder:
+    """A Pascal-VOC-style folder (train.txt -> train, val.txt -> test). Class count from the masks; VOC's class
+    names when it has VOC's 21 classes, else background, class_1, class_2..."""
+    root = require(Path(root), "a segmentation folder", VOC_LAYOUT)
+    (train_images, train_masks), (val_images, val_masks) = voc_split(root, "train"), voc_split(root, "val")
+    channels, size = image_geometry(train_images[0])
+    classes = voc_class_count(train_masks + val_masks)
+    names = list(VOC_CLASS_NAMES) if classes == len(VOC_CLASS_NAMES) else generic_class_names(classes)
+    return AnnotatedFolder(VOCSegmentationFolder(train_images, train_masks, channels, size),
+                           VOCSegmentationFolder(val_images, val_masks, channels, size), channels, classes, size,
+                           names)
+
+
+def generic_class_names(classes: int) -> list[str]:
+    return ["background", *(f"class_{i}" for i in range(1, classes))]
+
+
+COCO_LAYOUT = "COCO layout: train/ and val/ image folders, annotations/instances_{train,val}.json"
+
+
+def read_coco_json(root: Path, split: str) -> dict:
+    path = require(root / "annotations" / f"instances_{split}.json", f"the {split} annotations", COCO_LAYOUT)
+    try:
+        content = json.loads(path.read_text())
+        return {"images": content["images"], "annotations": content["annotations"],
+                "categories": content["categories"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DiscoError(f"{path} is not COCO instances JSON with images, annotations and categories "
+                         f"({type(error).__name__}: {error})") from error
+
+
+def coco_records(content: dict, image_dir: Path, label_of: dict[int, int]):
+    """(files, boxes xyxy, labels) per image, sorted by image id; crowd and empty boxes are skipped."""
+    per_image: dict[int, list[dict]] = {image["id"]: [] for image in content["images"]}
+    for annotation in content["annotations"]:
+        _, _, width, height = annotation["bbox"]
+        if not annotation.get("iscrowd", 0) and width > 0 and height > 0:
+            per_image.setdefault(annotation["image_id"], []).append(annotation)
+    files, boxes, labels = [], [], []
+    for image in sorted(content["images"], key=lambda image: image["id"]):
+        found = per_image[image["id"]]
+        if any(a["category_id"] not in label_of for a in found):
+            raise DiscoError(f"image {image['file_name']} has a category missing from the train categories")
+        files.append(require(image_dir / image["file_name"], "every image named in the annotations", COCO_LAYOUT))
+        xywh = torch.tensor([a["bbox"] for a in found], dtype=torch.float).reshape(-1, 4)
+        boxes.append(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1))
+        labels.append(torch.tensor([label_of[a["category_id"]] for a in found], dtype=torch.long))
+    return files, boxes, labels
+
+
+def coco_detection(root: Path) -> AnnotatedFolder:
+    """A COCO-style folder; labels are the train categories' ids in increasing order, remapped to 1..K."""
+    root = require(Path(root), "a detection folder", COCO_LAYOUT)
+    contents = {split: read_coco_json(root, split) for split in ("train", "val")}
+    categories = sorted(contents["train"]["categories"], key=lambda category: category["id"])
+    label_of = {category["id"]: label for label, category in enumerate(categories, start=1)}
+    records = {split: coco_records(contents[split], require(root / split, f"the {split} images", COCO_LAYOUT),
+                                   label_of) for split in ("train", "val")}
+    if not records["train"][0]:
+        raise DiscoError(f"{root / 'annotations' / 'instances_train.json'} lists no images")
+    channels, size = image_geometry(records["train"][0][0])
+    train, val = (COCODetectionFolder(*records[split], channels, size) for split in ("train", "val"))
+    return AnnotatedFolder(train, val, channels, len(categories) + 1, size,
+                           ["background", *(category["name"] for category in categories)])

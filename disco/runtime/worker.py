@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("deploy", help="deployment folder written by `disco export`")
     parser.add_argument("--input", help="an image, a folder of images, or a .safetensors file with a tensor 'input'")
-    parser.add_argument("--eval", action="store_true", help="score the model on its dataset's test split (accuracy, mIoU, mAP or PSNR by task)")
+    parser.add_argument("--eval", action="store_true",
+                        help="score the model on its dataset's test split (accuracy, mIoU, mAP or PSNR by task)")
     parser.add_argument("--limit", type=int, help="with --eval: only this many test images")
     parser.add_argument("--batch-size", type=int, help="images per forward (default 1; 256 with --eval)")
     parser.add_argument("--repeat", type=int, default=1, help="run each batch this many times (latency)")

@@ -198,8 +198,9 @@ def render_tasks(rows: list[dict]) -> list[str]:
         scale = METRIC_SCALE[r["metric"]]
         unit = " dB" if r["metric"] == "psnr" else " points"
         split_gap = f"{(r['accuracy'] - reference) * scale:+.2f}{unit}" if reference is not None else ""
+        dense_gap = f"{(r['accuracy'] - r['dense_accuracy']) * scale:+.2f}{unit}"
         lines.append(f"| {r['task']} | {r['family']} | {r['method']} | {r['budget']} | {r['metric']} "
-                     f"| {_shown(r['accuracy'], r['metric'])} | {(r['accuracy'] - r['dense_accuracy']) * scale:+.2f}{unit} "
+                     f"| {_shown(r['accuracy'], r['metric'])} | {dense_gap} "
                      f"| {split_gap} | {r['ratio']:.4f} | {r['bytes']:,.0f} of {r['dense_bytes']:,} |")
     dense = sorted({(r["family"], r["metric"], r["dense_accuracy"]) for r in rows})
     lines += ["", "Dense models (one device): " + ", ".join(f"{f} {m} {_shown(v, m)}" for f, m, v in dense)]

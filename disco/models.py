@@ -111,7 +111,8 @@ def build_for_data(spec: str, *, channels: int, classes: int, stem_stride: int |
     """A model for data with `channels` inputs and `classes` outputs. torchvision models are built with
     num_classes and get their first conv adapted; a user's factory receives **kwargs unchanged."""
     source, _, name = spec.rpartition(":")
-    accepted = inspect.signature(BUILTIN_MODELS[name]).parameters if source == "disco" and name in BUILTIN_MODELS else {}
+    builtin = BUILTIN_MODELS.get(name) if source == "disco" else None
+    accepted = inspect.signature(builtin).parameters if builtin is not None else {}
     if "in_channels" in accepted:  # built for the data directly: no first layer to swap
         if stem_stride is not None and "stem_stride" not in accepted:
             raise DiscoError(f"disco:{name} has no stem stride to set")

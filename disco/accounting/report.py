@@ -105,7 +105,8 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     Bytes are activations crossing the network in `transport_dtype`; `io_bytes` (input scattered from
     node 0, output gathered on node 0) and `norm_bytes` (fp32 partial sums of LayerNorms spanning nodes)
     are reported separately. MACs count conv/linear weights a node
-    holds in kept slices plus the attention products of its heads; parameter bytes are those weights plus per-channel parameters (BatchNorm).
+    holds in kept slices plus the attention products of its heads; parameter bytes are those weights plus
+    per-channel parameters (BatchNorm, LayerNorm, per-head tables).
     """
     bytes_per_element = transport_bytes(transport_dtype)
     layers = disco_layers(model)

@@ -72,7 +72,8 @@ class Gather:
                 nonlocal offset, held_offset
                 if not isinstance(owner, torch.Tensor):
                     return owner
-                numbered = torch.arange(offset + 1, offset + 1 + owner.numel(), dtype=torch.float64).reshape(owner.shape)
+                first = offset + 1  # id 0 stands for padding
+                numbered = torch.arange(first, first + owner.numel(), dtype=torch.float64).reshape(owner.shape)
                 held = held_mask(owner, rank).flatten()
                 table = torch.full((owner.numel(),), -1, dtype=torch.long)
                 table[held] = torch.arange(int(held.sum())) + held_offset
@@ -124,8 +125,9 @@ class NarrowOperands:
         self.picks: dict[fx.Node, torch.Tensor] = {}
         for arg in node.all_input_nodes:
             source = owners.get(arg)
-            if isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor) \
-                    and source.shape == result.shape and not torch.equal(held_mask(source, rank), held_mask(result, rank)):
+            comparable = isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor) \
+                and source.shape == result.shape
+            if comparable and not torch.equal(held_mask(source, rank), held_mask(result, rank)):
                 self.picks[arg] = _held_positions(source, result, rank, node)
 
     def cut(self, arg: fx.Node, value: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)  # the initial weights are part of the run: resuming must rebuild the same ones
     dense = build_for_data(config.model, channels=data.channels, classes=data.classes, stem_stride=config.stem_stride,
-                           **config.model_kwargs).to(chosen)
+                           **config.model_kwargs)
+    # channels-last conv weights make PyTorch pick its channels-last conv kernels: measured 1.5x faster training
+    # of mobilenet_v2 on one CPU thread (and the layout tensor cores want on a GPU); values are unchanged
+    dense = dense.to(chosen, memory_format=torch.channels_last)
     objective = objective_for(config.task, classes=data.classes, model=dense, image_size=data.image_size)
     train_loader, test_loader = _loaders(config, data, objective.collate)
     example = train_loader.dataset[0][0][None].to(chosen)

@@ -142,6 +142,11 @@ def _dense_score(run: Path) -> float:
     return next(v for k, v in saved.items() if k.startswith("test_"))
 
 
+def _family_nodes_method_budget_down(item: tuple) -> tuple:
+    (family, nodes, label, budget), _ = item
+    return family, nodes, label, -budget
+
+
 def summarise(results: dict[str, dict], jobs: list[Job], dense: dict[str, float]) -> list[dict]:
     rows = {}
     for job in jobs:
@@ -151,8 +156,7 @@ def summarise(results: dict[str, dict], jobs: list[Job], dense: dict[str, float]
         key = (job.family, job.nodes, job.label, job.budget)
         rows.setdefault(key, []).append(report)
     table = []
-    by_family_nodes_method_then_budget_down = lambda kv: (kv[0][0], kv[0][1], kv[0][2], -kv[0][3])  # noqa: E731
-    for (family, nodes, label, budget), reports in sorted(rows.items(), key=by_family_nodes_method_then_budget_down):
+    for (family, nodes, label, budget), reports in sorted(rows.items(), key=_family_nodes_method_budget_down):
         accuracies = [r.get("disco_score", r.get("disco_accuracy")) for r in reports]
         table.append({"family": family, "nodes": nodes, "method": label, "budget": budget,
                       "task": reports[0].get("task", "classification"), "metric": reports[0].get("metric", "accuracy"),

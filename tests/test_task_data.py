@@ -310,7 +310,7 @@ def test_image_folder_errors_say_what_is_expected(tmp_path):
 
 
 def test_unknown_task_or_dataset_lists_the_known_ones():
-    with pytest.raises(DiscoError, match="known: segmentation, detection, superres"):
+    with pytest.raises(DiscoError, match="known: classification, segmentation, detection, superres"):
         load_task_data("depth")
     with pytest.raises(DiscoError, match="known: fashion-mnist, photos"):
         load_task_data("superres", "imagenet")

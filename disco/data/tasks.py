@@ -1,14 +1,17 @@
-"""Data for the dense-prediction tasks (segmentation, detection, super-resolution) as a DataSpec.
+"""Data for every task as a DataSpec: classification (disco.data.datasets) and the dense-prediction tasks
+(segmentation, detection, super-resolution), so training, export and `disco run --eval` load it alike.
 
 Built-in data works offline: Fashion-MNIST scenes for segmentation and detection, Fashion-MNIST or
 scikit-image's photographs for super-resolution. `data=PATH` reads the user's own folder instead.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from disco.data.annotated import NORMALISATION, AnnotatedFolder, coco_detection, voc_segmentation
-from disco.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataSpec, fashion_mnist_splits, subset
+from disco.data.datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataSpec, fashion_mnist_splits, load_dataset,
+                                 subset)
 from disco.data.scenes import SceneOptions, fashion_scenes
 from disco.data.superres import DownscaledPairs, SuperResOptions, image_files, photo_pairs, read_images, skimage_photos
 from disco.errors import DiscoError
@@ -24,6 +27,8 @@ def load_task_data(task: str, dataset: str | None = None, data: str | Path | Non
                    image_size: int | None = None) -> DataSpec:
     """Train/test data of `task`: the built-in `dataset` (None: the task's default), or the user's folder `data`.
 
+    - classification: disco.data.datasets.load_dataset ("fashion-mnist", or an ImageFolder at data=PATH,
+      resized to image_size).
     - segmentation / detection, "fashion-scenes": FashionScenes (train scenes from the Fashion-MNIST train
       split, test scenes from the test split), 1 channel, 11 classes (0 = background). train_size/test_size
       are the numbers of scenes (default 10000 / 2000). data=PATH: a VOC folder (segmentation) or a COCO
@@ -36,8 +41,11 @@ def load_task_data(task: str, dataset: str | None = None, data: str | Path | Non
     train_size/test_size otherwise take a fixed random subset (drawn with `seed`). image_size: the scenes'
     canvas side (default 96).
     """
+    if task == "classification":
+        spec = load_dataset(dataset or "fashion-mnist", data, cache=cache, image_size=image_size)
+        return replace(spec, train=subset(spec.train, train_size, seed), test=subset(spec.test, test_size, seed))
     if task not in TASK_DATASETS:
-        raise DiscoError(f"unknown task {task!r}; known: {', '.join(TASK_DATASETS)}")
+        raise DiscoError(f"unknown task {task!r}; known: classification, {', '.join(TASK_DATASETS)}")
     if data is not None:
         return user_task_data(task, Path(data), seed, train_size, test_size)
     dataset = dataset or TASK_DATASETS[task][0]

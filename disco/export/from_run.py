@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from disco.training.pipeline import load_run_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
@@ -22,7 +21,7 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     if not weights.is_file():
         raise DiscoError(f"{run} has no disco.safetensors: finish (or --resume) its training first")
     config = TrainConfig.load(run / "config.json")
-    data = load_run_data(config)
+    data = config.load_data()
     spec = ModelSpec(model=config.model, channels=data.channels, classes=data.classes, kwargs=config.model_kwargs,
                      stem_stride=config.stem_stride)
     model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,

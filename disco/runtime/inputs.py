@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
-from disco.data.datasets import image_transform, load_dataset, subset
+from disco.data.datasets import image_transform, subset
 from disco.data.tasks import load_task_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
@@ -81,17 +81,15 @@ def file_batches(path: str | Path, manifest: Manifest, batch_size: int) -> list[
 
 
 def eval_batches(manifest: Manifest, batch_size: int, limit: int | None, collate=None) -> Iterator[Batch]:
-    """The test split of the dataset the model was trained on (the same subset its report used), batched
-    with the task's `collate` (targets: labels, masks, boxes or high-resolution images)."""
+    """The test split of the dataset the model was trained on (the same subset its report used; `limit`:
+    that many of them), batched with the task's `collate` (targets: labels, masks, boxes or images)."""
     if manifest.dataset is None:
         raise DiscoError("this deployment does not record its dataset; export it from a training run for --eval")
     d = manifest.dataset
-    if manifest.task == "classification":
-        data = load_dataset(d["dataset"], d["data"], image_size=d["image_size"])
-    else:  # scenes are generated per index: the same test_subset gives the same scenes the report scored
-        data = load_task_data(manifest.task, d["dataset"], d["data"], seed=d.get("seed", 0),
-                              test_size=d.get("test_subset"), image_size=d["image_size"])
-    test = subset(data.test, limit if limit is not None else d.get("test_subset"), d.get("seed", 0))
+    # the same test_subset and seed give the images the report scored (scenes are generated per index)
+    data = load_task_data(manifest.task, d["dataset"], d["data"], seed=d.get("seed", 0),
+                          test_size=d.get("test_subset"), image_size=d["image_size"])
+    test = subset(data.test, limit, d.get("seed", 0))
     for images, targets in DataLoader(test, batch_size=batch_size, collate_fn=collate):
         check_input(images, manifest)
         yield Batch(images, targets, [])

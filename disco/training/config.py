@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from disco.data.datasets import DataSpec
+from disco.data.tasks import load_task_data
 from disco.errors import DiscoError
 from disco.options import MAX_NODES, TRANSPORT_DTYPE_BYTES
 from disco.sparsify.sparsifier import METHODS
@@ -80,6 +82,11 @@ class TrainConfig:
         for path in (self.weights, self.dense_run):
             if path is not None and not Path(path).exists():
                 raise DiscoError(f"not found: {path}")
+
+    def load_data(self) -> DataSpec:
+        """The run's data, cut to train_subset / test_subset (the same samples in training, export and eval)."""
+        return load_task_data(self.task, self.dataset, self.data, seed=self.seed, train_size=self.train_subset,
+                              test_size=self.test_subset, image_size=self.image_size)
 
     def epochs(self, phase: str) -> int:
         return getattr(self, f"{phase}_epochs")

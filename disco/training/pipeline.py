@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from disco.data.datasets import DataSpec, load_dataset, subset
-from disco.data.tasks import load_task_data
+from disco.data.datasets import DataSpec
 from disco.errors import DiscoError
 from disco.models import build_for_data, load_weights
 from disco.partition.partitioner import partition
@@ -53,20 +52,11 @@ def _seed_for(config: TrainConfig, phase: str, epoch: int) -> int:
     return config.seed * 10_000 + PHASES.index(phase) * 1_000 + epoch
 
 
-def load_run_data(config: TrainConfig) -> DataSpec:
-    """The run's data: a classification dataset, or the task's (scenes, super-resolution pairs, folders)."""
-    if config.task == "classification":
-        return load_dataset(config.dataset, config.data, image_size=config.image_size)
-    return load_task_data(config.task, config.dataset, config.data, seed=config.seed,
-                          train_size=config.train_subset, test_size=config.test_subset, image_size=config.image_size)
-
-
 def _loaders(config: TrainConfig, data: DataSpec, collate) -> tuple[DataLoader, DataLoader]:
-    train = subset(data.train, config.train_subset, config.seed)
-    test = subset(data.test, config.test_subset, config.seed)
-    train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator(),
+    """data comes already cut to the run's subsets (TrainConfig.load_data)."""
+    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator(),
                               collate_fn=collate)
-    return train_loader, DataLoader(test, batch_size=256, collate_fn=collate)
+    return train_loader, DataLoader(data.test, batch_size=256, collate_fn=collate)
 
 
 def _log(out: Path, record: dict) -> None:
@@ -173,7 +163,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
         raise DiscoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
-    data = load_run_data(config)
+    data = config.load_data()
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)  # the initial weights are part of the run: resuming must rebuild the same ones
     dense = build_for_data(config.model, channels=data.channels, classes=data.classes, stem_stride=config.stem_stride,

@@ -1,8 +1,8 @@
 """DISCO: Distributed Inference with Sparse Communications."""
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.options import PartitionOptions
-from disco.partition.layers import DiscoLayer
-from disco.partition.partitioner import disco_layers, partition
+from disco.split.layers import DiscoLayer
+from disco.split.partitioner import disco_layers, partition
 
 __all__ = ["DiscoError", "DiscoLayer", "PartitionOptions", "UnsupportedOperationError", "disco_layers",
            "partition"]

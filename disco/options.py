@@ -7,9 +7,6 @@ from disco.errors import DiscoError
 
 MAX_NODES = 64
 
-# Bytes per element of each transport dtype that activations may cross the network in.
-TRANSPORT_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
-
 
 @dataclass(frozen=True, kw_only=True)
 class PartitionOptions:
@@ -31,11 +28,3 @@ class PartitionOptions:
         if self.assignment != "balanced":
             raise DiscoError(f"unknown assignment {self.assignment!r}; known: 'balanced'")
 
-
-def transport_bytes(dtype: str) -> int:
-    """Bytes per element for a transport dtype name, with a clear error for unknown names."""
-    try:
-        return TRANSPORT_DTYPE_BYTES[dtype]
-    except KeyError:
-        known = ", ".join(TRANSPORT_DTYPE_BYTES)
-        raise DiscoError(f"unknown transport dtype {dtype!r}; known: {known}") from None

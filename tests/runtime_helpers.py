@@ -14,7 +14,7 @@ import torch
 import disco
 from disco.export import ModelSpec, export
 from disco.models import build_for_data
-from disco.partition.masks import keep_random_groups
+from disco.split.masks import keep_random_groups
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_images_from_a_folder_are_read_like_the_training_data(trained):
     assert result.returncode == 0, result.stderr
     # reference: the simulation model on the dataset's own tensors for the same files
     from disco.models import build_for_data
-    from disco.partition.partitioner import partition
+    from disco.split.partitioner import partition
     from disco.training import checkpoint
     data = load_dataset(data=images)
     files = sorted(folder.iterdir())

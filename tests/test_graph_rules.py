@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import disco
-from disco.partition.masks import keep_random_groups
+from disco.split.masks import keep_random_groups
 from reference import hand_zeroed, hook_count
 
 
@@ -144,7 +144,7 @@ def test_bad_node_counts_are_refused(nodes):
 
 
 def test_balanced_assignment_with_channels_not_divisible_by_nodes():
-    from disco.partition.assignment import balanced
+    from disco.split.assignment import balanced
     for channels in (1, 7, 10, 64):
         for nodes in range(1, 9):
             counts = torch.bincount(balanced(channels, nodes), minlength=nodes)

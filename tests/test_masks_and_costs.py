@@ -7,7 +7,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import disco
-from disco.partition.masks import keep_random_groups
+from disco.split.masks import keep_random_groups
 from reference import hand_zeroed, hook_count, plain_layers
 
 CASES = [("resnet18", 2), ("resnet18", 4), ("mobilenet_v2", 3), ("resnext50_32x4d", 3), ("vgg11_bn", 2),

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 import disco
 from disco.errors import DiscoError
 from disco.models import build_for_data
-from disco.partition.masks import keep_random_groups
+from disco.split.masks import keep_random_groups
 from disco.training import pipeline
 from disco.training.config import TrainConfig
 from reference import hand_zeroed, hook_count

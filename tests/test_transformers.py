@@ -18,9 +18,9 @@ import disco
 from disco.errors import UnsupportedOperationError
 from disco.export import ModelSpec, export
 from disco.models import build_for_data
-from disco.partition.attention import SplitAttention, replace_attention
-from disco.partition.window_attention import SplitWindowAttention
-from disco.partition.masks import keep_random_groups
+from disco.split.attention import SplitAttention, replace_attention
+from disco.split.window_attention import SplitWindowAttention
+from disco.split.masks import keep_random_groups
 from disco.training import pipeline
 from disco.training.config import TrainConfig
 from reference import hand_zeroed, hook_count

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from disco.accounting.layer_cost import elements_per_channel
-from disco.options import transport_bytes
-from disco.partition.partitioner import analyse, as_input_tuple, disco_layers
+from disco.transport import transport_bytes
+from disco.split.partitioner import analyse, as_input_tuple, disco_layers
 
 
 def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32") -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from disco.partition.layers import DiscoLayer
-from disco.partition.propagate import MixingCall
+from disco.split.layers import DiscoLayer
+from disco.split.propagate import MixingCall
 
 
 @dataclass

@@ -6,10 +6,10 @@ from torch import nn
 
 from disco.accounting.layer_cost import LayerCost, layer_cost, layer_param_elements
 from disco.errors import DiscoError
-from disco.options import TRANSPORT_DTYPE_BYTES, transport_bytes
-from disco.partition.layers import DiscoLayer
-from disco.partition.partitioner import analyse, as_input_tuple, disco_layers
-from disco.partition.propagate import GraphAnalysis
+from disco.transport import TRANSPORT_DTYPES, transport_bytes
+from disco.split.layers import DiscoLayer
+from disco.split.partitioner import analyse, as_input_tuple, disco_layers
+from disco.split.propagate import GraphAnalysis
 
 
 def _split_by_module(module: nn.Module, channels: torch.Tensor | None, nodes: int) -> list[dict] | None:
@@ -95,8 +95,8 @@ def _peak_activation_bytes(analysis: GraphAnalysis, costs: list[LayerCost], call
 
 
 def _by_dtype(elements: int, dense_elements: int) -> dict:
-    return {name: {"bytes": elements * size, "dense_bytes": dense_elements * size}
-            for name, size in TRANSPORT_DTYPE_BYTES.items()}
+    return {name: {"bytes": elements * d.bytes_per_element, "dense_bytes": dense_elements * d.bytes_per_element}
+            for name, d in TRANSPORT_DTYPES.items()}
 
 
 def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp32") -> dict:

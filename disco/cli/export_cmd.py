@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from disco.export import export_run
+from disco.transport import RUNTIME_DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "shard) into --out, from a run folder of `disco train`.")
     parser.add_argument("run_folder", metavar="RUN", help="run folder of `disco train` (holds disco.safetensors)")
     parser.add_argument("--out", required=True, help="deployment folder to write, e.g. deploy/NAME")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"),
+    parser.add_argument("--dtype", choices=RUNTIME_DTYPES,
                         help="transport dtype of activations between nodes (default: the run's)")
     parser.set_defaults(handler=run)
 

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from disco.accounting import cost_report
 from disco.models import build_model, parse_input_size
-from disco.options import TRANSPORT_DTYPE_BYTES
-from disco.partition.masks import keep_random_groups
-from disco.partition.partitioner import partition
+from disco.transport import TRANSPORT_DTYPES
+from disco.split.masks import keep_random_groups
+from disco.split.partitioner import partition
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="torchvision:NAME (e.g. torchvision:resnet50) or path/to/file.py:factory_function")
     parser.add_argument("--nodes", type=int, default=2, help="number of devices to split across (default 2)")
     parser.add_argument("--input-size", default="3,224,224", help="one input's shape C,H,W (default 3,224,224)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(TRANSPORT_DTYPE_BYTES),
+    parser.add_argument("--dtype", default="fp32", choices=tuple(TRANSPORT_DTYPES),
                         help="dtype activations cross the network in (default fp32)")
     parser.add_argument("--keep-random", type=float, metavar="FRACTION",
                         help="keep only a random fraction of communication groups (to see the effect of masks)")

@@ -8,6 +8,7 @@ from disco.errors import DiscoError
 from disco.sparsify.sparsifier import METHODS
 from disco.tasks.predictions import TASKS
 from disco.training.config import TrainConfig
+from disco.transport import TRANSPORT_DTYPES
 
 
 def _kwargs(text: str) -> dict:
@@ -66,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")
     parser.add_argument("--test-subset", type=int, help="evaluate on only this many images")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random groups")
-    parser.add_argument("--dtype", dest="transport_dtype", default="fp32", choices=("fp32", "fp16", "int8"),
+    parser.add_argument("--dtype", dest="transport_dtype", default="fp32", choices=tuple(TRANSPORT_DTYPES),
                         help="transport dtype the report counts bytes in")
     parser.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -10,7 +10,7 @@ from disco.errors import DiscoError
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
 from disco.models import build_for_data
-from disco.partition.partitioner import partition
+from disco.split.partitioner import partition
 from disco.training import checkpoint
 from disco.training.config import TrainConfig
 

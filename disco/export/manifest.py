@@ -15,11 +15,11 @@ from pathlib import Path
 from disco.errors import DiscoError
 from disco.tasks.predictions import TASKS
 from disco.options import MAX_NODES
+from disco.transport import RUNTIME_DTYPES
 
 FORMAT = "disco-deployment"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-RUNTIME_DTYPES = ("fp32", "fp16")  # int8 needs quantisation scales the runtime does not have yet
 
 
 @dataclass

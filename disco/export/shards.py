@@ -18,13 +18,14 @@ from torch import nn
 
 from disco.accounting import cost_report
 from disco.errors import DiscoError
-from disco.export.manifest import LayerPlan, Manifest, ModelSpec, RUNTIME_DTYPES, sha256_of
+from disco.export.manifest import LayerPlan, Manifest, ModelSpec, sha256_of
+from disco.transport import transport_dtype
 from disco.models import build_for_data
-from disco.partition.assignment import held_channels
-from disco.partition.attention import replace_attention
-from disco.partition.layers import DiscoLayer
-from disco.partition.partitioner import analyse, as_input_tuple, disco_layers, eval_mode
-from disco.partition.propagate import GraphAnalysis
+from disco.split.assignment import held_channels
+from disco.split.attention import replace_attention
+from disco.split.layers import DiscoLayer
+from disco.split.partitioner import analyse, as_input_tuple, disco_layers, eval_mode
+from disco.split.propagate import GraphAnalysis
 
 PLAN_BUFFERS = ("in_assign", "out_assign", "group_mask")
 
@@ -118,8 +119,7 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     layers = disco_layers(model)
     if not layers:
         raise DiscoError("export needs a partitioned model: call disco.partition(model, nodes=N, example_inputs=x)")
-    if transport_dtype not in RUNTIME_DTYPES:
-        raise DiscoError(f"the runtime sends {' or '.join(RUNTIME_DTYPES)}, not {transport_dtype!r}")
+    transport_dtype(transport_dtype, runtime=True)  # refuse what the runtime cannot send
     inputs = as_input_tuple(example_inputs)
     if len(inputs) != 1:
         raise DiscoError("the runtime supports models with one input tensor")

@@ -12,7 +12,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from disco.errors import UnsupportedOperationError
-from disco.partition.assignment import REPLICATED
+from disco.split.assignment import REPLICATED
 
 
 def held_mask(owner: torch.Tensor, rank: int) -> torch.Tensor:

@@ -13,10 +13,10 @@ from torch.nn import functional as F
 
 from disco.errors import DiscoError
 from disco.export.manifest import LayerPlan
-from disco.partition.assignment import held_channels
+from disco.split.assignment import held_channels
 from disco.runtime.comm import Comm
+from disco.transport import transport_dtype
 
-TRANSPORT = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def _shard_tensor(tensors: dict, key: str) -> torch.Tensor:
@@ -44,7 +44,7 @@ class MixingStep:
                  out_shape: tuple[int, ...], transport: str):
         self.name, self.module, self.rank = name, module, rank
         self.channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d)) else -1
-        self.transport = TRANSPORT[transport]
+        self.transport = transport_dtype(transport, runtime=True).torch_dtype
         self.out_shape = out_shape  # per-image local output shape
         position, self.send_index, self.receive_counts = _send_plan(plan, rank)
         rows = sum(1 for a in plan.out_assign if a == rank)
@@ -103,7 +103,7 @@ class GroupedMixingStep:
             raise DiscoError(f"layer {name}: grouped convs with padding_mode={module.padding_mode!r} are not "
                              "supported by the runtime")
         self.name, self.module, self.rank, self.out_shape = name, module, rank, out_shape
-        self.transport = TRANSPORT[transport]
+        self.transport = transport_dtype(transport, runtime=True).torch_dtype
         in_assign, out_assign = torch.tensor(plan.in_assign), torch.tensor(plan.out_assign)
         groups = module.groups
         per_group_out, per_group_in = out_assign.numel() // groups, in_assign.numel() // groups

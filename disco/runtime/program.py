@@ -19,10 +19,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.export.manifest import Manifest, verify_shard
 from disco.models import build_for_data
-from disco.partition.partitioner import eval_mode
-from disco.partition.attention import replace_attention
-from disco.partition.propagate import propagate, trace
-from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
+from disco.split.partitioner import eval_mode
+from disco.split.attention import replace_attention
+from disco.split.propagate import propagate, trace
+from disco.split.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
 from disco.runtime.comm import Comm
 from disco.runtime.layout import Gather, NarrowOperands, held_mask, local_shape
 from disco.runtime.mixing import mixing_step

@@ -26,7 +26,7 @@ from disco.errors import DiscoError
 from disco.export.manifest import MANIFEST_NAME, Manifest, sha256_of
 from disco.runtime.comm import CATEGORIES, Comm, choose_backend, launch_environment
 from disco.runtime.inputs import Batch, eval_batches, file_batches
-from disco.runtime.mixing import TRANSPORT
+from disco.transport import transport_dtype
 from disco.runtime.program import LocalProgram, load_program
 from disco.tasks.objectives import OBJECTIVES, objective_for
 from disco.tasks.predictions import describe
@@ -68,7 +68,7 @@ class Coordinator:
 
     def __init__(self, program: LocalProgram, comm: Comm, manifest: Manifest):
         self.program, self.comm, self.manifest = program, comm, manifest
-        self.transport = TRANSPORT[manifest.transport_dtype]
+        self.transport = transport_dtype(manifest.transport_dtype, runtime=True).torch_dtype
         self.others = [k for k in range(comm.world) if k != comm.rank]
         self.counts = {k: sum(p.numel() for p in program.output_positions[k]) for k in self.others}
         self.latencies: list[float] = []
@@ -102,7 +102,7 @@ class Coordinator:
 
 def serve(program: LocalProgram, comm: Comm, manifest: Manifest) -> None:
     """Ranks other than 0: run every batch rank 0 sends until it says stop."""
-    transport = TRANSPORT[manifest.transport_dtype]
+    transport = transport_dtype(manifest.transport_dtype, runtime=True).torch_dtype
     while True:
         status, batch = comm.receive((2,), torch.int64, 0, what="waiting for work from rank 0").tolist()
         if status == STOP:

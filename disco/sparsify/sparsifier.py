@@ -24,8 +24,8 @@ from torch.nn import functional as F
 
 from disco.accounting.groups import group_bytes
 from disco.errors import DiscoError
-from disco.partition.layers import DiscoLayer
-from disco.partition.partitioner import disco_layers
+from disco.split.layers import DiscoLayer
+from disco.split.partitioner import disco_layers
 from disco.sparsify.selection import cubic_target, keep_within_budget
 
 METHODS = ("learned", "random")

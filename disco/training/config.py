@@ -8,7 +8,8 @@ from pathlib import Path
 from disco.data.datasets import DataSpec
 from disco.data.tasks import load_task_data
 from disco.errors import DiscoError
-from disco.options import MAX_NODES, TRANSPORT_DTYPE_BYTES
+from disco.options import MAX_NODES
+from disco.transport import TRANSPORT_DTYPES
 from disco.sparsify.sparsifier import METHODS
 from disco.tasks.predictions import TASKS
 
@@ -75,7 +76,7 @@ class TrainConfig:
             raise DiscoError("a budget below 1 needs at least one --sparsify-epochs to reach it")
         if self.batch_size < 1 or self.lr <= 0 or self.sparse_lr_scale <= 0:
             raise DiscoError("--batch-size must be at least 1, --lr and --sparse-lr-scale positive")
-        if self.transport_dtype not in TRANSPORT_DTYPE_BYTES:
+        if self.transport_dtype not in TRANSPORT_DTYPES:
             raise DiscoError(f"unknown transport dtype {self.transport_dtype!r}")
         if self.data is not None and not Path(self.data).exists():
             raise DiscoError(f"--data path not found: {self.data}")

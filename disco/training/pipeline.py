@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from disco.data.datasets import DataSpec
 from disco.errors import DiscoError
 from disco.models import build_for_data, load_weights
-from disco.partition.partitioner import partition
+from disco.split.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.training import checkpoint
 from disco.training.config import PHASES, TrainConfig

@@ -9,10 +9,10 @@ from torch import nn
 
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.options import PartitionOptions
-from disco.partition.assignment import balanced, channel_vector, majority_per_group
-from disco.partition.layers import DiscoLayer, mixing_entry, to_disco
-from disco.partition.attention import replace_attention
-from disco.partition.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, propagate, trace
+from disco.split.assignment import balanced, channel_vector, majority_per_group
+from disco.split.layers import DiscoLayer, mixing_entry, to_disco
+from disco.split.attention import replace_attention
+from disco.split.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, propagate, trace
 
 
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:

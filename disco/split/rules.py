@@ -24,8 +24,8 @@ from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.misc import Permute
 from torchvision.ops import stochastic_depth
 
-from disco.partition.layers import mixing_entry
-from disco.partition.window_attention import WindowAttention, WindowCrop, WindowPad
+from disco.split.layers import mixing_entry
+from disco.split.window_attention import WindowAttention, WindowCrop, WindowPad
 
 
 class OpKind(Enum):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from disco.errors import DiscoError
-from disco.partition.partitioner import disco_layers
+from disco.split.partitioner import disco_layers
 
 
 def keep_random_groups(model: nn.Module, fraction: float, *, seed: int = 0) -> None:

@@ -15,10 +15,10 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from disco.errors import DiscoError, UnsupportedOperationError
-from disco.partition.assignment import REPLICATED, broadcast_channels, channel_vector
-from disco.partition.layers import DiscoLayer, mixing_entry
-from disco.partition.window_attention import WINDOW_LEAVES
-from disco.partition.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
+from disco.split.assignment import REPLICATED, broadcast_channels, channel_vector
+from disco.split.layers import DiscoLayer, mixing_entry
+from disco.split.window_attention import WINDOW_LEAVES
+from disco.split.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
 
 
 class DiscoTracer(fx.Tracer):
@@ -233,7 +233,7 @@ class OwnerPropagator(fx.Interpreter):
             raise UnsupportedOperationError(
                 n.name, _describe(n),
                 f"DISCO does not know how '{what}' moves or mixes channels, so it cannot split it across nodes; "
-                "register it in disco.partition.rules or rewrite the model with supported operations")
+                "register it in disco.split.rules or rewrite the model with supported operations")
         return kind, module
 
     def _tensor_args(self, n: fx.Node) -> list[tuple[fx.Node, torch.Tensor]]:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from disco.errors import DiscoError
-from disco.partition.window_attention import SplitWindowAttention, adopt
+from disco.split.window_attention import SplitWindowAttention, adopt
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 

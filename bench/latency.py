@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import disco  # noqa: E402
-from disco.export import ModelSpec, export, export_run  # noqa: E402
+from disco.export import ModelSpec, export  # noqa: E402
+from disco.training.export_run import export_run  # noqa: E402
 from disco.export.manifest import Manifest  # noqa: E402
 from disco.models import build_for_data, load_weights  # noqa: E402
 from disco.sparsify import Sparsifier, SparsifyOptions  # noqa: E402

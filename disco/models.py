@@ -1,10 +1,11 @@
-"""Build a model from a command-line spec: `torchvision:NAME` or `path/to/file.py:factory`."""
+"""Build a model from a command-line spec: `torchvision:NAME`, `disco:NAME` or `path/to/file.py:factory`."""
 from __future__ import annotations
 
 import difflib
 import inspect
 import importlib.util
 from pathlib import Path
+from typing import Callable
 
 import torchvision
 from torch import nn
@@ -42,27 +43,17 @@ def _factory_model(path: str, factory: str, **kwargs) -> nn.Module:
     return model
 
 
-def _vit_small(**kwargs) -> nn.Module:
-    """A ViT that trains on CPU: 28x28 images, 4x4 patches, 6 layers, 8 heads, width 256, MLP 512."""
-    settings = dict(image_size=28, patch_size=4, num_layers=6, num_heads=8, hidden_dim=256, mlp_dim=512)
-    return torchvision.models.VisionTransformer(**{**settings, **kwargs})
+def builtin_models() -> dict[str, Callable[..., nn.Module]]:
+    """`disco:NAME` -> factory: the models the registered tasks bring (disco.tasks), such as small
+    configurations of torchvision architectures that have no torchvision name (vit_small) and the
+    dense-prediction models (those take `in_channels` themselves)."""
+    from disco.tasks.registry import get_task, task_names  # here: the task modules are heavier than this one
 
-
-def _builtin_models() -> dict:
-    from disco.tasks.detection import retinanet_resnet18
-    from disco.tasks.segmentation import fcn_resnet18
-    from disco.tasks.superres import edsr
-    return {"vit_small": _vit_small, "fcn_resnet18": fcn_resnet18, "retinanet_resnet18": retinanet_resnet18,
-            "edsr": edsr}
-
-
-# `disco:NAME`: small configurations of torchvision architectures that have no torchvision name, and the
-# dense-prediction models of disco.tasks (those take `in_channels` themselves)
-BUILTIN_MODELS = _builtin_models()
+    return {name: factory for task in task_names() for name, factory in get_task(task).models.items()}
 
 
 def build_model(spec: str, **kwargs) -> nn.Module:
-    """`torchvision:resnet50` (random weights), `disco:vit_small` (see BUILTIN_MODELS) or
+    """`torchvision:resnet50` (random weights), `disco:vit_small` (see builtin_models) or
     `my_models.py:make_net` (called with the **kwargs it accepts)."""
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
@@ -70,9 +61,10 @@ def build_model(spec: str, **kwargs) -> nn.Module:
     if source == "torchvision":
         return _torchvision_model(name, **kwargs)
     if source == "disco":
-        if name not in BUILTIN_MODELS:
-            raise DiscoError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
-        return BUILTIN_MODELS[name](**kwargs)
+        builtin = builtin_models()
+        if name not in builtin:
+            raise DiscoError(f"unknown built-in model {name!r}; known: {', '.join(builtin)}")
+        return builtin[name](**kwargs)
     return _factory_model(source, name, **kwargs)
 
 
@@ -111,7 +103,7 @@ def build_for_data(spec: str, *, channels: int, classes: int, stem_stride: int |
     """A model for data with `channels` inputs and `classes` outputs. torchvision models are built with
     num_classes and get their first conv adapted; a user's factory receives **kwargs unchanged."""
     source, _, name = spec.rpartition(":")
-    builtin = BUILTIN_MODELS.get(name) if source == "disco" else None
+    builtin = builtin_models().get(name) if source == "disco" else None
     accepted = inspect.signature(builtin).parameters if builtin is not None else {}
     if "in_channels" in accepted:  # built for the data directly: no first layer to swap
         if stem_stride is not None and "stem_stride" not in accepted:

@@ -1,5 +1,5 @@
 """The dtypes activations may cross the network in: the one table that accounting, export, the runtime and
-the command line read (docs/method.md, "Accounting")."""
+the command line read (docs/method.md 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ TRANSPORT_DTYPES: dict[str, TransportDtype] = {d.name: d for d in (
 RUNTIME_DTYPES = tuple(name for name, d in TRANSPORT_DTYPES.items() if d.runtime)
 
 
-def transport_dtype(name: str, *, runtime: bool = False) -> TransportDtype:
+def get_transport_dtype(name: str, *, runtime: bool = False) -> TransportDtype:
     """The table's entry for `name`, with a clear error for unknown names (or, with runtime=True, for
     dtypes the runtime cannot send)."""
     known = RUNTIME_DTYPES if runtime else tuple(TRANSPORT_DTYPES)
@@ -40,4 +40,4 @@ def transport_dtype(name: str, *, runtime: bool = False) -> TransportDtype:
 
 def transport_bytes(name: str) -> int:
     """Bytes per element of a transport dtype."""
-    return transport_dtype(name).bytes_per_element
+    return get_transport_dtype(name).bytes_per_element

@@ -66,7 +66,7 @@ def test_help_explains_every_option():
 
 
 def test_model_kwargs_are_parsed_as_python_literals():
-    from disco.cli.train_cmd import _kwargs
+    from disco.fields import parse_kwargs as _kwargs
     assert _kwargs("width_mult=0.5, dropout=0.1,name=abc") == {"width_mult": 0.5, "dropout": 0.1, "name": "abc"}
     assert _kwargs("") == {}
     with pytest.raises(disco.DiscoError, match="name=value"):

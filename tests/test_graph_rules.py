@@ -98,7 +98,7 @@ def test_data_movement_is_followed_exactly():
     # depthwise conv stays local: its outputs live with its inputs, so it has no communication groups
     depthwise = layers["depthwise"]
     assert torch.equal(depthwise.out_assign, depthwise.in_assign)
-    assert not depthwise.possible_groups().any()
+    assert not depthwise.plan.possible_groups().any()
     # swap of halves then flatten: the head's input features follow the swapped channels, 16 positions each
     mix = layers["mix"].out_assign
     swapped = torch.cat([mix[8:], mix[:8]])

@@ -94,7 +94,7 @@ def test_report_is_json_serialisable_and_has_contract_keys():
 
 
 def test_example_from_design_doc_two_nodes_budget_fifth():
-    """DESIGN.md 2: N=2 keeping 20% of groups, each node does about 1/2*(1/2 + 1/2*0.2) = 0.3 of the MACs."""
+    """docs/method.md 2: N=2 keeping 20% of groups, each node does about 1/2*(1/2 + 1/2*0.2) = 0.3 of the MACs."""
     _, simulated, x = _setup("resnet50", 2, keep=0.2)
     report = disco.cost_report(simulated, x)
     shares = [m / report["model_macs"] for m in report["macs_per_node"]]

@@ -77,11 +77,11 @@ def _hand_slices(simulated, node: int) -> dict[str, torch.Tensor]:
             continue  # grouped: checked by the output test
         mine = [c for c in range(layer.in_assign.numel()) if layer.in_assign[c] in (node, -1)]
         expected[f"{name}.weight.local"] = layer.weight.detach()[rows][:, mine]
+        received = []  # the columns of what arrives, by sender, then channel
         for src in range(layer.nodes):
-            kept = [c for c in range(layer.in_assign.numel())
-                    if layer.in_assign[c] == src != node and layer.group_mask[node, c] > 0]
-            if kept and rows:
-                expected[f"{name}.weight.from{src}"] = layer.weight.detach()[rows][:, kept]
+            received += [c for c in range(layer.in_assign.numel())
+                         if layer.in_assign[c] == src != node and layer.group_mask[node, c] > 0]
+        expected[f"{name}.weight.remote"] = layer.weight.detach()[rows][:, received]
     return expected
 
 

@@ -22,5 +22,5 @@ def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32")
     for call in analysis.mixing:
         layer = layers[call.module]
         per_channel = elements_per_channel(call.in_shape, layer.in_assign.numel(), analysis.batch)
-        costs[call.module] += layer.possible_groups().cpu().float() * per_channel * bytes_per_element
+        costs[call.module] += layer.plan.possible_groups().cpu().float() * per_channel * bytes_per_element
     return costs

@@ -1,4 +1,5 @@
-"""Exact per-layer costs of one channel-mixing call: bytes each node sends, MACs and parameters per node."""
+"""Exact per-layer costs of one channel-mixing call: bytes each node sends, MACs and parameters per node,
+all read off the layer's split plan (disco/split/plan.py)."""
 from __future__ import annotations
 
 import math
@@ -41,42 +42,32 @@ def elements_per_channel(shape: torch.Size, channels: int, batch: int) -> int:
     return math.prod(shape) // (batch * channels)
 
 
-def _sent_matrix(layer: DiscoLayer, groups: torch.Tensor, elements_per_channel: int) -> torch.Tensor:
-    """[src, dst] elements: group (c -> k) moves one channel from node in_assign[c] to node k."""
-    matrix = torch.zeros(layer.nodes, layer.nodes, dtype=torch.long)
-    dst, channel = groups.cpu().nonzero(as_tuple=True)
-    src = layer.in_assign.cpu()[channel]
-    matrix.index_put_((src, dst), torch.full_like(src, elements_per_channel), accumulate=True)
-    return matrix
-
-
 def _kernel_elements(layer: DiscoLayer) -> int:
     return math.prod(layer.weight.shape[2:])
 
 
 def layer_cost(layer: DiscoLayer, call: MixingCall, batch: int) -> LayerCost:
-    in_channels, out_channels = layer.in_assign.numel(), layer.out_assign.numel()
+    plan = layer.plan
+    in_channels, out_channels = plan.in_channels, plan.out_assign.numel()
     per_channel_in = elements_per_channel(call.in_shape, in_channels, batch)
     per_channel_out = elements_per_channel(call.out_shape, out_channels, batch)
-    possible = layer.possible_groups()
-    kept = possible & (layer.group_mask > 0)
+    possible, kept = plan.possible_groups(), plan.kept_groups()
     macs_per_pair = per_channel_out * _kernel_elements(layer)
-    dense_pairs = layer.outputs_per_group().sum(-1) * (in_channels // layer.conv_groups)
     return LayerCost(
         name=call.module, kind=type(layer).__name__.removeprefix("Disco"), in_channels=in_channels,
         out_channels=out_channels, elements_per_channel=per_channel_in,
         groups_total=int(possible.sum()), groups_kept=int(kept.sum()),
-        dense_elements_matrix=_sent_matrix(layer, possible, per_channel_in),
-        elements_matrix=_sent_matrix(layer, kept, per_channel_in),
-        macs_per_node=(layer.kept_weights_per_node().cpu() * macs_per_pair).tolist(),
-        dense_macs_per_node=(dense_pairs.cpu() * macs_per_pair).tolist(),
+        dense_elements_matrix=plan.sent_channels(possible) * per_channel_in,
+        elements_matrix=plan.sent_channels(kept) * per_channel_in,
+        macs_per_node=(plan.weight_pairs_per_node().cpu() * macs_per_pair).tolist(),
+        dense_macs_per_node=(plan.weight_pairs_per_node(dense=True).cpu() * macs_per_pair).tolist(),
     )
 
 
 def layer_param_elements(layer: DiscoLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """([nodes] kept, [nodes] dense) parameter elements of a layer: its weight rows and bias entries."""
-    kernel = _kernel_elements(layer)
-    bias_rows = torch.bincount(layer.out_assign.cpu(), minlength=layer.nodes) if layer.bias is not None else 0
-    kept = layer.kept_weights_per_node().cpu() * kernel + bias_rows
-    dense = layer.outputs_per_group().sum(-1).cpu() * (layer.in_assign.numel() // layer.conv_groups) * kernel
-    return kept, dense + bias_rows
+    plan, kernel = layer.plan, _kernel_elements(layer)
+    bias_rows = torch.bincount(plan.out_assign.cpu(), minlength=plan.nodes) if layer.bias is not None else 0
+    kept = plan.weight_pairs_per_node().cpu() * kernel + bias_rows
+    dense = plan.weight_pairs_per_node(dense=True).cpu() * kernel + bias_rows
+    return kept, dense

@@ -9,47 +9,23 @@ from disco.errors import DiscoError
 from disco.transport import TRANSPORT_DTYPES, transport_bytes
 from disco.split.layers import DiscoLayer
 from disco.split.partitioner import analyse, as_input_tuple, disco_layers
+from disco.split.placement import placements
 from disco.split.propagate import GraphAnalysis
 
 
-def _split_by_module(module: nn.Module, channels: torch.Tensor | None, nodes: int) -> list[dict] | None:
-    """Per node, the tensors of a module that splits its own parameters (Swin's per-head bias table)."""
-    if channels is None or not hasattr(module, "split_parameters"):
-        return None
-    return [module.split_parameters(channels, k) for k in range(nodes)]
-
-
 def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: GraphAnalysis, nodes: int):
-    """([nodes] kept, [nodes] dense) parameter bytes. Per-channel parameters go with their channel's node;
-    parameters not split by channel (read directly, or shaped otherwise) are counted on every node."""
+    """([nodes] kept, [nodes] dense) parameter bytes: mixing layers' weights as their plans place them, other
+    parameters as disco/split/placement.py places them (per-channel ones with their channel's node)."""
     kept, dense = torch.zeros(nodes, dtype=torch.long), torch.zeros(nodes, dtype=torch.long)
     for layer in layers.values():
         layer_kept, layer_dense = layer_param_elements(layer)
         kept += layer_kept * layer.weight.element_size()
         dense += layer_dense * layer.weight.element_size()
-    for name, module in model.named_modules():
-        if isinstance(module, DiscoLayer):
-            continue
-        channels = analysis.channel_owner_of_module.get(name)
-        split = _split_by_module(module, channels, nodes)
-        for param_name, param in module.named_parameters(recurse=False):
-            qualified = f"{name}.{param_name}" if name else param_name
-            if split is not None:
-                share = torch.tensor([split[k][param_name].numel() * param.element_size() for k in range(nodes)])
-            elif channels is not None and param.dim() == 1 and param.numel() == channels.numel():
-                share = torch.bincount(channels, minlength=nodes) * param.element_size()
-            elif name in analysis.channel_owner_of_module or qualified in analysis.replicated_attributes:
-                share = torch.full((nodes,), param.numel() * param.element_size())
-            else:
-                continue  # never used in forward
+    for placement in placements(model, analysis).values():
+        if placement.is_parameter:
+            share = placement.elements_per_node(nodes) * placement.tensor.element_size()
             kept += share
             dense += share
-    for target, (channels, dim) in analysis.attribute_channels.items():  # class token, position embedding...
-        owner, _, attr = target.rpartition(".")
-        param = getattr(model.get_submodule(owner) if owner else model, attr)
-        share = torch.bincount(channels, minlength=nodes) * (param.numel() // channels.numel()) * param.element_size()
-        kept += share
-        dense += share
     return kept, dense
 
 

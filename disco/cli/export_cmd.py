@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from disco.export import export_run
+from disco.training.export_run import export_run
 from disco.transport import RUNTIME_DTYPES
 
 

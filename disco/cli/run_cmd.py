@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from disco.runtime.launch import launch
-from disco.runtime.worker import add_run_arguments
+from disco.fields import add_options
+from disco.runtime.options import RunOptions
 
 LAUNCH_ONLY = ("nodes", "threads", "verbose", "command", "handler")
 
@@ -17,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "predictions (or accuracy with --eval), the median latency and the bytes each rank sent. "
                     "On several hosts run `torchrun --nnodes N --node-rank K --nproc-per-node 1 "
                     "--rdzv-endpoint HOST:PORT -m disco.runtime DEPLOY ...` on each instead.")
-    add_run_arguments(parser)
+    add_options(parser, RunOptions)
     parser.add_argument("--nodes", type=int, help="processes to start (default: the deployment's node count)")
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / nodes)")
     parser.add_argument("--verbose", action="store_true", help="show torchrun's own log and failure reports")
@@ -36,7 +37,6 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from disco.runtime.worker import RunOptions
     options = {k: v for k, v in vars(args).items() if k not in LAUNCH_ONLY}
     RunOptions(**options)  # validate here, before starting any process
     return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose)

@@ -16,14 +16,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from disco.data.datasets import image_transform
+from disco.data.datasets import DataRequest, DataSpec, image_channels, image_transform
 from disco.errors import DiscoError
 
 VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                    "train", "tvmonitor")
 VOC_IGNORE = 255  # VOC marks object borders 255: kept as is, for a loss with ignore_index=255
-GREY_MODES = ("L", "LA", "I", "I;16", "1")
 NORMALISATION = 0.5  # mean and std per channel, as disco.data.datasets.image_folder uses for user images
 
 
@@ -37,11 +36,17 @@ class AnnotatedFolder:
     image_size: tuple[int, int]
     class_names: list[str]
 
+    def spec(self, name: str) -> DataSpec:
+        """As a DataSpec, normalised like disco.data.datasets.image_folder's user images."""
+        return DataSpec(name, self.train, self.test, channels=self.channels, classes=self.classes,
+                        image_size=self.image_size, class_names=self.class_names,
+                        mean=[NORMALISATION] * self.channels, std=[NORMALISATION] * self.channels)
+
 
 def image_geometry(path: Path) -> tuple[int, tuple[int, int]]:
     """(channels, (height, width)) of an image file: 1 channel for greyscale files, else 3."""
     with Image.open(path) as image:
-        return (1 if image.mode in GREY_MODES else 3), (image.height, image.width)
+        return image_channels(image), (image.height, image.width)
 
 
 class _ResizedImages(Dataset):
@@ -196,3 +201,13 @@ def coco_detection(root: Path) -> AnnotatedFolder:
     train, val = (COCODetectionFolder(*records[split], channels, size) for split in ("train", "val"))
     return AnnotatedFolder(train, val, channels, len(categories) + 1, size,
                            ["background", *(category["name"] for category in categories)])
+
+
+def voc_data(path: Path, request: DataRequest) -> DataSpec:
+    """The segmentation task's `data=PATH`: a VOC folder (images keep the first training image's size)."""
+    return voc_segmentation(path).spec(Path(path).name)
+
+
+def coco_data(path: Path, request: DataRequest) -> DataSpec:
+    """The detection task's `data=PATH`: a COCO folder (images keep the first training image's size)."""
+    return coco_detection(path).spec(Path(path).name)

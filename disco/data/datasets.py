@@ -25,6 +25,9 @@ HOW_TO_GET_FASHION_MNIST = (
     "Fashion-MNIST not found. Install it with `apt-get install dataset-fashion-mnist` (puts it in "
     f"{DEBIAN_FASHION_MNIST}), or run once with internet access so torchvision can download it, "
     "or pass your own data with --data PATH (ImageFolder layout with train/ and val/)")
+# Every greyscale PIL mode, with or without alpha (palette "P" images count as colour). The one list that
+# decides whether a user's image file gives the model 1 input channel or 3.
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 @dataclass
@@ -38,7 +41,24 @@ class DataSpec:
     class_names: list[str]
     mean: list[float]  # the normalisation applied to every image (needed to read new images the same way)
     std: list[float]
-    task: str = "classification"  # or segmentation / detection / superres (disco.data.tasks): what targets hold
+    task: str = "classification"  # a task of disco.tasks.registry: what the targets hold
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What a task's data loader is asked for (disco.tasks.registry.Task): the cache folder, the seed, how many
+    train/test samples (None: all; a loader that generates samples makes only that many, the rest are cut by
+    disco.data.tasks.load_task_data) and image_size (its meaning is the loader's: a resize, a canvas side)."""
+    cache: Path | None = None
+    seed: int = 0
+    train_size: int | None = None
+    test_size: int | None = None
+    image_size: int | None = None
+
+
+def image_channels(image: Image.Image) -> int:
+    """1 for a greyscale image file, else 3: the input channels a model gets for it."""
+    return 1 if image.mode in GREY_MODES else 3
 
 
 def default_cache() -> Path:
@@ -104,7 +124,7 @@ def image_folder(path: Path, image_size: int | None = None) -> DataSpec:
     if not probe.samples:
         raise DiscoError(f"no images found under {path / 'train'}")
     with Image.open(probe.samples[0][0]) as first:  # ImageFolder's loader makes everything RGB: ask the file
-        channels = 1 if first.mode in ("L", "I", "I;16", "F", "1") else 3
+        channels = image_channels(first)
         size = (image_size, image_size) if image_size else (first.height, first.width)
     transform = image_transform(channels, size if image_size else None, [0.5] * channels, [0.5] * channels)
     train = datasets.ImageFolder(path / "train", transform=transform)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from disco.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_splits
+from disco.data.datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataRequest, DataSpec,
+                                 fashion_mnist_splits)
 from disco.errors import DiscoError
 
 ITEM_SIZE = 28  # Fashion-MNIST images are 28x28
@@ -124,6 +125,20 @@ def fashion_scenes(*, cache: Path | None = None, train_length: int | None = None
                DEFAULT_TEST_SCENES if test_length is None else test_length)
     return (FashionScenes(train.data, train.targets, lengths[0], train_options),
             FashionScenes(test.data, test.targets, lengths[1], test_options), list(train.classes))
+
+
+def scenes_data(request: DataRequest) -> DataSpec:
+    """Built-in "fashion-scenes" of segmentation and detection: 1 channel, 11 classes (0 = background).
+    train_size/test_size are the numbers of scenes drawn (default 10000 / 2000); image_size the canvas side
+    (default 96)."""
+    options = SceneOptions(seed=request.seed)
+    if request.image_size is not None:
+        options = replace(options, canvas=request.image_size)
+    train, test, names = fashion_scenes(cache=request.cache, train_length=request.train_size,
+                                        test_length=request.test_size, options=options)
+    canvas = train.options.canvas
+    return DataSpec("fashion-scenes", train, test, channels=1, classes=len(names) + 1, image_size=(canvas, canvas),
+                    class_names=["background", *names], mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD])
 
 
 def collate_scenes(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, dict]:

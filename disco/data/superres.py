@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from disco.data.datasets import DataRequest, DataSpec, fashion_mnist_splits, image_channels
 from disco.errors import DiscoError
 
 # Colour photographs whose files ship inside scikit-image's wheel (checked with 0.26: they load offline).
@@ -23,6 +24,7 @@ from disco.errors import DiscoError
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry",
                   "retina", "rocket")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+USER_TRAIN_SHARE = 0.8  # a folder: the first 80% of files (sorted by path) train, the rest test
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def read_images(files: list[Path]) -> list[torch.Tensor]:
     with_modes = []
     for path in files:
         with Image.open(path) as image:
-            with_modes.append((image.mode in ("L", "LA", "I;16", "I", "1"), np.asarray(image.convert("RGB"))))
+            with_modes.append((image_channels(image) == 1, np.asarray(image.convert("RGB"))))
     all_grey = all(grey for grey, _ in with_modes)
     arrays = [array[..., :1] if all_grey else array for _, array in with_modes]
     return [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous() for a in arrays]
@@ -145,3 +147,38 @@ def read_images(files: list[Path]) -> list[torch.Tensor]:
 def photo_pairs(photos: list[torch.Tensor], options: SuperResOptions, source: str) -> DownscaledPairs:
     """(lr, hr) pairs from the non-overlapping options.patch-sized patches of `photos` (uint8 [C, H, W])."""
     return DownscaledPairs(patch_stack(photos, options.patch, source), options.scale)
+
+
+# --- the superres task's data: scale 2, classes = 0, images in [0, 1] (mean 0, std 1) -----------------------
+def superres_spec(name: str, train: DownscaledPairs, test: DownscaledPairs) -> DataSpec:
+    channels, height, width = train.images.shape[1:]
+    return DataSpec(name, train, test, channels=channels, classes=0, image_size=(height, width), class_names=[],
+                    mean=[0.0] * channels, std=[1.0] * channels)
+
+
+def fashion_mnist_pairs(request: DataRequest) -> DataSpec:
+    """"fashion-mnist": 28x28 -> 14x14; train pairs from the train split, test pairs from the test split."""
+    scale = SuperResOptions().scale
+    train, test = (DownscaledPairs(split.data.unsqueeze(1), scale) for split in fashion_mnist_splits(request.cache))
+    return superres_spec("fashion-mnist", train, test)
+
+
+def skimage_pairs(request: DataRequest) -> DataSpec:
+    """"photos": 96x96 patches of scikit-image's colour photographs, every other photo for training and the
+    rest for testing, so no test patch comes from a training photo."""
+    photos, options = skimage_photos(), SuperResOptions()
+    return superres_spec("photos", photo_pairs(photos[::2], options, "scikit-image's training photos"),
+                         photo_pairs(photos[1::2], options, "scikit-image's test photos"))
+
+
+def folder_pairs(path: Path, request: DataRequest) -> DataSpec:
+    """`data=PATH`: 96x96 patches of every PNG/JPEG under PATH; the first 80% of files by sorted path train,
+    the rest test."""
+    files = image_files(path)
+    if len(files) < 2:
+        raise DiscoError(f"{path} has {len(files)} image: super-resolution needs at least 2 (train and test)")
+    cut = min(len(files) - 1, max(1, int(len(files) * USER_TRAIN_SHARE)))
+    images, options = read_images(files), SuperResOptions()  # read together: one channel count for both splits
+    train = photo_pairs(images[:cut], options, f"{path} (training files)")
+    test = photo_pairs(images[cut:], options, f"{path} (test files)")
+    return superres_spec(Path(path).name, train, test)

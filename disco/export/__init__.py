@@ -1,6 +1,6 @@
-"""Per-node shards and the manifest that describes a deployment (`disco export`)."""
+"""Per-node shards and the manifest that describes a deployment (`disco export`). Exporting a training run
+folder lives with training (disco.training.export_run); this package needs no training code."""
 from disco.export.manifest import Manifest, ModelSpec
-from disco.export.from_run import export_run
 from disco.export.shards import export
 
-__all__ = ["Manifest", "ModelSpec", "export", "export_run"]
+__all__ = ["Manifest", "ModelSpec", "export"]

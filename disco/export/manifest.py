@@ -2,23 +2,24 @@
 
 A rank rebuilds the architecture from `model` (on the meta device: no weights), re-runs the owner
 propagation with each layer's exported output assignment, and checks that the channels it then expects
-agree with `layers`. `shards` holds the sha256 of every node's safetensors file, checked before any
-communication. No pickle: JSON and safetensors only.
+agree with `layers`: the split plan of every channel-mixing layer (disco/split/plan.py), serialised.
+`shards` holds the sha256 of every node's safetensors file, checked before any communication. No pickle:
+JSON and safetensors only.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from disco.errors import DiscoError
-from disco.tasks.predictions import TASKS
 from disco.options import MAX_NODES
+from disco.split.plan import SplitPlan
 from disco.transport import RUNTIME_DTYPES
 
 FORMAT = "disco-deployment"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layers hold each layer's SplitPlan; shards one `weight.remote` block per layer
 MANIFEST_NAME = "manifest.json"
 
 
@@ -35,22 +36,12 @@ class ModelSpec:
 
 
 @dataclass
-class LayerPlan:
-    """One channel-mixing layer: node of each input/output channel and, for every (src, dst) pair, the
-    input channels src sends to dst (sorted)."""
-
-    in_assign: list[int]
-    out_assign: list[int]
-    sends: list[list[list[int]]]
-
-
-@dataclass
 class Manifest:
     model: ModelSpec
     nodes: int
     input_shape: list[int]  # one input without the batch dimension, e.g. [1, 28, 28]
     transport_dtype: str
-    layers: dict[str, LayerPlan]
+    layers: dict[str, SplitPlan]  # the split plan of every channel-mixing layer
     shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ...}] in node order
     expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...)
     preprocess: dict | None = None  # {"channels", "size", "mean", "std"} for reading image files
@@ -63,7 +54,8 @@ class Manifest:
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
-        fields_ = asdict(self)  # one line per top-level field: readable, yet compact for big channel lists
+        fields_ = asdict(replace(self, layers={}))  # one line per top-level field: readable, yet compact
+        fields_["layers"] = {name: plan.to_json() for name, plan in self.layers.items()}
         path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in fields_.items()) + "\n}\n")
         return path
 
@@ -78,12 +70,13 @@ class Manifest:
             raise DiscoError(f"{path} is not valid JSON ({error}); export the deployment again") from error
         if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
             raise DiscoError(f"{path} is not a {FORMAT} manifest of version {FORMAT_VERSION} "
-                             f"(found format {raw.get('format')!r}, version {raw.get('version')!r})")
+                             f"(found format {raw.get('format')!r}, version {raw.get('version')!r}); export the "
+                             "deployment again with this version of disco (`disco export RUN --out DIR`)")
         try:
             raw["model"] = ModelSpec(**raw["model"])
-            raw["layers"] = {name: LayerPlan(**plan) for name, plan in raw["layers"].items()}
+            raw["layers"] = {name: _plan(name, plan, raw["nodes"]) for name, plan in raw["layers"].items()}
             manifest = cls(**raw)
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, AttributeError) as error:
             raise DiscoError(f"{path} is missing or has unexpected fields ({error})") from error
         manifest.validate()
         return manifest
@@ -94,14 +87,21 @@ class Manifest:
         if self.transport_dtype not in RUNTIME_DTYPES:
             raise DiscoError(f"transport dtype {self.transport_dtype!r} is not supported by the runtime "
                              f"(supported: {', '.join(RUNTIME_DTYPES)})")
-        if self.task not in TASKS:
-            raise DiscoError(f"manifest task {self.task!r} is unknown (known: {', '.join(TASKS)})")
+        if not isinstance(self.task, str):  # whether the task is known is the runtime's to say (task registry)
+            raise DiscoError(f"manifest task must be a task name, got {self.task!r}")
         for name, plan in self.layers.items():
-            if len(plan.sends) != self.nodes or any(len(row) != self.nodes for row in plan.sends):
-                raise DiscoError(f"layer {name!r}: sends must be a {self.nodes}x{self.nodes} table")
+            if plan.nodes != self.nodes:
+                raise DiscoError(f"layer {name!r} is planned for {plan.nodes} nodes, the deployment for {self.nodes}")
 
     def shard_path(self, folder: Path, node: int) -> Path:
         return Path(folder) / self.shards[node]["file"]
+
+
+def _plan(name: str, raw: dict, nodes: int) -> SplitPlan:
+    try:
+        return SplitPlan.from_json(raw, nodes)
+    except DiscoError as error:
+        raise DiscoError(f"layer {name!r}: {error}") from None
 
 
 def sha256_of(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""All communication of the runtime, in one place: torch.distributed point-to-point, counted at the send call.
+"""All communication of the runtime, in one place: point-to-point transfers counted at the send call, over
+torch.distributed (DistComm) or between threads of one process (MemoryComm, same semantics).
 
 Every transfer is a batch of isend/irecv posted together (`exchange`), so a rank can compute while its
 channels are in flight and NCCL never deadlocks on send ordering. Bytes are counted per destination and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 from dataclasses import dataclass, field
 
 import torch
@@ -33,13 +35,16 @@ class Exchange:
     received: dict[int, torch.Tensor] = field(default_factory=dict)
     in_flight: list[torch.Tensor] = field(default_factory=list)  # send buffers must live until waited
 
+    arrivals: dict = field(default_factory=dict)  # MemoryComm: receives by source
+
     def wait(self) -> dict[int, torch.Tensor]:
         for work, peers in self.pending:
             try:
                 work.wait()
             except RuntimeError as error:  # gloo/NCCL report both dead peers and timeouts this way
                 raise self.comm.failure(peers, self.what, error) from None
-        self.pending, self.in_flight = [], []
+        self.received.update({src: arrival.value for src, arrival in self.arrivals.items()})
+        self.pending, self.in_flight, self.arrivals = [], [], {}
         return self.received
 
 
@@ -68,14 +73,60 @@ def choose_backend(backend: str) -> tuple[str, torch.device]:
 
 
 class Comm:
-    """One rank's view of the process group (rank, world size, device) plus byte counters."""
+    """One rank's view of the group (rank, world size, device) plus byte counters. Subclasses move the bytes:
+    DistComm over torch.distributed (real processes or hosts), MemoryComm between threads of one process."""
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
         self.rank, self.world, self.device, self.timeout = rank, world, device, timeout
         self.sent = {category: [0] * world for category in CATEGORIES}
 
+    def exchange(self, sends: dict[int, torch.Tensor], receives: dict[int, tuple[tuple[int, ...], torch.dtype]],
+                 *, category: str, what: str) -> Exchange:
+        """Post sends {dst: tensor} and receives {src: (shape, dtype)} at once; returns before they finish.
+        Bytes are counted here, when a send is posted, whatever moves them."""
+        sends = {dst: tensor.to(self.device).contiguous() for dst, tensor in sends.items()}
+        for dst, tensor in sends.items():
+            self.sent[category][dst] += tensor.numel() * tensor.element_size()
+        return self._post(sends, receives, what)
+
+    def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
+        raise NotImplementedError
+
+    def send(self, tensor: torch.Tensor, dst: int, *, category: str, what: str) -> None:
+        self.exchange({dst: tensor}, {}, category=category, what=what).wait()
+
+    def receive(self, shape, dtype: torch.dtype, src: int, *, what: str) -> torch.Tensor:
+        return self.exchange({}, {src: (tuple(shape), dtype)}, category="control", what=what).wait()[src]
+
+    def agree_on(self, digest: str, what: str) -> None:
+        """Every rank must hold the same `what` (compared by sha256 hex digest)."""
+        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+        others = [k for k in range(self.world) if k != self.rank]
+        received = self.exchange({k: mine for k in others}, {k: (tuple(mine.shape), mine.dtype) for k in others},
+                                 category="control", what=f"checking the {what}").wait()
+        differing = sorted(k for k, other in received.items() if not torch.equal(other.cpu(), mine))
+        if differing:
+            raise DiscoError(f"rank {self.rank}: ranks {differing} hold a different {what}; copy the same "
+                             "deployment to every host")
+
+    def failure(self, peers: list[int], what: str, error: Exception) -> PeerFailure:
+        text = str(error)
+        names = " or ".join(f"rank {p}" for p in peers)
+        if "imed out" in text or "timeout" in text.lower():
+            reason = f"no answer from {names} within {self.timeout:g} s (--timeout); it is hung or too slow"
+        else:
+            reason = f"lost the connection to {names}; that process probably died (see its own error)"
+        return PeerFailure(f"rank {self.rank}: {what}: {reason}. [{text.splitlines()[0][:200]}]")
+
+    def close(self) -> None:
+        pass
+
+
+class DistComm(Comm):
+    """torch.distributed point-to-point (gloo, NCCL): one batch of isend/irecv per exchange."""
+
     @classmethod
-    def start(cls, *, timeout: float, backend: str, device: torch.device) -> "Comm":
+    def start(cls, *, timeout: float, backend: str, device: torch.device) -> "DistComm":
         """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
@@ -84,14 +135,9 @@ class Comm:
                               f"{str(error).splitlines()[0]}") from None
         return cls(dist.get_rank(), dist.get_world_size(), device, timeout)
 
-    # --- transfers ---------------------------------------------------------------------------------
-    def exchange(self, sends: dict[int, torch.Tensor], receives: dict[int, tuple[tuple[int, ...], torch.dtype]],
-                 *, category: str, what: str) -> Exchange:
-        """Post sends {dst: tensor} and receives {src: (shape, dtype)} at once; returns before they finish."""
+    def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
         ops, peers, exchange = [], [], Exchange(self, what, [])
         for dst, tensor in sends.items():
-            tensor = tensor.to(self.device).contiguous()
-            self.sent[category][dst] += tensor.numel() * tensor.element_size()
             ops.append(dist.P2POp(dist.isend, tensor, dst))
             peers.append(dst)
         for src, (shape, dtype) in receives.items():
@@ -112,35 +158,50 @@ class Comm:
         exchange.in_flight = [op.tensor for op in ops]
         return exchange
 
-    def send(self, tensor: torch.Tensor, dst: int, *, category: str, what: str) -> None:
-        self.exchange({dst: tensor}, {}, category=category, what=what).wait()
-
-    def receive(self, shape, dtype: torch.dtype, src: int, *, what: str) -> torch.Tensor:
-        return self.exchange({}, {src: (tuple(shape), dtype)}, category="control", what=what).wait()[src]
-
-    def failure(self, peers: list[int], what: str, error: Exception) -> PeerFailure:
-        text = str(error)
-        names = " or ".join(f"rank {p}" for p in peers)
-        if "imed out" in text or "timeout" in text.lower():
-            reason = f"no answer from {names} within {self.timeout:g} s (--timeout); it is hung or too slow"
-        else:
-            reason = f"lost the connection to {names}; that process probably died (see its own error)"
-        return PeerFailure(f"rank {self.rank}: {what}: {reason}. [{text.splitlines()[0][:200]}]")
-
-    # --- setup and teardown ------------------------------------------------------------------------
-    def agree_on(self, digest: str, what: str) -> None:
-        """Every rank must hold the same `what` (compared by sha256 hex digest)."""
-        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)
-        gathered = [torch.empty_like(mine) for _ in range(self.world)]
-        try:
-            dist.all_gather(gathered, mine)
-        except RuntimeError as error:
-            raise self.failure(list(range(self.world)), f"checking the {what}", error) from None
-        differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, mine)]
-        if differing:
-            raise DiscoError(f"rank {self.rank}: ranks {differing} hold a different {what}; copy the same "
-                             "deployment to every host")
-
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _Arrival:
+    """A receive from a MemoryComm peer: waiting takes the next tensor that peer sent this rank."""
+
+    def __init__(self, queue: "queue.Queue", shape: tuple[int, ...], dtype: torch.dtype, timeout: float):
+        self.queue, self.shape, self.dtype, self.timeout, self.value = queue, shape, dtype, timeout, None
+
+    def wait(self) -> None:
+        try:
+            self.value = self.queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise RuntimeError(f"timed out after {self.timeout:g} s") from None
+        if tuple(self.value.shape) != tuple(self.shape) or self.value.dtype != self.dtype:
+            raise DiscoError(f"protocol error: expected {tuple(self.shape)} {self.dtype}, received "
+                             f"{tuple(self.value.shape)} {self.value.dtype}")
+
+
+class MemoryComm(Comm):
+    """A rank of an in-process group (`memory_group`): messages are tensors in per-(src, dst) FIFO queues, in
+    the order they were posted, as over torch.distributed; sends never block. Used to run every rank's
+    program in threads of one process (tests, debugging: disco.runtime.inprocess)."""
+
+    def __init__(self, rank: int, queues: dict[tuple[int, int], "queue.Queue"], world: int, timeout: float):
+        super().__init__(rank, world, torch.device("cpu"), timeout)
+        self.queues = queues
+
+    def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
+        for dst, tensor in sends.items():
+            self.queues[self.rank, dst].put(tensor.clone())
+        exchange = Exchange(self, what, [])
+        for src, (shape, dtype) in receives.items():
+            arrival = _Arrival(self.queues[src, self.rank], tuple(shape), dtype, self.timeout)
+            exchange.pending.append((arrival, [src]))
+        exchange.arrivals = {src: arrival for (arrival, _), src in zip(exchange.pending, receives)}
+        return exchange
+
+
+def memory_group(world: int, timeout: float = 60.0) -> list[MemoryComm]:
+    """`world` connected in-process ranks."""
+    queues = {(src, dst): queue.Queue() for src in range(world) for dst in range(world)}
+    return [MemoryComm(rank, queues, world, timeout) for rank in range(world)]
+
+

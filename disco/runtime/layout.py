@@ -12,11 +12,8 @@ from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from disco.errors import UnsupportedOperationError
-from disco.split.assignment import REPLICATED
-
-
-def held_mask(owner: torch.Tensor, rank: int) -> torch.Tensor:
-    return (owner == rank) | (owner == REPLICATED)
+from disco.split.rules import call_node
+from disco.split.assignment import holds
 
 
 def _varies_along(owner: torch.Tensor, dim: int) -> bool:
@@ -26,7 +23,7 @@ def _varies_along(owner: torch.Tensor, dim: int) -> bool:
 def local_shape(owner: torch.Tensor, rank: int, node_name: str = "?") -> tuple[int, ...]:
     """Per-image shape of the rank's part of a value with this owner map (batch dim kept as in `owner`)."""
     shape = list(owner.shape)
-    held = held_mask(owner, rank)
+    held = holds(owner, rank)
     varying = [d for d in range(1, owner.dim()) if _varies_along(owner, d)]
     if len(varying) > 1:
         raise UnsupportedOperationError(node_name, "value layout", f"its elements are split between nodes along "
@@ -54,7 +51,7 @@ class Gather:
         owner_leaves = tree_flatten(owners[node])[0]
         self.indices, self.shapes = [], []
         for leaf_ids, owner in zip(out_leaves, owner_leaves):
-            picked = table[leaf_ids.flatten()[held_mask(owner, rank).flatten()].long()]
+            picked = table[leaf_ids.flatten()[holds(owner, rank).flatten()].long()]
             if bool((picked < 0).any()):
                 raise UnsupportedOperationError(node.name, f"{node.op} {node.target}", "it moves elements onto this "
                                                 "rank that the rank does not hold (internal layout error)")
@@ -74,7 +71,7 @@ class Gather:
                     return owner
                 first = offset + 1  # id 0 stands for padding
                 numbered = torch.arange(first, first + owner.numel(), dtype=torch.float64).reshape(owner.shape)
-                held = held_mask(owner, rank).flatten()
+                held = holds(owner, rank).flatten()
                 table = torch.full((owner.numel(),), -1, dtype=torch.long)
                 table[held] = torch.arange(int(held.sum())) + held_offset
                 tables.append(table)
@@ -106,13 +103,7 @@ def _apply(node: fx.Node, module, ids: dict, owners: dict):
     """Run the node's op on element ids instead of values (non-tensor arguments keep their values)."""
     def value_of(a):
         return ids.get(a, owners[a])
-    args = fx.node.map_arg(node.args, value_of)
-    kwargs = fx.node.map_arg(node.kwargs, value_of)
-    if node.op == "call_module":
-        return module(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+    return call_node(node, module, fx.node.map_arg(node.args, value_of), fx.node.map_arg(node.kwargs, value_of))
 
 
 class NarrowOperands:
@@ -127,7 +118,7 @@ class NarrowOperands:
             source = owners.get(arg)
             comparable = isinstance(source, torch.Tensor) and isinstance(result, torch.Tensor) \
                 and source.shape == result.shape
-            if comparable and not torch.equal(held_mask(source, rank), held_mask(result, rank)):
+            if comparable and not torch.equal(holds(source, rank), holds(result, rank)):
                 self.picks[arg] = _held_positions(source, result, rank, node)
 
     def cut(self, arg: fx.Node, value: torch.Tensor) -> torch.Tensor:
@@ -138,10 +129,10 @@ class NarrowOperands:
 
 def _held_positions(source: torch.Tensor, result: torch.Tensor, rank: int, node: fx.Node) -> torch.Tensor:
     """Positions, among the rank's held elements of `source`, of the elements it holds of `result`."""
-    held = held_mask(source, rank).flatten()
+    held = holds(source, rank).flatten()
     table = torch.full((source.numel(),), -1, dtype=torch.long)
     table[held] = torch.arange(int(held.sum()))
-    picked = table[held_mask(result, rank).flatten()]
+    picked = table[holds(result, rank).flatten()]
     if bool((picked < 0).any()):
         raise UnsupportedOperationError(node.name, f"{node.op} {node.target}", "its result holds elements an "
                                         "operand does not have on this rank (internal layout error)")

@@ -1,5 +1,5 @@
 """LayerNorm over channels split across ranks: exchange two partial sums per position, then normalise
-the local channels (DESIGN.md 3). The sums travel as fp32 whatever the transport dtype."""
+the local channels (docs/method.md 3). The sums travel as fp32 whatever the transport dtype."""
 from __future__ import annotations
 
 import torch

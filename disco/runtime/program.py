@@ -22,11 +22,14 @@ from disco.models import build_for_data
 from disco.split.partitioner import eval_mode
 from disco.split.attention import replace_attention
 from disco.split.propagate import propagate, trace
-from disco.split.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
+from disco.split.rules import OpKind, kind_of_node
 from disco.runtime.comm import Comm
-from disco.runtime.layout import Gather, NarrowOperands, held_mask, local_shape
+from disco.runtime.layout import Gather, NarrowOperands, local_shape
+from disco.split.assignment import holds
 from disco.runtime.mixing import mixing_step
 from disco.runtime.norm import NormStep
+from disco.runtime.steps import BATCH, INPUT, Constant, Exchanging, Input, Local, Move, ShapeQuery, Step
+from disco.transport import get_transport_dtype
 
 SHAPE_METHODS = ("size", "dim")
 
@@ -44,10 +47,10 @@ def _chooser(manifest: Manifest):
         plan = manifest.layers.get(name)
         if plan is None:
             raise DiscoError(f"the model spec has a layer {name!r} that the manifest does not plan")
-        if plan.in_assign != in_assign.tolist():
+        if not torch.equal(plan.in_assign, in_assign.cpu()):
             raise DiscoError(f"layer {name!r} receives its channels on other nodes than the manifest says; the "
                              "model spec does not rebuild the exported model")
-        return torch.tensor(plan.out_assign, dtype=torch.long)
+        return plan.out_assign
     return choose
 
 
@@ -83,37 +86,40 @@ class LocalProgram:
         if planned != set(manifest.layers):
             raise DiscoError(f"the manifest plans layers the model spec does not call: "
                              f"{sorted(set(manifest.layers) - planned)[:4]}")
-        self.steps = [(node, self._step(node)) for node in self.graph_module.graph.nodes]
+        self.transport = get_transport_dtype(manifest.transport_dtype, runtime=True).torch_dtype
+        self.steps = [step for step in map(self._step, self.graph_module.graph.nodes) if step is not None]
+        self.output_node = next(n for n in self.graph_module.graph.nodes if n.op == "output")
         self._output_layout()
 
-    # --- building ----------------------------------------------------------------------------------
-    def _step(self, node: fx.Node):
+    # --- building ---------------------------------------------------------------------------------
+    def _step(self, node: fx.Node) -> Step | None:
         if node.op == "placeholder":
-            return None
+            return Input(node)
         if node.op == "output":
             return None
         if node.op == "get_attr":
-            return self._attribute(node.target)
+            return Constant(node, self._attribute(node.target))
         if not _has_tensor(self.owners[node]):
-            return "shape" if self._is_shape_query(node) else "call"
+            return ShapeQuery(node, self.owners[node.args[0]].shape) if self._is_shape_query(node) else Local(node)
         module = self.graph_module.get_submodule(node.target) if node.op == "call_module" else None
         kind = self._kind(node, module)
         if kind is OpKind.MIXING:
             out_shape = local_shape(self.owners[node], self.rank, node.name)
             step = mixing_step(node.target, module, self.manifest.layers[node.target], self.tensors, self.rank,
-                               out_shape, self.manifest.transport_dtype)
-            return _to_device(step, self.device)
+                               out_shape, self.transport)
+            return Exchanging(node, _to_device(step, self.device))
         if kind is OpKind.MOVE:
-            return _to_device(Gather(node, self.owners, self.rank, module), self.device)
+            return Move(node, _to_device(Gather(node, self.owners, self.rank, module), self.device))
         if kind is OpKind.NORM:
             channels = next(n.channels for n in self.norms if n.node == node.name)
-            return NormStep(node.target, module, channels, self._local_module(node.target, module), self.rank)
+            return Exchanging(node, NormStep(node.target, module, channels, self._local_module(node.target, module),
+                                             self.rank))
         if module is not None:
-            return self._local_module(node.target, module)
+            return Local(node, self._local_module(node.target, module))
         if kind is OpKind.ELEMENTWISE:
             narrowing = NarrowOperands(node, self.owners, self.rank)
-            return _to_device(narrowing, self.device) if narrowing.picks else "call"
-        return "call"
+            return Local(node, narrow=_to_device(narrowing, self.device) if narrowing.picks else None)
+        return Local(node)
 
     @staticmethod
     def _is_shape_query(node: fx.Node) -> bool:
@@ -122,12 +128,7 @@ class LocalProgram:
 
     @staticmethod
     def _kind(node: fx.Node, module):
-        if module is not None:
-            kind = kind_of_module(module)
-        elif node.op == "call_function":
-            kind = kind_of_function(node.target)
-        else:
-            kind = kind_of_method(node.target)
+        kind = kind_of_node(node, module)
         if kind is None:  # the propagation refused these already; keep the runtime honest anyway
             raise UnsupportedOperationError(node.name, f"{node.op} {node.target}", "unknown to the runtime")
         return kind
@@ -147,63 +148,32 @@ class LocalProgram:
         local._buffers = {k: None if v is None else self._attribute(f"{name}.{k}") for k, v in module._buffers.items()}
         return local
 
-    # --- running -----------------------------------------------------------------------------------
-    def _shape_query(self, node: fx.Node, env: dict):
-        """size()/dim()/.shape answer for the whole (global) tensor, not the rank's slice."""
-        source = node.args[0]
-        shape = torch.Size([env[source].shape[0], *self.owners[source].shape[1:]])
-        if node.op == "call_function":
-            return shape
-        if node.target == "dim":
-            return len(shape)
-        args = fx.node.map_arg(node.args[1:], lambda a: env[a])
-        return shape[args[0]] if args else shape
-
+    # --- running ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, comm: Comm):
-        env: dict[fx.Node, object] = {}
-        self.batch = x.shape[0]
-        for node, step in self.steps:
-            if node.op == "placeholder":
-                env[node] = x
-                continue
-            if node.op == "output":
-                return fx.node.map_arg(node.args[0], lambda a: env[a])
+        """This rank's values of the model's outputs for the batch `x` (the whole input)."""
+        env: dict = {INPUT: x, BATCH: x.shape[0]}
+        for step in self.steps:
             try:
-                env[node] = self._run(node, step, env, comm)
+                env[step.node] = step.run(env, comm)
             except RuntimeError as error:
-                raise DiscoError(f"rank {self.rank}: graph node '{node.name}' failed on its local tensors: "
+                raise DiscoError(f"rank {self.rank}: graph node '{step.node.name}' failed on its local tensors: "
                                  f"{str(error).splitlines()[0]}") from error
-        raise DiscoError("the graph has no output")
-
-    def _run(self, node: fx.Node, step, env: dict, comm: Comm):
-        if isinstance(step, torch.Tensor):
-            return step
-        if step == "shape":
-            return self._shape_query(node, env)
-        value_of = (lambda a: step.cut(a, env[a])) if isinstance(step, NarrowOperands) else (lambda a: env[a])
-        args = fx.node.map_arg(node.args, value_of)
-        kwargs = fx.node.map_arg(node.kwargs, value_of)
-        if isinstance(step, Gather):
-            return step(self.batch, *[env[source] for source in step.sources])
-        if isinstance(step, NormStep) or hasattr(step, "send_index"):
-            return step(args[0], comm)
-        if isinstance(step, nn.Module):
-            return step(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
+        return fx.node.map_arg(self.output_node.args[0], lambda a: env[a])
 
     # --- output layout (rank 0 assembles the whole output) ---------------------------------------
     def _output_layout(self) -> None:
         """Computed once: the output's owner maps, and which per-image flat positions each rank holds."""
-        output = next(n for n in self.graph_module.graph.nodes if n.op == "output")
-        owners, self.output_spec = tree_flatten(fx.node.map_arg(output.args[0], lambda a: self.owners[a]))
+        owners, self.output_spec = tree_flatten(fx.node.map_arg(self.output_node.args[0], lambda a: self.owners[a]))
         self.output_owners = [o for o in owners if isinstance(o, torch.Tensor)]
-        self.output_positions = [[(held_mask(o, k) if k == 0 else (o == k)).flatten().nonzero().flatten()
+        self.output_positions = [[(holds(o, k) if k == 0 else (o == k)).flatten().nonzero().flatten()
                                   for o in self.output_owners] for k in range(self.manifest.nodes)]
         # a rank other than 0 holds replicated output elements too, but sends only its own ones
-        self.own_in_held = [(o == self.rank).flatten()[held_mask(o, self.rank).flatten()].nonzero().flatten()
+        self.own_in_held = [(o == self.rank).flatten()[holds(o, self.rank).flatten()].nonzero().flatten()
                             .to(self.device) for o in self.output_owners]
+
+    def output_elements(self, rank: int) -> int:
+        """Per image, how many output elements `rank` sends rank 0."""
+        return sum(p.numel() for p in self.output_positions[rank])
 
     def output_part(self, local) -> torch.Tensor:
         """[batch, elements] this rank contributes to the output: its own elements (not replicated ones)."""

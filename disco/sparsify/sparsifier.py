@@ -7,7 +7,7 @@
         sparsifier.step()          # like an lr scheduler: advances the mask schedule
     sparsifier.freeze()            # masks fixed for fine-tuning
 
-Method (DESIGN.md 4): a group lasso over communication groups, each weighted by the bytes it costs,
+Method (docs/method.md 4): a group lasso over communication groups, each weighted by the bytes it costs,
 pushes expensive groups towards zero; every `prune_every` steps the masks are cut to a cubic schedule
 that reaches the byte budget exactly at `end_fraction` of the steps. Groups are ranked by first-order
 importance (d loss / d mask, squared and summed since the last cut: what removing the group would cost)
@@ -79,7 +79,7 @@ def group_norms(layer: DiscoLayer) -> torch.Tensor:
         per_group = rows_of_node @ squares
     else:
         rows = layer.out_assign[:, None].expand_as(squares)
-        per_group = squares.new_zeros(layer.group_mask.shape).index_put((rows, layer.input_columns()), squares,
+        per_group = squares.new_zeros(layer.group_mask.shape).index_put((rows, layer.plan.input_columns()), squares,
                                                                        accumulate=True)
     return (per_group + 1e-12).sqrt()
 

@@ -58,6 +58,7 @@ def nodes_of(owner: torch.Tensor) -> list[int]:
     return [int(v) for v in values if v >= 0]
 
 
-def held_channels(assign: torch.Tensor, node: int) -> torch.Tensor:
-    """Sorted indices of the channels `node` holds without communication: its own and replicated ones."""
-    return ((assign == node) | (assign == REPLICATED)).nonzero().flatten()
+def holds(owner: torch.Tensor, node) -> torch.Tensor:
+    """The one "held" rule: which elements of an assignment or owner map `node` has without communication,
+    its own and replicated ones (`node` may be a tensor of node ids that broadcasts against `owner`)."""
+    return (owner == node) | (owner == REPLICATED)

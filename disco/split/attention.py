@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from disco.errors import DiscoError
+from disco.split.modules import replace_submodule
 from disco.split.window_attention import SplitWindowAttention, adopt
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
@@ -75,6 +76,5 @@ def replace_attention(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         twin = _split_twin(module)
         if twin is not None:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, twin)
+            replace_submodule(model, name, twin)
     return model

@@ -10,7 +10,9 @@ from torch import nn
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.options import PartitionOptions
 from disco.split.assignment import balanced, channel_vector, majority_per_group
-from disco.split.layers import DiscoLayer, mixing_entry, to_disco
+from disco.split.layers import DiscoLayer, mixing_kind, to_disco
+from disco.split.modules import replace_submodule
+from disco.split.plan import SplitPlan
 from disco.split.attention import replace_attention
 from disco.split.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, propagate, trace
 
@@ -79,18 +81,13 @@ def _resolve(conflict: AssignmentConflict, propagator: OwnerPropagator, model: n
         if source is None or source in overrides or isinstance(model.get_submodule(source), DiscoLayer):
             continue
         module = model.get_submodule(source)
-        vector = channel_vector(propagator.owners[other], mixing_entry(module)[2])
+        vector = channel_vector(propagator.owners[other], mixing_kind(module).channel_dim)
         if vector is not None and vector.numel() == module.weight.shape[0]:
             overrides[source] = vector
             return
     raise UnsupportedOperationError(conflict.node.name, f"{conflict.node.op} {conflict.node.target}",
                                     "it combines tensors whose channels live on different nodes, and neither "
                                     "operand comes straight from a layer whose assignment could be changed")
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.Module:
@@ -113,5 +110,8 @@ def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.
             raise UnsupportedOperationError(call.node, f"call_module {call.module}",
                                             "this layer is called more than once with channels on different nodes")
     for name, (in_assign, out_assign) in plans.items():
-        _replace(simulated, name, to_disco(simulated.get_submodule(name), in_assign, out_assign, opts.nodes))
+        module = simulated.get_submodule(name)
+        plan = SplitPlan(nodes=opts.nodes, in_assign=in_assign, out_assign=out_assign,
+                         conv_groups=getattr(module, "groups", 1), channel_dim=mixing_kind(module).channel_dim)
+        replace_submodule(simulated, name, to_disco(module, plan))
     return simulated

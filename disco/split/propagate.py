@@ -15,10 +15,10 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from disco.errors import DiscoError, UnsupportedOperationError
-from disco.split.assignment import REPLICATED, broadcast_channels, channel_vector
-from disco.split.layers import DiscoLayer, mixing_entry
+from disco.split.assignment import REPLICATED, broadcast_channels, channel_vector, holds
+from disco.split.layers import DiscoLayer, mixing_kind
 from disco.split.window_attention import WINDOW_LEAVES
-from disco.split.rules import OpKind, kind_of_function, kind_of_method, kind_of_module
+from disco.split.rules import OpKind, call_node, kind_of_node
 
 
 class DiscoTracer(fx.Tracer):
@@ -222,12 +222,7 @@ class OwnerPropagator(fx.Interpreter):
 
     def _kind(self, n: fx.Node) -> tuple[OpKind, nn.Module | None]:
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        if n.op == "call_module":
-            kind = kind_of_module(module)
-        elif n.op == "call_function":
-            kind = kind_of_function(n.target)
-        else:
-            kind = kind_of_method(n.target)
+        kind = kind_of_node(n, module)
         if kind is None:
             what = type(module).__name__ if module is not None else _describe(n)
             raise UnsupportedOperationError(
@@ -293,12 +288,7 @@ class OwnerPropagator(fx.Interpreter):
             return tree_map(lambda t: t.contiguous() + 1 if isinstance(t, torch.Tensor) else t, self.owners[a])
         args = fx.node.map_arg(n.args, owner_of)
         kwargs = fx.node.map_arg(n.kwargs, owner_of)
-        if n.op == "call_module":
-            owner = module(*args, **kwargs)
-        elif n.op == "call_method":
-            owner = getattr(args[0], n.target)(*args[1:], **kwargs)
-        else:
-            owner = n.target(*args, **kwargs)
+        owner = call_node(n, module, args, kwargs)
         owner = tree_map(lambda t: t - 1 if isinstance(t, torch.Tensor) else t, owner)
         if not any(bool((o == REPLICATED).any()) for _, o in self._tensor_args(n)):
             owner = tree_map(lambda t: _own_padding(t) if isinstance(t, torch.Tensor) else t, owner)
@@ -362,7 +352,7 @@ class OwnerPropagator(fx.Interpreter):
         return low.reshape(value.shape)
 
     def _mixing(self, n: fx.Node, module: nn.Module, value):
-        _, _, channel_dim = mixing_entry(module)
+        channel_dim = mixing_kind(module).channel_dim
         in_assign = self._first_channels(n, channel_dim, f"channel-mixing layer {type(module).__name__}")
         out_assign = self.choose_output(n.target, module, in_assign)
         x_shape = self._tensor_args(n)[0][1].shape
@@ -383,7 +373,7 @@ class OwnerPropagator(fx.Interpreter):
         for leaf in tree_leaves(owner):
             if isinstance(leaf, torch.Tensor):
                 for k in range(self.nodes):
-                    counts[k] += int(((leaf == k) | (leaf == REPLICATED)).sum()) // self.analysis.batch
+                    counts[k] += int(holds(leaf, k).sum()) // self.analysis.batch
         return counts
 
     def _record_memory(self, n: fx.Node, value, owner) -> None:

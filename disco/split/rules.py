@@ -17,14 +17,14 @@ import operator
 from enum import Enum
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.misc import Permute
 from torchvision.ops import stochastic_depth
 
-from disco.split.layers import mixing_entry
+from disco.split.layers import mixing_kind
 from disco.split.window_attention import WindowAttention, WindowCrop, WindowPad
 
 
@@ -87,7 +87,7 @@ _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
 
 def kind_of_module(module: nn.Module) -> OpKind | None:
-    if mixing_entry(module) is not None:
+    if mixing_kind(module) is not None:
         return OpKind.MIXING
     if isinstance(module, nn.LayerNorm):
         return OpKind.NORM
@@ -118,3 +118,21 @@ def kind_of_method(name: str) -> OpKind | None:
         if name in table:
             return kind
     return None
+
+
+def kind_of_node(node: fx.Node, module: nn.Module | None) -> OpKind | None:
+    """The kind of a graph node's operation (`module`: the called module of a call_module node)."""
+    if node.op == "call_module":
+        return kind_of_module(module)
+    if node.op == "call_function":
+        return kind_of_function(node.target)
+    return kind_of_method(node.target)
+
+
+def call_node(node: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict):
+    """Run a graph node's operation on any values (real tensors, owner maps, element ids)."""
+    if node.op == "call_module":
+        return module(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)

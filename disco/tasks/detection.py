@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils._pytree import tree_leaves
+from torchmetrics import Metric
+from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models import resnet18
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -15,8 +19,15 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from disco.data.annotated import coco_data
+from disco.data.scenes import collate_scenes, detection_targets, scenes_data
+from disco.errors import DiscoError
+from disco.tasks.objectives import Objective
+from disco.tasks.registry import Task, class_label, register_task
+
 # Anchors for objects of 12 to 200 pixels on 96x96 scenes: three scales per level, three aspect ratios.
 ANCHOR_BASES = (16, 32, 64, 128, 256)
+DETECTIONS_SHOWN = 5  # per image, in node 0's printed line (all of them are in the run's summary)
 
 
 class DenseRetinaNet(nn.Module):
@@ -82,3 +93,55 @@ def retinanet_resnet18(num_classes: int = 91, in_channels: int = 3, fpn_channels
     return DenseRetinaNet(RetinaNet(backbone, num_classes, anchor_generator=anchors, min_size=96, max_size=96,
                                     image_mean=[0.0] * in_channels, image_std=[1.0] * in_channels,
                                     detections_per_img=100))
+
+
+class DetectionObjective(Objective):
+    """RetinaNet's focal + box loss and mAP, both computed from the head maps by the dense model's decoder."""
+
+    metric_name = "map"
+    collate = staticmethod(collate_scenes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not hasattr(self.model, "detect"):
+            raise DiscoError("--task detection needs a detector that returns head maps, such as "
+                             "disco:retinanet_resnet18")
+
+    def loss(self, outputs, targets) -> torch.Tensor:
+        return self.model.loss(tuple(outputs), detection_targets(targets), self.image_size)
+
+    def distill(self, outputs, teacher, temperature: float) -> torch.Tensor:
+        """Match the teacher's head maps: class logits as softened sigmoids, box offsets by L1."""
+        levels = len(outputs) // 2
+        scores = sum(F.binary_cross_entropy_with_logits(s / temperature, torch.sigmoid(t / temperature))
+                     for s, t in zip(outputs[:levels], teacher[:levels])) / levels
+        boxes = sum(F.l1_loss(s, t) for s, t in zip(outputs[levels:], teacher[levels:])) / levels
+        return scores * temperature * temperature + boxes
+
+    def metric(self, sync_on_compute: bool = True) -> Metric:
+        return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=sync_on_compute)
+
+    def update(self, metric: Metric, outputs, targets) -> None:
+        detections = self.model.detect(tuple(outputs), self.image_size)
+        metric.update([{k: d[k] for k in ("boxes", "scores", "labels")} for d in detections],
+                      detection_targets(targets))
+
+    def score(self, metric: Metric) -> float:
+        return float(metric.compute()["map"])
+
+
+def describe(output, names: list[str] | None, *, detector: DenseRetinaNet | None = None,
+             image_size=None) -> list[dict]:
+    """Boxes decoded by `detector` (the dense model's decoder) from the head maps of `output`."""
+    found = []
+    for result in detector.detect(tuple(tree_leaves(output)), tuple(image_size)):
+        boxes = [{"label": class_label(names, int(l)), "score": float(s), "box": [round(float(v), 1) for v in b]}
+                 for b, s, l in zip(result["boxes"], result["scores"], result["labels"])]
+        shown = "; ".join(f"{d['label']} {d['score']:.2f} at {d['box']}" for d in boxes[:DETECTIONS_SHOWN])
+        found.append({"detections": boxes, "text": f"{len(boxes)} objects: {shown}" if boxes else "no objects"})
+    return found
+
+
+register_task(Task("detection", DetectionObjective, describe, datasets={"fashion-scenes": scenes_data},
+                   load_folder=coco_data, folder_layout="a COCO folder",
+                   models={"retinanet_resnet18": retinanet_resnet18}))

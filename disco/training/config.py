@@ -2,74 +2,104 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from disco.fields import option
 from disco.data.datasets import DataSpec
+from disco.data.scenes import SceneOptions
 from disco.data.tasks import load_task_data
 from disco.errors import DiscoError
 from disco.options import MAX_NODES
-from disco.transport import TRANSPORT_DTYPES
 from disco.sparsify.sparsifier import METHODS
-from disco.tasks.predictions import TASKS
+from disco.tasks.registry import get_task, task_names
+from disco.transport import TRANSPORT_DTYPES
 
 PHASES = ("dense", "sparsify", "finetune")
 
 
+def _task_help() -> str:
+    listed = []
+    for name in task_names():
+        task = get_task(name)
+        listed.append(f"{name} ({', '.join([task.metric_name, *(f'disco:{model}' for model in task.models)])})")
+    return f"what the model predicts, which sets the loss, the test metric and the built-in models: {', '.join(listed)}"
+
+
+def _dataset_help() -> str:
+    users: dict[str, list[str]] = {}  # dataset -> the tasks that have it built in
+    for name in task_names():
+        for dataset in get_task(name).datasets:
+            users.setdefault(dataset, []).append(name)
+    listed = ", ".join(f"{dataset} ({', '.join(tasks)})" for dataset, tasks in users.items())
+    return f"built-in dataset (default: the task's first): {listed}"
+
+
+def _data_help() -> str:
+    listed = ", ".join(f"{get_task(name).folder_layout} for {name}" for name in task_names())
+    return f"your own data, used instead of --dataset: {listed}"
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    """model: model spec (torchvision:NAME or file.py:factory); model_kwargs: passed to it.
-    task: classification, segmentation, detection or superres (loss, distillation and metric per task).
-    dataset / data: a known dataset name, or an ImageFolder path (train/, val/) that takes precedence.
-    nodes, budget (fraction of dense bytes, 0..1), method ("learned" or "random").
-    dense_epochs / sparsify_epochs / finetune_epochs: epochs of each phase (dense is skipped when weights
-    or dense_run is given). distill: fine-tune with distillation from the dense model.
-    lr: AdamW learning rate of the dense phase; the sparsify and fine-tune phases use lr * sparse_lr_scale
-    (measured on Fashion-MNIST/mobilenet_v2: 0.25 left the pruned model too little room to adapt, -4.8
-    points at budget 0.1 on 2 nodes, so the default is 1).
-    train_subset / test_subset: use only that many samples (quick runs)."""
+    """All options of a training run, validated in one place (saved as config.json in the run folder). Each
+    field is one option of `disco train` (disco.fields): its help says what it does."""
 
-    model: str
-    out: str
-    task: str = "classification"
-    dataset: str | None = None  # None: the task's default (fashion-mnist; fashion-scenes for seg./detection)
-    data: str | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    stem_stride: int | None = None
-    nodes: int = 2
-    budget: float = 0.2
-    method: str = "learned"
-    dense_epochs: int = 2
-    sparsify_epochs: int = 2
-    finetune_epochs: int = 2
-    batch_size: int = 128
-    lr: float = 2e-3
-    sparse_lr_scale: float = 1.0
-    weight_decay: float = 1e-4
-    regularization: float = 1e-4
-    distill: bool = True
-    temperature: float = 4.0
-    distill_weight: float = 0.7
-    weights: str | None = None
-    dense_run: str | None = None
-    seed: int = 0
-    train_subset: int | None = None
-    test_subset: int | None = None
-    transport_dtype: str = "fp32"
-    image_size: int | None = None
+    model: str = option(help="torchvision:NAME, disco:NAME or path/to/file.py:factory (required unless --resume)",
+                        required=False)
+    model_kwargs: dict = option(default_factory=dict, metavar="K=V,...",
+                                help="keyword arguments for the model builder, e.g. width_mult=0.5")
+    stem_stride: int | None = option(None, help="stride of the first conv (e.g. 1 for 28x28 images)")
+    task: str = option("classification", choices=task_names, help=_task_help)
+    dataset: str | None = option(None, help=_dataset_help)  # None: resolved to the task's default
+    data: str | None = option(None, metavar="PATH", help=_data_help)
+    image_size: int | None = option(None, help="resize --data images to this square size (fashion-scenes: the "
+                                               f"canvas side, default {SceneOptions.canvas})")
+    nodes: int = option(2, help="devices to split across")
+    budget: float = option(0.2, help="bytes allowed, as a fraction of the dense split's: 0..1, 0 = no "
+                                     "communication, 0.2 = 5x less")
+    method: str = option("learned", choices=METHODS, help="how groups are chosen: learned (DISCO) or random "
+                                                          "(baseline)")
+    epochs: int = option(2, help="epochs of each phase unless set below")
+    dense_epochs: int | None = option(None, help="epochs training the dense model (default: --epochs)")
+    sparsify_epochs: int | None = option(None, help="epochs driving masks to the budget (default: --epochs)")
+    finetune_epochs: int | None = option(None, help="epochs fine-tuning with frozen masks (default: --epochs)")
+    weights: str | None = option(None, help="dense weights to start from (.safetensors); skips dense training")
+    dense_run: str | None = option(None, help="a previous run folder whose dense.safetensors to start from")
+    distill: bool = option(True, help="fine-tune with the task's loss only (default: distil from the dense model)")
+    temperature: float = option(4.0, help="distillation temperature")
+    distill_weight: float = option(0.7, help="weight of distillation in the fine-tuning loss (the task's loss "
+                                             "gets the rest)")
+    batch_size: int = option(128, help="images per step")
+    lr: float = option(2e-3, help="AdamW learning rate of the dense phase, cosine-decayed per phase")
+    # measured on Fashion-MNIST/mobilenet_v2: 0.25 left the pruned model too little room to adapt (-4.8 points
+    # at budget 0.1 on 2 nodes), hence 1
+    sparse_lr_scale: float = option(1.0, help="learning rate of the sparsify and fine-tune phases, as a "
+                                              "fraction of --lr")
+    weight_decay: float = option(1e-4, help="AdamW weight decay")
+    regularization: float = option(1e-4, help="bytes-weighted group lasso strength")
+    train_subset: int | None = option(None, help="train on only this many images (quick runs)")
+    test_subset: int | None = option(None, help="evaluate on only this many images")
+    seed: int = option(0, help="seed for weights, data order and random groups")
+    transport_dtype: str = option("fp32", flag="--dtype", choices=lambda: tuple(TRANSPORT_DTYPES),
+                                  help="transport dtype the report counts bytes in")
+    out: str = option(help="run folder, e.g. runs/NAME")
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise DiscoError(f"unknown --task {self.task!r}; known: {', '.join(TASKS)}")
-        if self.dataset is None and self.task == "classification":
-            self.dataset = "fashion-mnist"
+        if self.task not in task_names():
+            raise DiscoError(f"unknown --task {self.task!r}; known: {', '.join(task_names())}")
+        if self.dataset is None:
+            self.dataset = get_task(self.task).default_dataset
+        for phase in PHASES:  # --epochs stands in for the phases not set
+            if self.phase_epochs(phase) is None:
+                setattr(self, f"{phase}_epochs", self.epochs)
         if not 0.0 <= self.budget <= 1.0:
             raise DiscoError(f"--budget must be in [0, 1] (a fraction of the dense split's bytes), got {self.budget}")
         if not 1 <= self.nodes <= MAX_NODES:
             raise DiscoError(f"--nodes must be between 1 and {MAX_NODES}, got {self.nodes}")
         if self.method not in METHODS:
             raise DiscoError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
-        for name in ("dense_epochs", "sparsify_epochs", "finetune_epochs"):
+        for name in ("epochs", "dense_epochs", "sparsify_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise DiscoError(f"--{name.replace('_', '-')} must not be negative")
         if self.sparsify_epochs == 0 and self.budget < 1.0:
@@ -89,7 +119,7 @@ class TrainConfig:
         return load_task_data(self.task, self.dataset, self.data, seed=self.seed, train_size=self.train_subset,
                               test_size=self.test_subset, image_size=self.image_size)
 
-    def epochs(self, phase: str) -> int:
+    def phase_epochs(self, phase: str) -> int:
         return getattr(self, f"{phase}_epochs")
 
     def save(self, path: Path) -> None:

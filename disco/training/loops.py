@@ -1,7 +1,7 @@
 """One epoch of training and one evaluation pass, with progress bars (tqdm) on a terminal.
 
-Both work for every task: the task's Objective (disco.tasks.objectives) gives the loss, the distillation
-term and the test metric.
+Both work for every task: the task's Objective (disco.tasks.objectives; each task module defines its own)
+gives the loss, the distillation term and the test metric.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from disco.sparsify import Sparsifier
+from disco.tasks.classification import ClassificationObjective
 from disco.tasks.objectives import Objective
 
 # loss_fn(outputs, targets, inputs) -> loss (inputs let a distillation loss query its teacher)
@@ -90,7 +91,7 @@ class DistillationLoss:
         self.teacher = teacher.eval()
         self.temperature = temperature
         self.weight = weight
-        self.objective = objective or Objective(classes=0)
+        self.objective = objective or ClassificationObjective(classes=0)
 
     def __call__(self, outputs, targets, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -23,7 +23,8 @@ from disco.split.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.training import checkpoint
 from disco.training.config import PHASES, TrainConfig
-from disco.tasks.objectives import Objective, objective_for
+from disco.tasks.objectives import Objective
+from disco.tasks.registry import get_task
 from disco.training.loops import DistillationLoss, TaskLoss, evaluate, train_epoch
 from disco.training.report import write_report
 
@@ -69,7 +70,7 @@ def _log(out: Path, record: dict) -> None:
 def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier: Sparsifier | None,
                start: dict | None) -> None:
     """Train `model` for the phase's epochs, checkpointing after each; `start` resumes mid-phase."""
-    config, epochs = run.config, run.config.epochs(phase)
+    config, epochs = run.config, run.config.phase_epochs(phase)
     steps = max(1, epochs * len(run.train_loader))
     lr = config.lr if phase == "dense" else config.lr * config.sparse_lr_scale
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
@@ -171,7 +172,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
     # channels-last conv weights make PyTorch pick its channels-last conv kernels: measured 1.5x faster training
     # of mobilenet_v2 on one CPU thread (and the layout tensor cores want on a GPU); values are unchanged
     dense = dense.to(chosen, memory_format=torch.channels_last)
-    objective = objective_for(config.task, classes=data.classes, model=dense, image_size=data.image_size)
+    objective = get_task(config.task).objective(classes=data.classes, model=dense, image_size=data.image_size)
     train_loader, test_loader = _loaders(config, data, objective.collate)
     example = train_loader.dataset[0][0][None].to(chosen)
     run = RunState(config, data, train_loader, test_loader, example, chosen, dense, out, objective,

@@ -1,0 +1,66 @@
+"""Rank 0's batch loop: feed the batches, read each output the task's way (predictions, or the test metric
+with --eval), keep the outputs for --save-output. Talks to the other ranks only through the Coordinator."""
+from __future__ import annotations
+
+import safetensors.torch
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from disco.errors import DiscoError
+from disco.export.manifest import Manifest
+from disco.runtime.options import RunOptions
+from disco.runtime.protocol import REFUSED
+from disco.runtime.roles import Coordinator
+from disco.tasks.registry import get_task
+
+
+def _detector(manifest: Manifest):
+    """Node 0's decoder of detection head maps (anchors, box decoding, NMS: no weights needed)."""
+    if manifest.task != "detection":
+        return None
+    from disco.models import build_for_data
+    return build_for_data(manifest.model.model, channels=manifest.model.channels, classes=manifest.model.classes,
+                          **manifest.model.kwargs).eval()
+
+
+def save_outputs(outputs: list, path: str) -> None:
+    """One tensor 'output', or 'output.0', 'output.1'... for models with several outputs (detection maps)."""
+    leaves = [tree_flatten(o)[0] for o in outputs]
+    tensors = [torch.cat([batch[i] for batch in leaves]).contiguous() for i in range(len(leaves[0]))]
+    names = ["output"] if len(tensors) == 1 else [f"output.{i}" for i in range(len(tensors))]
+    safetensors.torch.save_file(dict(zip(names, tensors)), path)
+
+
+def coordinate(coordinator: Coordinator, manifest: Manifest, options: RunOptions, batches) -> dict:
+    task = get_task(manifest.task)
+    detector = _detector(manifest)
+    objective = task.objective(classes=manifest.model.classes, model=detector,
+                               image_size=tuple(manifest.input_shape[1:]))
+    # only rank 0 scores: no synchronisation of the metric across the process group
+    metric = objective.metric(sync_on_compute=False) if options.eval else None
+    predictions, outputs = [], []
+    try:
+        for index, batch in enumerate(batches):
+            for _ in range(options.warmup if index == 0 else 0):
+                coordinator.forward(batch.images, timed=False)
+            for _ in range(options.repeat):
+                output = coordinator.forward(batch.images)
+            output = tree_map(lambda t: t.cpu(), output)
+            if metric is not None:
+                objective.update(metric, output, batch.labels)
+            else:
+                described = task.describe(output, manifest.class_names, detector=detector,
+                                          image_size=manifest.input_shape[1:])
+                predictions += [{"input": name, **d} for name, d in zip(batch.names, described)]
+            if options.save_output:
+                outputs.append(output)
+    except DiscoError:  # bad input met mid-way: tell the others before failing
+        coordinator.stop(REFUSED)
+        raise
+    coordinator.stop()
+    if options.save_output:
+        save_outputs(outputs, options.save_output)
+    score = objective.score(metric) if metric is not None and coordinator.images else None
+    return {"metric": objective.metric_name, "score": score,
+            "accuracy": score if objective.metric_name == "accuracy" else None,
+            "predictions": predictions, "latencies_s": coordinator.latencies, "images": coordinator.images}

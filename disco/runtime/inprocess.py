@@ -1,0 +1,68 @@
+"""Every rank of a deployment in one process, one thread per rank, talking through in-memory queues
+(MemoryComm): the same programs and protocol as a torchrun job, without processes or sockets. For tests and
+for debugging a deployment on one machine; `disco run` is the real thing."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from disco.errors import DiscoError
+from disco.export.manifest import Manifest
+from disco.runtime.comm import memory_group
+from disco.runtime.program import load_program
+from disco.runtime.protocol import gather_counters
+from disco.runtime.roles import Coordinator, serve
+
+
+def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int | None = None,
+                   timeout: float = 60.0) -> tuple[object, dict[str, list[list[int]]]]:
+    """(outputs of the whole batch, bytes sent per category as [src][dst]) of the deployment in `folder`.
+    `inputs` are split into batches of `batch_size` (default: one batch); outputs are concatenated."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    programs = [load_program(manifest, folder, rank, torch.device("cpu")) for rank in range(manifest.nodes)]
+    comms = memory_group(manifest.nodes, timeout)
+    results: dict = {}
+    errors: dict[int, BaseException] = {}
+
+    def coordinate() -> None:
+        coordinator = Coordinator(programs[0], comms[0])
+        results["outputs"] = [coordinator.forward(chunk) for chunk in inputs.split(batch_size or len(inputs))]
+        coordinator.stop()
+        results["counters"] = gather_counters(comms[0])
+
+    def work(rank: int) -> None:
+        serve(programs[rank], comms[rank])
+        gather_counters(comms[rank])
+
+    def guarded(rank: int, body, *args) -> None:
+        try:
+            with torch.no_grad():
+                body(*args)
+        except BaseException as error:  # reported to the caller below, the root cause (lowest rank) first
+            errors[rank] = error
+
+    threads = [threading.Thread(target=guarded, args=(0, coordinate), daemon=True)]
+    threads += [threading.Thread(target=guarded, args=(rank, work, rank), daemon=True)
+                for rank in range(1, manifest.nodes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[min(errors)]
+    outputs = results["outputs"]
+    if len(outputs) == 1:
+        return outputs[0], results["counters"]
+    return _concatenate(outputs), results["counters"]
+
+
+def _concatenate(outputs: list):
+    leaves = [tree_flatten(o)[0] for o in outputs]
+    spec = tree_flatten(outputs[0])[1]
+    if not all(isinstance(t, torch.Tensor) for t in leaves[0]):
+        raise DiscoError("outputs of several batches can only be joined when every leaf is a tensor")
+    return tree_unflatten([torch.cat([batch[i] for batch in leaves]) for i in range(len(leaves[0]))], spec)

@@ -1,0 +1,37 @@
+"""Options of one distributed run (`disco run`, `python -m disco.runtime`): stated once, here; the command
+line is derived from these fields (disco/fields.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from disco.fields import option
+from disco.errors import DiscoError
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    deploy: str = option(positional=True, help="deployment folder written by `disco export`")
+    input: str | None = option(None, help="an image, a folder of images, or a .safetensors file with a tensor "
+                                          "'input'")
+    eval: bool = option(False, help="score the model on the test images its training report used (accuracy, "
+                                    "mIoU, mAP or PSNR by task)")
+    limit: int | None = option(None, help="with --eval: only this many of those test images")
+    batch_size: int | None = option(None, help="images per forward (default 1; 256 with --eval)")
+    repeat: int = option(1, help="run each batch this many times (latency)")
+    warmup: int = option(0, help="untimed runs of the first batch before timing")
+    timeout: float = option(60.0, help="seconds to wait for a peer before failing with an error naming it")
+    backend: str = option("auto", choices=("auto", "gloo", "nccl"),
+                          help="auto: NCCL if every rank has a GPU, else gloo")
+    save_output: str | None = option(None, help="write the outputs to this .safetensors file (rank 0)")
+    summary: str | None = option(None, help="write predictions, latency and bytes sent per rank to this JSON file")
+    quiet: bool = option(False, help="print nothing but errors")
+
+    def __post_init__(self) -> None:
+        if (self.input is None) == (not self.eval):
+            raise DiscoError("give exactly one of --input PATH or --eval")
+        if self.batch_size is None:
+            self.batch_size = 256 if self.eval else 1
+        if self.batch_size < 1 or self.repeat < 1 or self.warmup < 0 or (self.limit is not None and self.limit < 1):
+            raise DiscoError("--batch-size, --repeat and --limit must be at least 1, --warmup at least 0")
+        if self.timeout <= 0:
+            raise DiscoError("--timeout must be positive (seconds)")

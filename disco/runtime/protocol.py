@@ -1,0 +1,78 @@
+"""The runtime's wire protocol: every message of a batch, in one place (docs/method.md 8).
+
+Each function is called by every rank; rank 0 and the other ranks play the two sides of one message:
+1. `share_status`: rank 0 tells every rank what comes next (RUN a batch of n images, STOP, or REFUSED input);
+2. `scatter_input`: rank 0 sends the batch to every rank in the transport dtype (posted, then completed while
+   rank 0 computes its own part);
+3. the layers' own exchanges (mixing.py, norm.py) while each rank runs its program;
+4. `gather_output`: every rank sends rank 0 the output elements it owns; rank 0 assembles the whole output;
+5. `gather_counters` (once, at the end): every rank's bytes sent, per category and destination, on rank 0.
+`run_batch` is steps 2-4 for one batch, used alike by rank 0 and the others.
+"""
+from __future__ import annotations
+
+import torch
+
+from disco.runtime.comm import CATEGORIES, Comm, Exchange
+
+RUN, STOP, REFUSED = 1, 0, 2
+
+
+def _others(comm: Comm) -> list[int]:
+    return [k for k in range(comm.world) if k != comm.rank]
+
+
+def share_status(comm: Comm, status: int = RUN, batch: int = 0) -> tuple[int, int]:
+    """(status, batch size) as rank 0 sets it; the arguments are read on rank 0 only."""
+    if comm.rank == 0:
+        header = torch.tensor([status, batch], dtype=torch.int64)
+        comm.exchange({k: header for k in _others(comm)}, {}, category="control", what="sending work").wait()
+        return status, batch
+    status, batch = comm.receive((2,), torch.int64, 0, what="waiting for work from rank 0").tolist()
+    return status, batch
+
+
+def scatter_input(comm: Comm, x: torch.Tensor | None, shape: tuple[int, ...],
+                  transport: torch.dtype) -> tuple[torch.Tensor, Exchange | None]:
+    """The batch on every rank. Rank 0 passes it and gets back the sends still in flight (wait on them after
+    computing); the others receive a tensor of `shape` and compute in float32."""
+    if comm.rank == 0:
+        sends = {k: x.to(transport) for k in _others(comm)}
+        return x, comm.exchange(sends, {}, category="input", what="sending the input")
+    received = comm.receive(shape, transport, 0, what="receiving the input")
+    return received.to(torch.float32), None
+
+
+def gather_output(comm: Comm, program, local, transport: torch.dtype):
+    """Rank 0: the whole output, assembled from every rank's owned elements; the others: None."""
+    part = program.output_part(local)
+    if comm.rank != 0:
+        if part.shape[1]:
+            comm.send(part.to(transport), 0, category="output", what="sending the output")
+        return None
+    batch = part.shape[0]
+    receives = {k: ((batch, n), transport) for k in _others(comm) if (n := program.output_elements(k))}
+    parts = comm.exchange({}, receives, category="control", what="gathering the output").wait()
+    return program.assemble_output({0: part, **parts})
+
+
+def run_batch(program, comm: Comm, x: torch.Tensor | None, batch: int, transport: torch.dtype):
+    """Scatter, compute with the layers' exchanges, gather: the output on rank 0, None elsewhere."""
+    shape = (batch, *program.manifest.input_shape)
+    x, scatter = scatter_input(comm, x, shape, transport)
+    local = program.forward(x, comm)
+    if scatter is not None:
+        scatter.wait()
+    return gather_output(comm, program, local, transport)
+
+
+def gather_counters(comm: Comm) -> dict[str, list[list[int]]] | None:
+    """Rank 0: every rank's bytes sent per category as [src][dst]; the others: None."""
+    mine = torch.tensor([comm.sent[c] for c in CATEGORIES], dtype=torch.int64)
+    if comm.rank != 0:
+        comm.send(mine, 0, category="control", what="reporting byte counts")
+        return None
+    receives = {k: ((len(CATEGORIES), comm.world), torch.int64) for k in _others(comm)}
+    received = comm.exchange({}, receives, category="control", what="collecting byte counts").wait()
+    table = torch.stack([mine] + [received[k].cpu() for k in range(1, comm.world)])  # [src, category, dst]
+    return {c: table[:, i].tolist() for i, c in enumerate(CATEGORIES)}

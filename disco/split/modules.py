@@ -1,0 +1,10 @@
+"""Editing a model's module tree."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (e.g. "layer1.0.conv1")."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)

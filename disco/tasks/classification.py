@@ -1,0 +1,55 @@
+"""Image classification: cross-entropy, top-1 accuracy, and the small ViT that trains on a CPU.
+
+Data: Fashion-MNIST (offline from Debian's package) or the user's ImageFolder (disco.data.datasets).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from disco.data.datasets import DataRequest, DataSpec, fashion_mnist, image_folder
+from disco.tasks.objectives import Objective
+from disco.tasks.registry import Task, class_label, register_task
+
+
+class ClassificationObjective(Objective):
+    metric_name = "accuracy"
+
+    def loss(self, outputs, targets) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def metric(self, sync_on_compute: bool = True) -> Metric:
+        return MulticlassAccuracy(num_classes=self.classes, average="micro", sync_on_compute=sync_on_compute)
+
+
+def describe(output: torch.Tensor, names: list[str] | None, *, detector=None, image_size=None) -> list[dict]:
+    best = output.float().softmax(-1).max(-1)
+    return [{"class": int(c), "label": class_label(names, int(c)), "probability": float(p),
+             "text": f"{class_label(names, int(c))} ({float(p):.1%})"} for c, p in zip(best.indices, best.values)]
+
+
+def vit_small(**kwargs) -> nn.Module:
+    """`disco:vit_small`, a ViT that trains on CPU: 28x28 images, 4x4 patches, 6 layers, 8 heads, width 256,
+    MLP 512 (a small configuration of torchvision's VisionTransformer, which has no torchvision name)."""
+    settings = dict(image_size=28, patch_size=4, num_layers=6, num_heads=8, hidden_dim=256, mlp_dim=512)
+    return torchvision.models.VisionTransformer(**{**settings, **kwargs})
+
+
+def _fashion_mnist(request: DataRequest) -> DataSpec:
+    return fashion_mnist(request.cache)
+
+
+def _image_folder(path: Path, request: DataRequest) -> DataSpec:
+    """image_size: the side every image is resized to (default: the first training image's size)."""
+    return image_folder(path, request.image_size)
+
+
+register_task(Task("classification", ClassificationObjective, describe, datasets={"fashion-mnist": _fashion_mnist},
+                   load_folder=_image_folder, folder_layout="an ImageFolder (train/, val/)",
+                   models={"vit_small": vit_small}))

@@ -1,0 +1,132 @@
+"""The runtime against the simulation on every model of the test suite, N = 2, 3, 4, random masks, in one process
+(every rank a thread, MemoryComm): outputs == the simulation's, activation bytes == an independent count made
+with forward hooks on the original model (tests/reference.py), norm bytes and io bytes == the cost report.
+swin_t itself runs on 4 real processes in test_transformers.py; here torchvision's Swin at toy size."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+import disco
+from disco.errors import DiscoError
+from disco.export import ModelSpec, export
+from disco.export.manifest import Manifest
+from disco.models import build_for_data
+from disco.runtime.comm import PeerFailure, memory_group
+from disco.runtime.inprocess import run_in_process
+from disco.split.attention import replace_attention
+from disco.split.masks import keep_random_groups
+from reference import hook_count
+from tests_helpers import tiny_model_spec
+
+# spec, input channels, classes, input size, model kwargs
+MODELS = {
+    "tiny": (tiny_model_spec(), 1, 10, 16, {}),
+    "resnet18": ("torchvision:resnet18", 3, 10, 32, {}),
+    "resnet50": ("torchvision:resnet50", 3, 10, 32, {}),
+    "vgg11_bn": ("torchvision:vgg11_bn", 3, 10, 32, {}),
+    "mobilenet_v2": ("torchvision:mobilenet_v2", 3, 10, 32, {"width_mult": 0.5}),
+    "densenet121": ("torchvision:densenet121", 3, 10, 32, {}),
+    "resnext50_32x4d": ("torchvision:resnext50_32x4d", 3, 10, 32, {}),
+    "vit_small": ("disco:vit_small", 1, 10, 28, {"num_layers": 2}),
+    "swin": (tiny_model_spec().replace("make_model", "make_swin"), 3, 10, 36, {}),  # swin_t's code, toy size
+    "fcn_resnet18": ("disco:fcn_resnet18", 1, 11, 32, {}),
+    "retinanet_resnet18": ("disco:retinanet_resnet18", 1, 11, 64, {}),
+    "edsr": ("disco:edsr", 3, 0, 16, {}),
+}
+
+
+def _randomised(spec: str, channels: int, classes: int, kwargs: dict) -> nn.Module:
+    """Random weights, informative BatchNorm statistics, no zero-initialised layer."""
+    torch.manual_seed(0)
+    model = build_for_data(spec, channels=channels, classes=classes, **kwargs).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _deploy(folder, name: str, nodes: int, keep: float = 0.3):
+    spec, channels, classes, size, kwargs = MODELS[name]
+    original = _randomised(spec, channels, classes, kwargs)
+    x = torch.randn(2, channels, size, size)
+    simulated = disco.partition(original, nodes=nodes, example_inputs=x[:1]).eval()
+    keep_random_groups(simulated, keep, seed=nodes)
+    export(simulated, folder, example_inputs=x[:1],
+           spec=ModelSpec(model=spec, channels=channels, classes=classes, kwargs=kwargs))
+    return original, simulated, x
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 4])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_in_process_runtime_equals_simulation_and_hook_count(tmp_path, name, nodes):
+    original, simulated, x = _deploy(tmp_path, name, nodes)
+    output, sent = run_in_process(tmp_path, x)
+    with torch.no_grad():
+        expected = simulated(x)
+    for actual, wanted in zip(tree_leaves(output), tree_leaves(expected), strict=True):
+        torch.testing.assert_close(actual, wanted, atol=1e-4, rtol=1e-4)
+    reference = replace_attention(copy.deepcopy(original))  # same function, q/k/v as separate linears
+    hooks = hook_count(reference, simulated, x[:1], 4)
+    assert sent["activations"] == [[b * len(x) for b in row] for row in hooks]
+    costs = disco.cost_report(simulated, x[:1])
+    assert sum(map(sum, sent["norm"])) == costs["norm_bytes"] * len(x)
+    assert sum(map(sum, sent["input"])) == costs["io_bytes"]["input"] * len(x)
+    assert sum(map(sum, sent["output"])) == costs["io_bytes"]["output"] * len(x)
+
+
+def test_manifest_plans_are_the_simulation_plans(tmp_path):
+    _, simulated, _ = _deploy(tmp_path, "mobilenet_v2", 3)
+    manifest = Manifest.load(tmp_path)
+    for name, layer in disco.disco_layers(simulated).items():
+        plan, loaded = layer.plan, manifest.layers[name]
+        assert torch.equal(loaded.in_assign, plan.in_assign) and torch.equal(loaded.out_assign, plan.out_assign)
+        assert torch.equal(loaded.kept_groups(), plan.kept_groups())
+        for node in range(3):
+            assert torch.equal(loaded.received_channels(node), plan.received_channels(node))
+
+
+def test_batches_run_apart_give_the_same_outputs(tmp_path):
+    _, simulated, x = _deploy(tmp_path, "resnet18", 2)
+    together, _ = run_in_process(tmp_path, x)
+    apart, sent = run_in_process(tmp_path, x, batch_size=1)
+    torch.testing.assert_close(apart, together, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_comm_refuses_a_message_of_the_wrong_shape_and_times_out():
+    first, second = memory_group(2, timeout=0.2)
+    first.send(torch.zeros(3), 1, category="control", what="test")
+    with pytest.raises(DiscoError, match="protocol error"):
+        second.receive((4,), torch.float32, 0, what="test")
+    with pytest.raises(PeerFailure, match="no answer from rank 0 within 0.2 s"):
+        second.receive((4,), torch.float32, 0, what="test")
+
+
+def test_a_deployment_of_the_previous_format_is_refused_with_a_way_forward(tmp_path):
+    _deploy(tmp_path, "tiny", 2)
+    path = tmp_path / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["version"] = 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DiscoError, match="version 1.*export the deployment again"):
+        Manifest.load(tmp_path)
+
+
+def test_a_sends_table_naming_channels_the_sender_does_not_hold_is_refused(tmp_path):
+    _, simulated, _ = _deploy(tmp_path, "tiny", 2)
+    path = tmp_path / "manifest.json"
+    raw = json.loads(path.read_text())
+    name, plan = next((n, p) for n, p in raw["layers"].items() if p["sends"][0][1])
+    plan["sends"][1][0] = plan["sends"][0][1]  # node 1 "sends" node 0's channels
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DiscoError, match=f"layer '{name}'.*does not hold"):
+        Manifest.load(tmp_path)

@@ -15,8 +15,9 @@ from disco.tasks.registry import get_task
 
 
 def _detector(manifest: Manifest):
-    """Node 0's decoder of detection head maps (anchors, box decoding, NMS: no weights needed)."""
-    if manifest.task != "detection":
+    """Node 0's decoder of outputs for tasks that need one (detection head maps: anchors, box decoding, NMS;
+    no weights needed)."""
+    if not get_task(manifest.task).decodes_with_model:
         return None
     from disco.models import build_for_data
     return build_for_data(manifest.model.model, channels=manifest.model.channels, classes=manifest.model.classes,

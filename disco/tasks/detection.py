@@ -144,4 +144,4 @@ def describe(output, names: list[str] | None, *, detector: DenseRetinaNet | None
 
 register_task(Task("detection", DetectionObjective, describe, datasets={"fashion-scenes": scenes_data},
                    load_folder=coco_data, folder_layout="a COCO folder",
-                   models={"retinanet_resnet18": retinanet_resnet18}))
+                   models={"retinanet_resnet18": retinanet_resnet18}, decodes_with_model=True))

@@ -44,6 +44,9 @@ class Task:
     load_folder: Callable[[Path, DataRequest], DataSpec]
     folder_layout: str
     models: Mapping[str, Callable[..., nn.Module]] = field(default_factory=dict)
+    # describe and the metric decode outputs with the model's weight-free parts (detection: anchors, box
+    # decoding, NMS), so node 0 of a deployment rebuilds the model for them
+    decodes_with_model: bool = False
 
     def __post_init__(self) -> None:
         if not self.datasets:

@@ -27,7 +27,8 @@ def test_dense_partition_equals_original(models, name, nodes):
     layers = disco.disco_layers(simulated)
     assert len(layers) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     for layer in layers.values():
-        assert bool((layer.group_mask == layer.plan.possible_groups().float()).all()), "fresh partition keeps every group"
+        fresh = layer.plan.possible_groups().float()
+        assert bool((layer.group_mask == fresh).all()), "fresh partition keeps every group"
 
 
 def test_partition_leaves_the_original_untouched():

@@ -90,8 +90,8 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
                                             "norm_bytes", "norm_bytes_matrix", "macs_per_node",
                                             "param_bytes_per_node")}
     manifest = Manifest(model=spec, nodes=nodes, input_shape=list(example.shape[1:]), transport_dtype=transport_dtype,
-                        layers={name: layer.plan for name, layer in layers.items()}, shards=shards, expected=expected, preprocess=preprocess,
-                        dataset=dataset, class_names=class_names, reference=reference,
+                        layers={name: layer.plan for name, layer in layers.items()}, shards=shards, expected=expected,
+                        preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
                         task=task or getattr(model, "disco_task", "classification"))
     manifest.validate()
     manifest.save(folder)

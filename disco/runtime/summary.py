@@ -19,7 +19,8 @@ def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend:
         "accuracy": result["accuracy"], "metric": result["metric"], "score": result["score"],
         "reference": manifest.reference,
         "bytes_sent": sent, "bytes_per_image": per_image,
-        "expected_per_image": {"activations": manifest.expected["bytes"], "norm": manifest.expected.get("norm_bytes", 0),
+        "expected_per_image": {"activations": manifest.expected["bytes"],
+                               "norm": manifest.expected.get("norm_bytes", 0),
                                **manifest.expected["io_bytes"]},
         "predictions": result["predictions"],
     }

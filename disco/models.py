@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from disco.errors import DiscoError
+from disco.split.modules import replace_submodule
 
 
 def _torchvision_model(name: str, **kwargs) -> nn.Module:
@@ -93,8 +94,7 @@ def adapt_stem(model: nn.Module, channels: int, stride: int | None = None) -> nn
         return model
     new = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, stride=stride or conv.stride,
                     padding=conv.padding, dilation=conv.dilation, groups=1, bias=conv.bias is not None)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    replace_submodule(model, name, new)
     return model
 
 

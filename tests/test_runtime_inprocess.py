@@ -84,22 +84,26 @@ def test_in_process_runtime_equals_simulation_and_hook_count(tmp_path, name, nod
     assert sum(map(sum, sent["output"])) == costs["io_bytes"]["output"] * len(x)
 
 
-def test_manifest_plans_are_the_simulation_plans(tmp_path):
+def test_manifest_sends_and_received_order_match_a_hand_reading_of_the_masks(tmp_path):
     _, simulated, _ = _deploy(tmp_path, "mobilenet_v2", 3)
     manifest = Manifest.load(tmp_path)
     for name, layer in disco.disco_layers(simulated).items():
-        plan, loaded = layer.plan, manifest.layers[name]
-        assert torch.equal(loaded.in_assign, plan.in_assign) and torch.equal(loaded.out_assign, plan.out_assign)
-        assert torch.equal(loaded.kept_groups(), plan.kept_groups())
-        for node in range(3):
-            assert torch.equal(loaded.received_channels(node), plan.received_channels(node))
+        loaded = manifest.layers[name]
+        in_assign, mask = layer.in_assign.tolist(), layer.group_mask.tolist()  # set_group_mask zeroes non-groups
+        for src in range(3):
+            for dst in range(3):
+                hand = [c for c in range(len(in_assign)) if in_assign[c] == src != dst and mask[dst][c] > 0]
+                assert loaded.sends()[src][dst].tolist() == hand, (name, src, dst)
+        for node in range(3):  # what arrives, by sender, then channel
+            hand = [c for src in range(3) if src != node for c in loaded.sends()[src][node].tolist()]
+            assert loaded.received_channels(node).tolist() == hand
 
 
-def test_batches_run_apart_give_the_same_outputs(tmp_path):
+def test_batches_run_apart_give_the_simulation_outputs(tmp_path):
     _, simulated, x = _deploy(tmp_path, "resnet18", 2)
-    together, _ = run_in_process(tmp_path, x)
-    apart, sent = run_in_process(tmp_path, x, batch_size=1)
-    torch.testing.assert_close(apart, together, atol=1e-5, rtol=1e-5)
+    apart, _ = run_in_process(tmp_path, x, batch_size=1)
+    with torch.no_grad():
+        torch.testing.assert_close(apart, simulated(x), atol=1e-4, rtol=1e-4)
 
 
 def test_memory_comm_refuses_a_message_of_the_wrong_shape_and_times_out():

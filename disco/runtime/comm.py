@@ -191,12 +191,9 @@ class MemoryComm(Comm):
     def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
         for dst, tensor in sends.items():
             self.queues[self.rank, dst].put(tensor.clone())
-        exchange = Exchange(self, what, [])
-        for src, (shape, dtype) in receives.items():
-            arrival = _Arrival(self.queues[src, self.rank], tuple(shape), dtype, self.timeout)
-            exchange.pending.append((arrival, [src]))
-        exchange.arrivals = {src: arrival for (arrival, _), src in zip(exchange.pending, receives)}
-        return exchange
+        arrivals = {src: _Arrival(self.queues[src, self.rank], tuple(shape), dtype, self.timeout)
+                    for src, (shape, dtype) in receives.items()}
+        return Exchange(self, what, [(arrival, [src]) for src, arrival in arrivals.items()], arrivals=arrivals)
 
 
 def memory_group(world: int, timeout: float = 60.0) -> list[MemoryComm]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import safetensors.torch
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
@@ -24,10 +24,18 @@ def _detector(manifest: Manifest):
                           **manifest.model.kwargs).eval()
 
 
+def join_batches(outputs: list):
+    """The outputs of several batches as one, in the model's output structure (tensors joined along the batch)."""
+    leaves = [tree_flatten(o)[0] for o in outputs]
+    if not all(isinstance(t, torch.Tensor) for t in leaves[0]):
+        raise DiscoError("outputs of several batches can only be joined when every leaf is a tensor")
+    joined = [torch.cat([batch[i] for batch in leaves]) for i in range(len(leaves[0]))]
+    return tree_unflatten(joined, tree_flatten(outputs[0])[1])
+
+
 def save_outputs(outputs: list, path: str) -> None:
     """One tensor 'output', or 'output.0', 'output.1'... for models with several outputs (detection maps)."""
-    leaves = [tree_flatten(o)[0] for o in outputs]
-    tensors = [torch.cat([batch[i] for batch in leaves]).contiguous() for i in range(len(leaves[0]))]
+    tensors = [t.contiguous() for t in tree_flatten(join_batches(outputs))[0]]
     names = ["output"] if len(tensors) == 1 else [f"output.{i}" for i in range(len(tensors))]
     safetensors.torch.save_file(dict(zip(names, tensors)), path)
 

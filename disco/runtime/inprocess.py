@@ -7,11 +7,10 @@ import threading
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from disco.errors import DiscoError
 from disco.export.manifest import Manifest
 from disco.runtime.comm import memory_group
+from disco.runtime.evaluation import join_batches
 from disco.runtime.program import load_program
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
@@ -54,15 +53,4 @@ def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int 
         thread.join()
     if errors:
         raise errors[min(errors)]
-    outputs = results["outputs"]
-    if len(outputs) == 1:
-        return outputs[0], results["counters"]
-    return _concatenate(outputs), results["counters"]
-
-
-def _concatenate(outputs: list):
-    leaves = [tree_flatten(o)[0] for o in outputs]
-    spec = tree_flatten(outputs[0])[1]
-    if not all(isinstance(t, torch.Tensor) for t in leaves[0]):
-        raise DiscoError("outputs of several batches can only be joined when every leaf is a tensor")
-    return tree_unflatten([torch.cat([batch[i] for batch in leaves]) for i in range(len(leaves[0]))], spec)
+    return join_batches(results["outputs"]), results["counters"]

@@ -90,9 +90,8 @@ class GroupedMixingStep:
         self.groups = mine.numel()
         needed = (mine[:, None] * plan.in_per_group + torch.arange(plan.in_per_group)).flatten()
         self.send_index, self.receive_counts = plan.send_positions(rank), plan.receive_counts(rank)
+        position = plan.held_positions(rank)
         held = plan.held_channels(rank)
-        position = torch.full((plan.in_channels,), -1, dtype=torch.long)
-        position[held] = torch.arange(held.numel())
         slot = torch.full((plan.in_channels,), -1, dtype=torch.long)
         slot[needed] = torch.arange(needed.numel())
         local = needed[position[needed] >= 0]

@@ -21,6 +21,7 @@ Conventions, all defined here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,14 +43,12 @@ class SplitPlan:
     mask: torch.Tensor | None = None  # [nodes, in_channels]; None: every group kept
 
     def __post_init__(self) -> None:
+        # shapes only: a simulation layer builds its plan on every forward, where reading values would make a
+        # GPU wait; the values of a plan from outside (a manifest) are checked by from_json
         channels_in, channels_out = self.in_assign.numel(), self.out_assign.numel()
         if channels_in % self.conv_groups or channels_out % self.conv_groups:
             raise DiscoError(f"{channels_in} input / {channels_out} output channels do not split into "
                              f"{self.conv_groups} conv groups")
-        if channels_out and not (0 <= int(self.out_assign.min()) and int(self.out_assign.max()) < self.nodes):
-            raise DiscoError(f"output channels assigned outside nodes 0..{self.nodes - 1}")
-        if channels_in and not (-1 <= int(self.in_assign.min()) and int(self.in_assign.max()) < self.nodes):
-            raise DiscoError(f"input channels assigned outside nodes 0..{self.nodes - 1} (or -1, replicated)")
         if self.mask is not None and tuple(self.mask.shape) != (self.nodes, channels_in):
             raise DiscoError(f"group mask must have shape {(self.nodes, channels_in)}, got {tuple(self.mask.shape)}")
 
@@ -69,6 +68,14 @@ class SplitPlan:
 
     def held_channels(self, node: int) -> torch.Tensor:
         return holds(self.in_assign, node).nonzero().flatten()
+
+    def held_positions(self, node: int) -> torch.Tensor:
+        """[in_channels]: where each input channel sits in node's local input (its held channels, increasing),
+        -1 where node does not hold it."""
+        held = self.held_channels(node).cpu()
+        position = torch.full((self.in_channels,), -1, dtype=torch.long)
+        position[held] = torch.arange(held.numel())
+        return position
 
     def rows(self, node: int) -> torch.Tensor:
         """Output channels node computes, increasing."""
@@ -102,6 +109,10 @@ class SplitPlan:
 
     def sends(self) -> list[list[torch.Tensor]]:
         """[src][dst]: the input channels src sends dst (increasing)."""
+        return self._send_table
+
+    @cached_property
+    def _send_table(self) -> list[list[torch.Tensor]]:  # read by several questions below; a plan is not mutated
         kept = self.kept_groups()
         return [[(kept[dst] & (self.in_assign == src)).nonzero().flatten().cpu() for dst in range(self.nodes)]
                 for src in range(self.nodes)]
@@ -122,9 +133,7 @@ class SplitPlan:
 
     def send_positions(self, src: int) -> dict[int, torch.Tensor]:
         """{dst: positions of the channels src sends dst within src's held channels} (non-empty only)."""
-        held = self.held_channels(src).cpu()
-        position = torch.full((self.in_channels,), -1, dtype=torch.long)
-        position[held] = torch.arange(held.numel())
+        position = self.held_positions(src)
         return {dst: position[channels] for dst, channels in enumerate(self.sends()[src])
                 if dst != src and channels.numel()}
 
@@ -178,25 +187,34 @@ class SplitPlan:
 
     @classmethod
     def from_json(cls, raw: dict, nodes: int) -> "SplitPlan":
-        """The plan a manifest describes; its sends must name only existing groups of the right sender."""
+        """The plan a manifest describes: channels on existing nodes, sends naming only existing groups of the
+        right sender."""
         try:
-            plan = cls(nodes=nodes, in_assign=torch.tensor(raw["in_assign"], dtype=torch.long),
-                       out_assign=torch.tensor(raw["out_assign"], dtype=torch.long),
-                       conv_groups=int(raw["conv_groups"]), channel_dim=int(raw["channel_dim"]))
+            layout = cls(nodes=nodes, in_assign=torch.tensor(raw["in_assign"], dtype=torch.long),
+                         out_assign=torch.tensor(raw["out_assign"], dtype=torch.long),
+                         conv_groups=int(raw["conv_groups"]), channel_dim=int(raw["channel_dim"]))
+            _check_nodes(layout)
             sends = raw["sends"]
             if len(sends) != nodes or any(len(row) != nodes for row in sends):
                 raise DiscoError(f"sends must be a {nodes}x{nodes} table")
-            kept = torch.zeros(nodes, plan.in_channels, dtype=torch.bool)
+            kept = torch.zeros(nodes, layout.in_channels, dtype=torch.bool)
             for src, row in enumerate(sends):
                 for dst, channels in enumerate(row):
                     channels = torch.tensor(channels, dtype=torch.long)
-                    if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= plan.in_channels
-                                             or bool((plan.in_assign[channels] != src).any())):
+                    if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= layout.in_channels
+                                             or bool((layout.in_assign[channels] != src).any())):
                         raise DiscoError(f"sends[{src}][{dst}] names channels node {src} does not hold")
                     kept[dst, channels] = True
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
             raise DiscoError(f"malformed layer plan ({error})") from None
-        if bool((kept & ~plan.possible_groups()).any()):
+        if bool((kept & ~layout.possible_groups()).any()):
             raise DiscoError("sends names channels that no output of the receiving node reads")
-        plan.mask = kept.float()
-        return plan
+        return cls(nodes=nodes, in_assign=layout.in_assign, out_assign=layout.out_assign,
+                   conv_groups=layout.conv_groups, channel_dim=layout.channel_dim, mask=kept.float())
+
+
+def _check_nodes(plan: SplitPlan) -> None:
+    if plan.out_assign.numel() and not (0 <= int(plan.out_assign.min()) and int(plan.out_assign.max()) < plan.nodes):
+        raise DiscoError(f"output channels assigned outside nodes 0..{plan.nodes - 1}")
+    if plan.in_channels and not (-1 <= int(plan.in_assign.min()) and int(plan.in_assign.max()) < plan.nodes):
+        raise DiscoError(f"input channels assigned outside nodes 0..{plan.nodes - 1} (or -1, replicated)")

@@ -101,11 +101,11 @@ def _config(args, family: dict, out: Path, **overrides):
 def _run(config, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
-    from disco.training.pipeline import train
+    from disco.training.pipeline import resume, train
     out = Path(config.out)
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
-    return train(config, resume=(out / "checkpoint").exists())
+    return resume(out) if (out / "config.json").is_file() else train(config)  # an interrupted run continues
 
 
 def run_dense(args, family_name: str, family: dict) -> Path:

@@ -53,12 +53,22 @@ def builtin_models() -> dict[str, Callable[..., nn.Module]]:
     return {name: factory for task in task_names() for name, factory in get_task(task).models.items()}
 
 
+REGISTERED_SOURCES = ("torchvision", "disco")  # models built from installed code, not from a user's file
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'torchvision:resnet50' -> ('torchvision', 'resnet50'); 'path/to/file.py:factory' -> ('path/to/file.py',
+    'factory')."""
+    source, sep, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not source or not name:
+        raise DiscoError(f"model spec {spec!r} must look like 'torchvision:resnet50' or 'path/to/file.py:factory'")
+    return source, name
+
+
 def build_model(spec: str, **kwargs) -> nn.Module:
     """`torchvision:resnet50` (random weights), `disco:vit_small` (see builtin_models) or
     `my_models.py:make_net` (called with the **kwargs it accepts)."""
-    source, sep, name = spec.rpartition(":")
-    if not sep or not source or not name:
-        raise DiscoError(f"model spec {spec!r} must look like 'torchvision:resnet50' or 'path/to/file.py:factory'")
+    source, name = split_spec(spec)
     if source == "torchvision":
         return _torchvision_model(name, **kwargs)
     if source == "disco":

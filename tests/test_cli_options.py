@@ -87,3 +87,9 @@ def test_train_epochs_fill_the_phases_not_set_and_flags_keep_their_names():
     assert args.resume and args.device == "cpu"
     with pytest.raises(DiscoError, match="--model is required"):
         config_from_args(build_parser().parse_args(["train", "--out", "run"]))
+
+
+def test_one_node_is_refused_with_a_reason_before_anything_runs(tmp_path):
+    with pytest.raises(DiscoError, match="between 2 and .*one node sends nothing"):
+        TrainConfig(model="torchvision:resnet18", nodes=1, out=str(tmp_path))
+    assert TrainConfig(model="torchvision:resnet18", nodes=2, out=str(tmp_path)).nodes == 2

@@ -11,7 +11,7 @@ from disco.training import pipeline
 from disco.training.config import TrainConfig
 from runtime_helpers import disco_cli
 from synthetic import make_image_folder
-from tests_helpers import tiny_model_spec
+from tests_helpers import tiny_model_file, tiny_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,15 @@ def test_export_writes_shards_and_manifest(trained):
     assert manifest.reference["accuracy"] == report["disco_accuracy"]
 
 
-def test_distributed_eval_matches_the_simulation(trained):
+def test_distributed_eval_of_a_signed_export_matches_the_simulation(trained):
     root, _, report = trained
-    if not (root / "deploy").is_dir():
-        assert disco_cli("export", str(root / "run"), "--out", str(root / "deploy")).returncode == 0
+    assert disco_cli("keygen", "--out", str(root / "keys")).returncode == 0
+    exported = disco_cli("export", str(root / "run"), "--out", str(root / "signed"), "--sign-key",
+                         str(root / "keys" / "disco-sign.key"))
+    assert exported.returncode == 0 and "signed: manifest.sig" in exported.stdout, exported.stderr
     summary = root / "eval.json"
-    result = disco_cli("run", str(root / "deploy"), "--eval", "--batch-size", "7", "--summary", str(summary))
+    result = disco_cli("run", str(root / "signed"), "--eval", "--batch-size", "7", "--summary", str(summary),
+                       "--model-code", tiny_model_file(), "--verify-key", str(root / "keys" / "disco-sign.pub"))
     assert result.returncode == 0, result.stderr
     data = json.loads(summary.read_text())
     assert data["accuracy"] == pytest.approx(report["disco_accuracy"], abs=1e-6)
@@ -54,7 +57,7 @@ def test_images_from_a_folder_are_read_like_the_training_data(trained):
     folder = images / "val" / "class_1"
     out = root / "predicted.safetensors"
     result = disco_cli("run", str(root / "deploy"), "--input", str(folder), "--batch-size", "4",
-                       "--save-output", str(out))
+                       "--save-output", str(out), "--model-code", tiny_model_file())
     assert result.returncode == 0, result.stderr
     # reference: the simulation model on the dataset's own tensors for the same files
     from disco.models import build_for_data

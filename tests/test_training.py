@@ -10,7 +10,7 @@ import torch
 
 from disco.data.datasets import DEBIAN_FASHION_MNIST, load_dataset
 from disco.errors import DiscoError
-from disco.training import pipeline
+from disco.training import checkpoint, pipeline
 from disco.training.config import TrainConfig
 from synthetic import make_image_folder
 from tests_helpers import tiny_model_spec
@@ -30,6 +30,10 @@ def _config(folder, out, **overrides):
 
 def _metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_time(metrics):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
 
 
 def _masks(path):
@@ -63,8 +67,8 @@ def test_masks_frozen_during_finetuning(folder, tmp_path):
     out = tmp_path / "run"
     stopped = pipeline.train(_config(folder, out), stop_after_epochs=4)  # dense 2 + sparsify 2
     assert stopped["stopped"]
-    after_sparsify = _masks(out / "checkpoint" / "model.safetensors")
-    pipeline.train(_config(folder, out), resume=True)
+    after_sparsify = _masks(checkpoint.latest_checkpoint(out).folder / "model.safetensors")
+    pipeline.resume(out)
     final = _masks(out / "disco.safetensors")
     assert after_sparsify.keys() == final.keys() and after_sparsify
     for key in final:
@@ -77,13 +81,13 @@ def test_resume_continues_where_it_stopped(folder, tmp_path):
     parted = tmp_path / "parted"
     assert pipeline.train(_config(folder, parted), stop_after_epochs=3)["stopped"]
     assert len(_metrics(parted)) == 3
-    pipeline.train(_config(folder, parted), resume=True)
-    drop_time = [{k: v for k, v in m.items() if k != "seconds"} for m in _metrics(parted)]
-    assert drop_time == [{k: v for k, v in m.items() if k != "seconds"} for m in _metrics(whole)]
+    pipeline.resume(parted)
+    assert _without_time(_metrics(parted)) == _without_time(_metrics(whole))
     final_whole = safetensors.torch.load_file(str(whole / "disco.safetensors"))
     final_parted = safetensors.torch.load_file(str(parted / "disco.safetensors"))
+    assert final_parted.keys() == final_whole.keys()
     for key, value in final_whole.items():
-        torch.testing.assert_close(final_parted[key], value, msg=key)
+        assert torch.equal(final_parted[key], value), key
 
 
 def test_distillation_is_used_when_asked(folder, tmp_path, monkeypatch):
@@ -141,6 +145,36 @@ def test_existing_run_is_not_overwritten(folder, tmp_path):
     pipeline.train(_config(folder, tmp_path / "run"), stop_after_epochs=1)
     with pytest.raises(DiscoError, match="--resume"):
         pipeline.train(_config(folder, tmp_path / "run"))
+
+
+def test_resuming_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(DiscoError, match="not a run folder"):
+        pipeline.resume(tmp_path)
+
+
+def test_resuming_a_checkpoint_of_the_old_format_is_refused(folder, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)  # one folder whose files were replaced one by one
+    _config(folder, out).save(out / "config.json")
+    with pytest.raises(DiscoError, match="old format"):
+        pipeline.resume(out)
+
+
+def test_resuming_before_the_first_checkpoint_starts_from_the_beginning(folder, tmp_path):
+    out = tmp_path / "run"
+    assert pipeline.train(_config(folder, out, dense_epochs=1, sparsify_epochs=1), stop_after_epochs=0)["stopped"]
+    assert (out / "config.json").is_file() and not (out / checkpoint.CHECKPOINTS).exists()
+    (out / "metrics.jsonl").write_text('{"phase": "dense", "epoch": 1, "train_lo')  # a line cut by a kill
+    pipeline.resume(out)
+    assert [(m["phase"], m["epoch"]) for m in _metrics(out)] == [("dense", 1), ("sparsify", 1), ("finetune", 1)]
+
+
+def test_resuming_a_finished_run_trains_nothing(folder, tmp_path):
+    out = tmp_path / "run"
+    report = pipeline.train(_config(folder, out, dense_epochs=1, sparsify_epochs=1))
+    metrics, weights = _metrics(out), (out / "disco.safetensors").read_bytes()
+    assert pipeline.resume(out) == report
+    assert _metrics(out) == metrics and (out / "disco.safetensors").read_bytes() == weights
 
 
 def test_cli_train_reports_errors_in_one_line(tmp_path):

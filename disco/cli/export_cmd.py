@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from disco.export.signing import SIGNATURE_NAME
 from disco.training.export_run import export_run
 from disco.transport import RUNTIME_DTYPES
 
@@ -17,15 +18,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="deployment folder to write, e.g. deploy/NAME")
     parser.add_argument("--dtype", choices=RUNTIME_DTYPES,
                         help="transport dtype of activations between nodes (default: the run's)")
+    parser.add_argument("--sign-key", metavar="PRIVATE_KEY",
+                        help="sign the deployment with this Ed25519 private key (`disco keygen`): `disco run "
+                             "--verify-key PUBLIC_KEY` then refuses any folder not signed by its owner")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype)
+    manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key)
     expected = manifest.expected
     print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "
           f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "
           f"ratio {expected['ratio']:.3f} of the dense split)")
     for node, shard in enumerate(manifest.shards):
         print(f"  node {node}: {shard['file']}  sha256 {shard['sha256'][:16]}...")
+    if args.sign_key:
+        print(f"  signed: {SIGNATURE_NAME} (check with `disco run {args.out} --verify-key PUBLIC_KEY ...`)")
     return 0

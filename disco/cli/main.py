@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from disco.cli import bench_cmd, export_cmd, inspect_cmd, run_cmd, train_cmd
+from disco.cli import bench_cmd, export_cmd, inspect_cmd, keygen_cmd, run_cmd, train_cmd
 from disco.errors import DiscoError
 
-COMMANDS = (inspect_cmd, train_cmd, export_cmd, run_cmd, bench_cmd)
+COMMANDS = (inspect_cmd, train_cmd, export_cmd, run_cmd, bench_cmd, keygen_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DiscoError, FileNotFoundError) as error:
         print(f"disco {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a training run can be continued from its last checkpoint
+        print(f"disco {args.command}: interrupted" + (" (continue with --resume)" if args.command == "train" else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from disco.runtime.launch import launch
 from disco.fields import add_options
 from disco.runtime.options import RunOptions
 
-LAUNCH_ONLY = ("nodes", "threads", "verbose", "command", "handler")
+LAUNCH_ONLY = ("nodes", "threads", "command", "handler")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_options(parser, RunOptions)
     parser.add_argument("--nodes", type=int, help="processes to start (default: the deployment's node count)")
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / nodes)")
-    parser.add_argument("--verbose", action="store_true", help="show torchrun's own log and failure reports")
     parser.set_defaults(handler=run)
 
 
@@ -39,4 +38,5 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in LAUNCH_ONLY}
     RunOptions(**options)  # validate here, before starting any process
-    return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose)
+    return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose,
+                  verify_key=args.verify_key, model_code=args.model_code)

@@ -6,7 +6,6 @@ a run's configuration.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from disco.fields import add_options, from_args
 from disco.errors import DiscoError
@@ -22,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "report.md/report.json into --out.")
     add_options(parser, TrainConfig)
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoint (with its saved options)")
+                        help="continue the run in --out from its last checkpoint, with its saved options (other "
+                             "options are ignored); the folder may have been moved or copied")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.set_defaults(handler=run)
 
@@ -34,7 +34,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from disco.training.pipeline import train
-    config = TrainConfig.load(Path(args.out) / "config.json") if args.resume else config_from_args(args)
-    train(config, resume=args.resume, device=args.device)
+    from disco.training.pipeline import resume, train
+    if args.resume:  # the run's own options, from the folder given (wherever it was moved or copied)
+        resume(args.out, device=args.device)
+    else:
+        train(config_from_args(args), device=args.device)
     return 0

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import sys
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
+from disco.data.checks import CheckedSplit, ImageFile, check_samples, decode_image, two_sizes
 from disco.errors import DiscoError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -54,9 +57,10 @@ class DataRequest:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int | None = None
+    skip_bad_data: bool = False  # leave out the user's files that cannot be decoded (else they are an error)
 
 
-def image_channels(image: Image.Image) -> int:
+def image_channels(image: Image.Image | ImageFile) -> int:
     """1 for a greyscale image file, else 3: the input channels a model gets for it."""
     return 1 if image.mode in GREY_MODES else 3
 
@@ -113,33 +117,56 @@ def image_transform(channels: int, size: tuple[int, int] | None, mean: list[floa
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def image_folder(path: Path, image_size: int | None = None) -> DataSpec:
-    """`path/train/<class>/*.png` and `path/val/<class>/*.png` (torchvision ImageFolder layout)."""
+def image_folder(path: Path, image_size: int | None = None, *, skip_bad_data: bool = False) -> DataSpec:
+    """`path/train/<class>/*.png` and `path/val/<class>/*.png` (torchvision ImageFolder layout). Every file is
+    decoded first (disco.data.checks: a bad one is an error, or left out with skip_bad_data). Images are
+    resized to image_size x image_size when given; else to the first training image's size when sizes differ
+    (one line on stderr says so), so that batches stack."""
     path = Path(path)
     for split in ("train", "val"):
         if not (path / split).is_dir():
             raise DiscoError(f"{path / split} not found: --data expects an ImageFolder layout with train/ and val/ "
                              "sub-folders, one folder per class")
-    probe = datasets.ImageFolder(path / "train")
-    if not probe.samples:
+    found = {split: datasets.ImageFolder(path / split) for split in ("train", "val")}
+    if not found["train"].samples:
         raise DiscoError(f"no images found under {path / 'train'}")
-    with Image.open(probe.samples[0][0]) as first:  # ImageFolder's loader makes everything RGB: ask the file
-        channels = image_channels(first)
-        size = (image_size, image_size) if image_size else (first.height, first.width)
-    transform = image_transform(channels, size if image_size else None, [0.5] * channels, [0.5] * channels)
-    train = datasets.ImageFolder(path / "train", transform=transform)
-    test = datasets.ImageFolder(path / "val", transform=transform)
-    if train.classes != test.classes:
+    if found["train"].classes != found["val"].classes:
         raise DiscoError(f"train/ and val/ of {path} have different class folders")
+    checked = check_samples({split: folder.samples for split, folder in found.items()},
+                            lambda sample: decode_image(Path(sample[0])), skip_bad=skip_bad_data, source=str(path))
+    first = checked["train"].images[0]  # ImageFolder's loader makes everything RGB: the file says grey or not
+    channels = image_channels(first)
+    size = (image_size, image_size) if image_size else first.size
+    resize = image_size is not None or _resize_mixed_sizes(path, checked)
+    transform = image_transform(channels, size if resize else None, [0.5] * channels, [0.5] * channels)
+    train, test = (_usable_image_folder(found[split].root, checked[split], transform) for split in ("train", "val"))
     return DataSpec(path.name, train, test, channels=channels, classes=len(train.classes), image_size=size,
                     class_names=train.classes, mean=[0.5] * channels, std=[0.5] * channels)
 
 
+def _resize_mixed_sizes(path: Path, checked: dict[str, CheckedSplit]) -> bool:
+    """True (and one line on stderr) when the images of `path` differ in size: all are then resized to the first
+    training image's size, which deployment inputs are resized to as well (the manifest's preprocess)."""
+    mixed = two_sizes(chain(checked["train"].images, checked["val"].images))
+    if mixed:
+        first, other = mixed
+        print(f"{path}: images differ in size ({first}, {other}): all are resized to the first training image's "
+              f"{first.size[1]}x{first.size[0]}; pass --image-size N to choose the size", file=sys.stderr)
+    return mixed is not None
+
+
+def _usable_image_folder(root: str, checked: CheckedSplit, transform) -> datasets.ImageFolder:
+    """The ImageFolder at `root` holding only the samples that passed the check (a class left without any is
+    kept empty, so that class indices stay those of the folder names)."""
+    usable = {file for file, _ in checked.samples}
+    return datasets.ImageFolder(root, transform=transform, is_valid_file=usable.__contains__, allow_empty=True)
+
+
 def load_dataset(dataset: str | None = "fashion-mnist", data: Path | None = None, *, cache: Path | None = None,
-                 image_size: int | None = None) -> DataSpec:
+                 image_size: int | None = None, skip_bad_data: bool = False) -> DataSpec:
     """The named dataset, or the user's ImageFolder at `data` (which takes precedence)."""
     if data is not None:
-        return image_folder(Path(data), image_size)
+        return image_folder(Path(data), image_size, skip_bad_data=skip_bad_data)
     if dataset == "fashion-mnist":
         return fashion_mnist(cache)
     raise DiscoError(f"unknown dataset {dataset!r}; known: fashion-mnist (or give --data PATH)")

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from disco.data.checks import check_samples, decode_image
 from disco.data.datasets import DataRequest, DataSpec, fashion_mnist_splits, image_channels
 from disco.errors import DiscoError
 
@@ -141,7 +142,7 @@ def read_images(files: list[Path]) -> list[torch.Tensor]:
             with_modes.append((image_channels(image) == 1, np.asarray(image.convert("RGB"))))
     all_grey = all(grey for grey, _ in with_modes)
     arrays = [array[..., :1] if all_grey else array for _, array in with_modes]
-    return [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous() for a in arrays]
+    return [torch.from_numpy(np.array(a)).permute(2, 0, 1).contiguous() for a in arrays]  # a writable copy
 
 
 def photo_pairs(photos: list[torch.Tensor], options: SuperResOptions, source: str) -> DownscaledPairs:
@@ -173,8 +174,10 @@ def skimage_pairs(request: DataRequest) -> DataSpec:
 
 def folder_pairs(path: Path, request: DataRequest) -> DataSpec:
     """`data=PATH`: 96x96 patches of every PNG/JPEG under PATH; the first 80% of files by sorted path train,
-    the rest test."""
-    files = image_files(path)
+    the rest test. Every file is decoded first (disco.data.checks): a bad one is an error, or left out with
+    request.skip_bad_data (before the cut, so that the split is that of the usable files)."""
+    files = check_samples({"images": image_files(path)}, decode_image, skip_bad=request.skip_bad_data,
+                          source=str(path))["images"].samples
     if len(files) < 2:
         raise DiscoError(f"{path} has {len(files)} image: super-resolution needs at least 2 (train and test)")
     cut = min(len(files) - 1, max(1, int(len(files) * USER_TRAIN_SHARE)))

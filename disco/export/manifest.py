@@ -3,36 +3,59 @@
 A rank rebuilds the architecture from `model` (on the meta device: no weights), re-runs the owner
 propagation with each layer's exported output assignment, and checks that the channels it then expects
 agree with `layers`: the split plan of every channel-mixing layer (disco/split/plan.py), serialised.
-`shards` holds the sha256 of every node's safetensors file, checked before any communication. No pickle:
-JSON and safetensors only.
+`shards` holds the sha256 of every node's safetensors file, checked before any communication, and every shard's
+metadata holds the digest of the rest of the manifest (`Manifest.digest`: the plans, model, dtype... it was cut
+for) and its node, so no edit of the manifest and no swap of shards goes unnoticed. The model is data too:
+a registered name, or a user's file named by its hash (disco/export/trust.py). No pickle: JSON and
+safetensors only; shard names are plain file names in the deployment folder.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from disco.errors import DiscoError
+from disco.models import REGISTERED_SOURCES, split_spec
 from disco.options import MAX_NODES
 from disco.split.plan import SplitPlan
 from disco.transport import RUNTIME_DTYPES
 
 FORMAT = "disco-deployment"
-FORMAT_VERSION = 2  # 2: layers hold each layer's SplitPlan; shards one `weight.remote` block per layer
+# 2: layers hold each layer's SplitPlan; 3: model spec registered or bound to a file hash, shards carry the digest
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.safetensors")  # a plain file name: no folder, no ".."
+SHA256 = re.compile(r"[0-9a-f]{64}")
+DIGEST_KEY, NODE_KEY = "disco.manifest_digest", "disco.node"  # each shard's safetensors metadata
 
 
 @dataclass
 class ModelSpec:
     """How to rebuild the architecture: `disco.models.build_for_data(model, channels=..., classes=...,
-    stem_stride=..., **kwargs)`. `model` is torchvision:NAME or path/to/file.py:factory."""
+    stem_stride=..., **kwargs)`. `model` is torchvision:NAME, disco:NAME, or FILE.py:factory for a user's model
+    file, which the deployment names by its sha256 (`code_sha256`) and never carries (disco/export/trust.py)."""
 
     model: str
     channels: int
     classes: int
     kwargs: dict = field(default_factory=dict)
     stem_stride: int | None = None
+    code_sha256: str | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.kwargs, dict) or any("weights" in str(key) for key in self.kwargs):
+            raise DiscoError("model kwargs must be a dict and may not ask for weights: a deployment's weights are "
+                             "its shards (nothing is downloaded)")
+        source, _ = split_spec(self.model)
+        if source in REGISTERED_SOURCES:
+            return
+        if "/" in source or "\\" in source or not source.endswith(".py") or not SHA256.fullmatch(
+                str(self.code_sha256)):
+            raise DiscoError(f"model {self.model!r} is neither registered ({', '.join(REGISTERED_SOURCES)}) nor a "
+                             "model file name with its sha256; a deployment names code, it never carries it")
 
 
 @dataclass
@@ -45,17 +68,26 @@ class Manifest:
     shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ...}] in node order
     expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...)
     preprocess: dict | None = None  # {"channels", "size", "mean", "std"} for reading image files
-    dataset: dict | None = None  # {"dataset", "data", "image_size", "test_subset", "seed"} for --eval
+    dataset: dict | None = None  # {"dataset", "data", "image_size", "test_subset", "seed", "skip_bad_data"}: --eval
     class_names: list[str] | None = None
     reference: dict | None = None  # the simulation's result to compare with, e.g. {"accuracy": ...}
     task: str = "classification"  # how node 0 reads the output: classification, segmentation, detection, superres
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
+    def as_json(self) -> dict:
+        fields_ = asdict(replace(self, layers={}))
+        fields_["layers"] = {name: plan.to_json() for name, plan in self.layers.items()}
+        return fields_
+
+    def digest(self) -> str:
+        """sha256 of everything but the shard list: what the shards were cut for (their metadata holds it)."""
+        content = {k: v for k, v in self.as_json().items() if k != "shards"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
-        fields_ = asdict(replace(self, layers={}))  # one line per top-level field: readable, yet compact
-        fields_["layers"] = {name: plan.to_json() for name, plan in self.layers.items()}
+        fields_ = self.as_json()  # one line per top-level field: readable, yet compact
         path.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in fields_.items()) + "\n}\n")
         return path
 
@@ -89,9 +121,25 @@ class Manifest:
                              f"(supported: {', '.join(RUNTIME_DTYPES)})")
         if not isinstance(self.task, str):  # whether the task is known is the runtime's to say (task registry)
             raise DiscoError(f"manifest task must be a task name, got {self.task!r}")
+        self.model.validate()
+        self._validate_shards()
         for name, plan in self.layers.items():
             if plan.nodes != self.nodes:
                 raise DiscoError(f"layer {name!r} is planned for {plan.nodes} nodes, the deployment for {self.nodes}")
+
+    def _validate_shards(self) -> None:
+        """Before any file is opened: every shard a plain, distinct file name in the folder, with a sha256."""
+        for node, shard in enumerate(self.shards):
+            if not isinstance(shard, dict):
+                raise DiscoError(f'shard {node} must be an entry {{"file": NAME, "sha256": HASH}}, got {shard!r}')
+            name = shard.get("file")
+            if not SHARD_NAME.fullmatch(str(name)) or ".." in str(name):
+                raise DiscoError(f"shard {node} must be a plain .safetensors file name inside the deployment folder "
+                                 f"(no folders, no '..'), got {name!r}")
+            if not SHA256.fullmatch(str(shard.get("sha256"))):
+                raise DiscoError(f"shard {node} has no valid sha256 in the manifest")
+        if len({shard["file"] for shard in self.shards}) != len(self.shards):
+            raise DiscoError("the manifest names one shard file for several nodes")
 
     def shard_path(self, folder: Path, node: int) -> Path:
         return Path(folder) / self.shards[node]["file"]
@@ -117,9 +165,24 @@ def verify_shard(manifest: Manifest, folder: Path, node: int) -> Path:
     path = manifest.shard_path(folder, node)
     if not path.is_file():
         raise DiscoError(f"shard of node {node} not found: {path}")
-    actual = sha256_of(path)
-    if actual != manifest.shards[node]["sha256"]:
-        raise DiscoError(f"shard {path} does not match the manifest (sha256 {actual[:12]}... != "
-                         f"{manifest.shards[node]['sha256'][:12]}...): it was corrupted or replaced; "
+    if sha256_of(path) != manifest.shards[node]["sha256"]:
+        raise DiscoError(f"shard {path} does not match the manifest's sha256: it was corrupted or replaced; "
                          "copy the deployment again")
+    metadata = shard_metadata(path)
+    if metadata.get(NODE_KEY) != str(node):
+        raise DiscoError(f"shard {path} holds the weights of node {metadata.get(NODE_KEY)}, not of node {node}: the "
+                         "manifest's shard list was edited; copy the deployment again")
+    if metadata.get(DIGEST_KEY) != manifest.digest():
+        raise DiscoError(f"shard {path} was cut for another manifest: manifest.json was edited after export (its "
+                         "plan, model or options differ from what the shards hold); copy or export it again")
     return path
+
+
+def shard_metadata(path: Path) -> dict[str, str]:
+    import safetensors  # here: this module otherwise needs only JSON
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as shard:
+            return shard.metadata() or {}
+    except Exception as error:  # a file that matched its hash yet is no safetensors: a forged manifest entry
+        raise DiscoError(f"{path} is not a safetensors shard ({type(error).__name__})") from None

@@ -6,6 +6,7 @@ bias of its rows; of every other module what disco/split/placement.py places on 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -14,7 +15,9 @@ from torch import nn
 
 from disco.accounting import cost_report
 from disco.errors import DiscoError
-from disco.export.manifest import Manifest, ModelSpec, sha256_of
+from disco.export.manifest import DIGEST_KEY, NODE_KEY, Manifest, ModelSpec, sha256_of
+from disco.export.signing import SIGNATURE_NAME, read_private_key, sign_deployment
+from disco.export.trust import deployable_spec
 from disco.transport import get_transport_dtype
 from disco.models import build_for_data
 from disco.split.attention import replace_attention
@@ -58,41 +61,50 @@ def check_spec(model: nn.Module, spec: ModelSpec) -> None:
 
 def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelSpec, transport_dtype: str = "fp32",
            preprocess: dict | None = None, dataset: dict | None = None,
-           class_names: list[str] | None = None, reference: dict | None = None, task: str | None = None) -> Manifest:
+           class_names: list[str] | None = None, reference: dict | None = None, task: str | None = None,
+           sign_key: str | Path | None = None) -> Manifest:
     """Write `node{k}.safetensors` for every node and `manifest.json` into `folder` (see module doc).
 
     `model` is a partitioned model (disco.partition, masks set); `example_inputs` one input like the
     ones it will run on; `spec` rebuilds its architecture on every node. `task` tells node 0 how to read
     the output (default: the model's `disco_task` attribute, as on the disco.tasks models, else
-    classification)."""
+    classification). `sign_key`: an Ed25519 private key file (`disco keygen`) to sign the deployment with."""
     layers = disco_layers(model)
     if not layers:
         raise DiscoError("export needs a partitioned model: call disco.partition(model, nodes=N, example_inputs=x)")
     get_transport_dtype(transport_dtype, runtime=True)  # refuse what the runtime cannot send
+    if sign_key is not None:
+        read_private_key(sign_key)  # a bad key is refused before anything is written
     inputs = as_input_tuple(example_inputs)
     if len(inputs) != 1:
         raise DiscoError("the runtime supports models with one input tensor")
     example = inputs[0][:1].cpu()
     model = model.cpu()
     check_spec(model, spec)
+    recorded, code_sha256 = deployable_spec(spec.model)
     nodes = next(iter(layers.values())).nodes
     with eval_mode(model):
         analysis = analyse(model, (example,), nodes)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for node in range(nodes):
-        path = folder / f"node{node}.safetensors"
-        safetensors.torch.save_file(node_tensors(model, analysis, node), str(path))
-        shards.append({"file": path.name, "sha256": sha256_of(path)})
     costs = cost_report(model, example, transport_dtype=transport_dtype)
     expected = {key: costs[key] for key in ("bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes",
                                             "norm_bytes", "norm_bytes_matrix", "macs_per_node",
                                             "param_bytes_per_node")}
-    manifest = Manifest(model=spec, nodes=nodes, input_shape=list(example.shape[1:]), transport_dtype=transport_dtype,
-                        layers={name: layer.plan for name, layer in layers.items()}, shards=shards, expected=expected,
+    manifest = Manifest(model=replace(spec, model=recorded, code_sha256=code_sha256), nodes=nodes,
+                        input_shape=list(example.shape[1:]), transport_dtype=transport_dtype,
+                        layers={name: layer.plan for name, layer in layers.items()}, shards=[], expected=expected,
                         preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
                         task=task or getattr(model, "disco_task", "classification"))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = manifest.digest()  # of everything but the shard list: bound into every shard
+    for node in range(nodes):
+        path = folder / f"node{node}.safetensors"
+        safetensors.torch.save_file(node_tensors(model, analysis, node), str(path),
+                                    metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
+        manifest.shards.append({"file": path.name, "sha256": sha256_of(path)})
     manifest.validate()
     manifest.save(folder)
+    (folder / SIGNATURE_NAME).unlink(missing_ok=True)  # a previous export's signature would not verify
+    if sign_key is not None:
+        sign_deployment(folder, sign_key)
     return manifest

@@ -8,20 +8,19 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
+from disco.export.trust import build_deployed_model
 from disco.runtime.options import RunOptions
 from disco.runtime.protocol import REFUSED
 from disco.runtime.roles import Coordinator
 from disco.tasks.registry import get_task
 
 
-def _detector(manifest: Manifest):
+def _detector(manifest: Manifest, model_code: str | None):
     """Node 0's decoder of outputs for tasks that need one (detection head maps: anchors, box decoding, NMS;
     no weights needed)."""
     if not get_task(manifest.task).decodes_with_model:
         return None
-    from disco.models import build_for_data
-    return build_for_data(manifest.model.model, channels=manifest.model.channels, classes=manifest.model.classes,
-                          **manifest.model.kwargs).eval()
+    return build_deployed_model(manifest.model, model_code).eval()
 
 
 def join_batches(outputs: list):
@@ -42,7 +41,7 @@ def save_outputs(outputs: list, path: str) -> None:
 
 def coordinate(coordinator: Coordinator, manifest: Manifest, options: RunOptions, batches) -> dict:
     task = get_task(manifest.task)
-    detector = _detector(manifest)
+    detector = _detector(manifest, options.model_code)
     objective = task.objective(classes=manifest.model.classes, model=detector,
                                image_size=tuple(manifest.input_shape[1:]))
     # only rank 0 scores: no synchronisation of the metric across the process group

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from disco.export.manifest import Manifest
-from disco.runtime.comm import memory_group
+from disco.runtime.comm import PeerFailure, memory_group
 from disco.runtime.evaluation import join_batches
 from disco.runtime.program import load_program
 from disco.runtime.protocol import gather_counters
@@ -17,12 +17,15 @@ from disco.runtime.roles import Coordinator, serve
 
 
 def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int | None = None,
-                   timeout: float = 60.0) -> tuple[object, dict[str, list[list[int]]]]:
+                   timeout: float = 60.0, model_code: str | Path | None = None
+                   ) -> tuple[object, dict[str, list[list[int]]]]:
     """(outputs of the whole batch, bytes sent per category as [src][dst]) of the deployment in `folder`.
-    `inputs` are split into batches of `batch_size` (default: one batch); outputs are concatenated."""
+    `inputs` are split into batches of `batch_size` (default: one batch); outputs are concatenated.
+    `model_code`: the model file of a deployment whose model is not registered (as `disco run --model-code`)."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    programs = [load_program(manifest, folder, rank, torch.device("cpu")) for rank in range(manifest.nodes)]
+    programs = [load_program(manifest, folder, rank, torch.device("cpu"), model_code)
+                for rank in range(manifest.nodes)]
     comms = memory_group(manifest.nodes, timeout)
     results: dict = {}
     errors: dict[int, BaseException] = {}
@@ -51,6 +54,6 @@ def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int 
         thread.start()
     for thread in threads:
         thread.join()
-    if errors:
-        raise errors[min(errors)]
+    if errors:  # the root cause: a rank's own failure rather than its peers' reports of it, then the lowest rank
+        raise min(errors.items(), key=lambda item: (isinstance(item[1], PeerFailure), item[0]))[1]
     return join_batches(results["outputs"]), results["counters"]

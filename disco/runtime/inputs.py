@@ -46,13 +46,16 @@ def _read_image(path: Path, manifest: Manifest) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DiscoError(f"cannot read image {path}: {error}") from error
     return image_transform(p["channels"], p["size"], p["mean"], p["std"])(rgb)
 
 
 def _tensor_file(path: Path) -> torch.Tensor:
-    tensors = safetensors.torch.load_file(str(path))
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as error:  # safetensors' own errors name no file
+        raise DiscoError(f"cannot read {path} as safetensors ({type(error).__name__}: {error})") from None
     if "input" not in tensors:
         raise DiscoError(f"{path} must hold a tensor named 'input' of shape [batch, channels, height, width]")
     return tensors["input"]
@@ -88,7 +91,8 @@ def eval_batches(manifest: Manifest, batch_size: int, limit: int | None, collate
     d = manifest.dataset
     # the same test_subset and seed give the images the report scored (scenes are generated per index)
     data = load_task_data(manifest.task, d["dataset"], d["data"], seed=d.get("seed", 0),
-                          test_size=d.get("test_subset"), image_size=d["image_size"])
+                          test_size=d.get("test_subset"), image_size=d["image_size"],
+                          skip_bad_data=d.get("skip_bad_data", False))
     test = subset(data.test, limit, d.get("seed", 0))
     for images, targets in DataLoader(test, batch_size=batch_size, collate_fn=collate):
         check_input(images, manifest)

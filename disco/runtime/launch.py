@@ -11,6 +11,8 @@ from pathlib import Path
 
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
+from disco.export.signing import verify_deployment
+from disco.export.trust import model_to_build
 
 
 def torchrun_command(deploy: str, nodes: int, worker_args: list[str]) -> list[str]:
@@ -23,8 +25,11 @@ def _is_torchrun_noise(line: str) -> bool:
 
 
 def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, threads: int | None = None,
-           verbose: bool = False) -> int:
+           verbose: bool = False, verify_key: str | None = None, model_code: str | None = None) -> int:
+    if verify_key is not None:  # refused here, once, rather than by every rank
+        verify_deployment(deploy, verify_key)
     manifest = Manifest.load(deploy)
+    model_to_build(manifest.model, model_code)  # the model file is hashed, never imported, here
     nodes = nodes or manifest.nodes
     if nodes != manifest.nodes:
         raise DiscoError(f"{deploy} is split across {manifest.nodes} nodes; --nodes {nodes} does not match")
@@ -34,14 +39,15 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=env, stderr=subprocess.PIPE,
                                text=True, bufsize=1)
-    in_traceback = False
+    in_traceback, rank_said_why = False, False
     for line in process.stderr:
         from_rank = line.startswith("[rank")  # a rank's own output (torchrun prefixes it): always shown
+        rank_said_why = rank_said_why or (from_rank and "disco run: rank" in line)
         in_traceback = not from_rank and (in_traceback or line.startswith("Traceback") or "ChildFailedError" in line)
         if verbose or not (in_traceback or _is_torchrun_noise(line)):
             sys.stderr.write(line)
     code = process.wait()
-    if code and not verbose:
-        print(f"disco run: a rank failed (exit code {code}); run with --verbose for torchrun's report",
-              file=sys.stderr)
+    if code and not verbose and not rank_said_why:  # e.g. a rank killed by a signal: it could not say why
+        print(f"disco run: a rank failed (exit code {code}) without saying why; run with --verbose for torchrun's "
+              "report", file=sys.stderr)
     return code

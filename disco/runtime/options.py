@@ -25,6 +25,13 @@ class RunOptions:
     save_output: str | None = option(None, help="write the outputs to this .safetensors file (rank 0)")
     summary: str | None = option(None, help="write predictions, latency and bytes sent per rank to this JSON file")
     quiet: bool = option(False, help="print nothing but errors")
+    verbose: bool = option(False, help="on failure, show the traceback (and torchrun's own log and reports)")
+    model_code: str | None = option(None, metavar="FILE", help="the Python file defining the deployment's model, "
+                                    "when it is not a registered torchvision:/disco: model: a deployment never runs "
+                                    "code by itself; the file must be the one it was exported with (sha256)")
+    verify_key: str | None = option(None, metavar="PUBLIC_KEY", help="refuse the deployment unless it is signed by "
+                                    "the owner of this Ed25519 public key (`disco keygen`, `disco export "
+                                    "--sign-key`)")
 
     def __post_init__(self) -> None:
         if (self.input is None) == (not self.eval):

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.export.manifest import Manifest, verify_shard
-from disco.models import build_for_data
+from disco.export.trust import build_deployed_model
 from disco.split.partitioner import eval_mode
 from disco.split.attention import replace_attention
 from disco.split.propagate import propagate, trace
@@ -28,17 +28,15 @@ from disco.runtime.layout import Gather, NarrowOperands, local_shape
 from disco.split.assignment import holds
 from disco.runtime.mixing import mixing_step
 from disco.runtime.norm import NormStep
-from disco.runtime.steps import BATCH, INPUT, Constant, Exchanging, Input, Local, Move, ShapeQuery, Step
+from disco.runtime.steps import BATCH, INPUT, Constant, Exchanging, Input, Local, Move, Nothing, ShapeQuery, Step
 from disco.transport import get_transport_dtype
 
 SHAPE_METHODS = ("size", "dim")
 
 
-def _meta_model(manifest: Manifest) -> nn.Module:
-    spec = manifest.model
+def _meta_model(manifest: Manifest, model_code: str | Path | None) -> nn.Module:
     with torch.device("meta"):
-        model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
-                               **spec.kwargs)
+        model = build_deployed_model(manifest.model, model_code)
     return replace_attention(model).eval()
 
 
@@ -73,10 +71,10 @@ class LocalProgram:
     """Runs this rank's part of the model; `forward(x, comm)` returns the rank's local outputs."""
 
     def __init__(self, manifest: Manifest, tensors: dict[str, torch.Tensor], rank: int,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), model_code: str | Path | None = None):
         self.manifest, self.rank, self.device = manifest, rank, device
         self.tensors = {k: v.to(device) for k, v in tensors.items()}
-        self.graph_module = trace(_meta_model(manifest))
+        self.graph_module = trace(_meta_model(manifest, model_code))
         with eval_mode(self.graph_module):
             example = (torch.empty((1, *manifest.input_shape), device="meta"),)
             propagator = propagate(self.graph_module, example, manifest.nodes, _chooser(manifest))
@@ -114,12 +112,18 @@ class LocalProgram:
             channels = next(n.channels for n in self.norms if n.node == node.name)
             return Exchanging(node, NormStep(node.target, module, channels, self._local_module(node.target, module),
                                              self.rank))
+        if self._holds_nothing(node):
+            return Nothing(node, local_shape(self.owners[node], self.rank, node.name))
         if module is not None:
             return Local(node, self._local_module(node.target, module))
         if kind is OpKind.ELEMENTWISE:
             narrowing = NarrowOperands(node, self.owners, self.rank)
             return Local(node, narrow=_to_device(narrowing, self.device) if narrowing.picks else None)
         return Local(node)
+
+    def _holds_nothing(self, node: fx.Node) -> bool:
+        owner = self.owners[node]
+        return isinstance(owner, torch.Tensor) and owner.dim() > 1 and not bool(holds(owner, self.rank).any())
 
     @staticmethod
     def _is_shape_query(node: fx.Node) -> bool:
@@ -155,9 +159,12 @@ class LocalProgram:
         for step in self.steps:
             try:
                 env[step.node] = step.run(env, comm)
-            except RuntimeError as error:
+            except DiscoError:
+                raise
+            except Exception as error:  # say which node of the graph, not only torch's words
                 raise DiscoError(f"rank {self.rank}: graph node '{step.node.name}' failed on its local tensors: "
-                                 f"{str(error).splitlines()[0]}") from error
+                                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                                 ) from error
         return fx.node.map_arg(self.output_node.args[0], lambda a: env[a])
 
     # --- output layout (rank 0 assembles the whole output) ---------------------------------------
@@ -201,11 +208,13 @@ def _tensor_leaves(value) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
-def load_program(manifest: Manifest, folder: Path, rank: int, device: torch.device) -> LocalProgram:
-    """Verify the rank's shard against the manifest (before any communication), load it, build the program."""
+def load_program(manifest: Manifest, folder: Path, rank: int, device: torch.device,
+                 model_code: str | Path | None = None) -> LocalProgram:
+    """Verify the rank's shard against the manifest (before any communication), load it, build the program.
+    `model_code`: the user's model file, for deployments of a model that is not registered (export/trust.py)."""
     path = verify_shard(manifest, folder, rank)
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as error:  # a damaged file that still matched its hash cannot happen; report anyway
         raise DiscoError(f"could not read shard {path}: {error}") from error
-    return LocalProgram(manifest, tensors, rank, device)
+    return LocalProgram(manifest, tensors, rank, device, model_code)

@@ -73,6 +73,20 @@ class Local(Step):
 
 
 @dataclass
+class Nothing(Step):
+    """A node of which this rank holds no element (it owns none of the value's channels, e.g. 9 nodes on an
+    8-channel layer): an empty tensor of the rank's local shape, without calling an operation that may refuse
+    empty input (BatchNorm does)."""
+
+    local_shape: tuple[int, ...]  # per image, as layout.local_shape gives it
+
+    def run(self, env: dict, comm: Comm):
+        operands = [env[a] for a in self.node.all_input_nodes if isinstance(env.get(a), torch.Tensor)]
+        like = operands[0] if operands else env[INPUT]
+        return like.new_empty((env[BATCH], *self.local_shape[1:]))
+
+
+@dataclass
 class Move(Step):
     """Data movement (view, cat, getitem...) as one gather of the rank's held elements."""
 

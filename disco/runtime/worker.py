@@ -20,6 +20,7 @@ import torch
 from disco.fields import add_options, from_args
 from disco.errors import DiscoError
 from disco.export.manifest import MANIFEST_NAME, Manifest, sha256_of
+from disco.export.signing import verify_deployment
 from disco.runtime.comm import DistComm, choose_backend, launch_environment
 from disco.runtime.evaluation import coordinate
 from disco.runtime.inputs import eval_batches, file_batches
@@ -42,12 +43,14 @@ def _batches(manifest: Manifest, options: RunOptions):
 def run_rank(options: RunOptions) -> dict | None:
     rank, world = launch_environment()
     folder = Path(options.deploy)
+    if options.verify_key is not None:  # before reading anything else of the folder
+        verify_deployment(folder, options.verify_key)
     manifest = Manifest.load(folder)
     get_task(manifest.task)  # an unknown task is refused before anything runs
     if world != manifest.nodes:
         raise DiscoError(f"the deployment is split across {manifest.nodes} nodes but {world} ranks were started")
     backend, device = choose_backend(options.backend)
-    program = load_program(manifest, folder, rank, device)  # shard verified before any communication
+    program = load_program(manifest, folder, rank, device, options.model_code)  # shard verified before any talk
     batches = _batches(manifest, options) if rank == 0 else None
     comm = DistComm.start(timeout=options.timeout, backend=backend, device=device)
     comm.agree_on(sha256_of(folder / MANIFEST_NAME), "manifest")
@@ -72,19 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(rank: str, error: Exception, verbose: bool) -> None:
+    """One line naming the rank and the cause (the traceback too with --verbose), then leave at once: tearing
+    down a broken process group could wait on the dead peer. Exit 2: bad input or a peer; 1: anything else."""
+    if verbose:
+        traceback.print_exc()
+    cause = str(error) if isinstance(error, DiscoError) else f"{type(error).__name__}: {error}"
+    hint = "" if verbose or isinstance(error, DiscoError) else " (--verbose shows the traceback)"
+    print(f"disco run: rank {rank}: error: {cause.splitlines()[0] if cause else type(error).__name__}{hint}",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2 if isinstance(error, (DiscoError, FileNotFoundError)) else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "?")
     try:
         summary = run_rank(from_args(RunOptions, args))
-    except (DiscoError, FileNotFoundError) as error:
-        print(f"disco run: rank {rank}: error: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)  # leave at once: tearing down a broken process group could wait on the dead peer
-    except Exception:  # a bug, not bad input: show where, but still do not leave the peers waiting
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    except Exception as error:  # noqa: BLE001 - every failure ends the rank with one line naming it
+        _fail(rank, error, args.verbose)
     if summary is not None:
         if args.summary:
             Path(args.summary).write_text(json.dumps(summary, indent=1))

@@ -47,7 +47,7 @@ def _fashion_mnist(request: DataRequest) -> DataSpec:
 
 def _image_folder(path: Path, request: DataRequest) -> DataSpec:
     """image_size: the side every image is resized to (default: the first training image's size)."""
-    return image_folder(path, request.image_size)
+    return image_folder(path, request.image_size, skip_bad_data=request.skip_bad_data)
 
 
 register_task(Task("classification", ClassificationObjective, describe, datasets={"fashion-mnist": _fashion_mnist},

@@ -53,8 +53,13 @@ class TrainConfig:
     task: str = option("classification", choices=task_names, help=_task_help)
     dataset: str | None = option(None, help=_dataset_help)  # None: resolved to the task's default
     data: str | None = option(None, metavar="PATH", help=_data_help)
-    image_size: int | None = option(None, help="resize --data images to this square size (fashion-scenes: the "
-                                               f"canvas side, default {SceneOptions.canvas})")
+    image_size: int | None = option(None, help="resize --data images to this square size (default: an ImageFolder's "
+                                               "images keep the first training image's size, and are resized to it "
+                                               "when sizes differ; fashion-scenes: the canvas side, default "
+                                               f"{SceneOptions.canvas})")
+    skip_bad_data: bool = option(False, help="leave out the --data files that cannot be used (corrupt, truncated, "
+                                             "not an image, an unreadable mask) and say how many; by default the "
+                                             "first one stops the run before training, named")
     nodes: int = option(2, help="devices to split across")
     budget: float = option(0.2, help="bytes allowed, as a fraction of the dense split's: 0..1, 0 = no "
                                      "communication, 0.2 = 5x less")
@@ -95,8 +100,9 @@ class TrainConfig:
                 setattr(self, f"{phase}_epochs", self.epochs)
         if not 0.0 <= self.budget <= 1.0:
             raise DiscoError(f"--budget must be in [0, 1] (a fraction of the dense split's bytes), got {self.budget}")
-        if not 1 <= self.nodes <= MAX_NODES:
-            raise DiscoError(f"--nodes must be between 1 and {MAX_NODES}, got {self.nodes}")
+        if not 2 <= self.nodes <= MAX_NODES:  # one node has no channel to send: nothing to train the masks for
+            raise DiscoError(f"--nodes must be between 2 and {MAX_NODES}, got {self.nodes}: DISCO learns what "
+                             "nodes send each other, and one node sends nothing (train and run the plain model)")
         if self.method not in METHODS:
             raise DiscoError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
         for name in ("epochs", "dense_epochs", "sparsify_epochs", "finetune_epochs"):
@@ -117,7 +123,8 @@ class TrainConfig:
     def load_data(self) -> DataSpec:
         """The run's data, cut to train_subset / test_subset (the same samples in training, export and eval)."""
         return load_task_data(self.task, self.dataset, self.data, seed=self.seed, train_size=self.train_subset,
-                              test_size=self.test_subset, image_size=self.image_size)
+                              test_size=self.test_subset, image_size=self.image_size,
+                              skip_bad_data=self.skip_bad_data)
 
     def phase_epochs(self, phase: str) -> int:
         return getattr(self, f"{phase}_epochs")

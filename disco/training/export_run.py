@@ -15,7 +15,8 @@ from disco.training import checkpoint
 from disco.training.config import TrainConfig
 
 
-def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None = None) -> Manifest:
+def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None = None,
+               sign_key: str | Path | None = None) -> Manifest:
     run = Path(run)
     weights = run / "disco.safetensors"
     if not weights.is_file():
@@ -32,7 +33,7 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     dtype = transport_dtype or config.transport_dtype
     preprocess = {"channels": data.channels, "size": list(data.image_size), "mean": data.mean, "std": data.std}
     dataset = {"dataset": config.dataset, "data": config.data, "image_size": config.image_size,
-               "test_subset": config.test_subset, "seed": config.seed}
+               "test_subset": config.test_subset, "seed": config.seed, "skip_bad_data": config.skip_bad_data}
     report = run / "report.json"
     reference = None
     if report.is_file():
@@ -43,4 +44,4 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     with torch.no_grad():
         return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
                       preprocess=preprocess, dataset=dataset, class_names=data.class_names,
-                      reference=reference, task=config.task)
+                      reference=reference, task=config.task, sign_key=sign_key)

@@ -1,15 +1,22 @@
 """`train()`: dense model -> masks driven to the byte budget -> fine-tuning with frozen masks + distillation.
 
-Run folder (config.out): config.json, metrics.jsonl (one line per epoch), checkpoint/ (after every
-epoch; `resume=True` continues from it), dense.safetensors (+ dense.json), disco.safetensors (the
-partitioned model with its masks), report.json and report.md.
+Run folder (config.out):
+- config.json: the run's options (written once the model and data load; it makes the folder a run);
+- metrics.jsonl: one line per epoch;
+- checkpoints/NNNN/: the newest whole-epoch checkpoint (disco.training.checkpoint); `resume(folder)`
+  continues from it, and ends with the same metrics and weights as a run never interrupted;
+- dense.safetensors + dense.json: the dense model and its test metric;
+- disco.safetensors: the partitioned model with its masks; report.json and report.md.
+
+Every file is written so that a kill at any instant leaves it whole (old or new), and each epoch appends its
+metrics line before its checkpoint counts it: resuming after a kill redoes at most the epoch under way.
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,11 +29,14 @@ from disco.models import build_for_data, load_weights
 from disco.split.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.training import checkpoint
+from disco.training.checkpoint import Checkpoint
 from disco.training.config import PHASES, TrainConfig
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import get_task
 from disco.training.loops import DistillationLoss, TaskLoss, evaluate, train_epoch
 from disco.training.report import write_report
+
+CONFIG, METRICS = "config.json", "metrics.jsonl"
 
 
 class StopRequested(Exception):
@@ -44,9 +54,15 @@ class RunState:
     dense: nn.Module
     out: Path
     objective: Objective
-    epochs_run: int = 0
+    saved: Checkpoint | None  # where this invocation starts (None: from the beginning)
+    metrics_lines: int = 0  # lines in metrics.jsonl: the checkpoint of each epoch records how many it covers
+    epochs_run: int = 0  # by this invocation
     stop_after_epochs: int | None = None
     dense_score: float | None = None  # the task's metric (accuracy, mIoU, mAP, PSNR) of the dense model
+
+    def saved_in(self, phase: str) -> Checkpoint | None:
+        """The checkpoint to continue `phase` from, if the run stopped inside it."""
+        return self.saved if self.saved is not None and self.saved.phase == phase else None
 
 
 def _seed_for(config: TrainConfig, phase: str, epoch: int) -> int:
@@ -60,26 +76,29 @@ def _loaders(config: TrainConfig, data: DataSpec, collate) -> tuple[DataLoader, 
     return train_loader, DataLoader(data.test, batch_size=256, collate_fn=collate)
 
 
-def _log(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as stream:
-        stream.write(json.dumps(record) + "\n")
+def _log(run: RunState, record: dict) -> None:
+    checkpoint.append_line(run.out / METRICS, json.dumps(record))
+    run.metrics_lines += 1
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
     print(shown, flush=True)
 
 
-def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier: Sparsifier | None,
-               start: dict | None) -> None:
-    """Train `model` for the phase's epochs, checkpointing after each; `start` resumes mid-phase."""
+def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier: Sparsifier | None) -> None:
+    """Train `model` for the phase's epochs, checkpointing after each. Resuming inside the phase, the caller
+    has loaded the model (and sparsifier) from the checkpoint; the optimiser and scheduler are loaded here.
+    Each epoch reseeds the RNG and the loader from (seed, phase, epoch), so nothing else needs saving."""
     config, epochs = run.config, run.config.phase_epochs(phase)
     steps = max(1, epochs * len(run.train_loader))
     lr = config.lr if phase == "dense" else config.lr * config.sparse_lr_scale
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     first_epoch = 0
-    if start is not None:
-        optimizer.load_state_dict(start["optimizer"])
-        scheduler.load_state_dict(start["scheduler"])
-        first_epoch = start["epoch"] + 1
+    saved = run.saved_in(phase)
+    if saved is not None:
+        state = saved.training_state()
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch = saved.epoch + 1
     for epoch in range(first_epoch, epochs):
         if run.stop_after_epochs is not None and run.epochs_run >= run.stop_after_epochs:
             raise StopRequested
@@ -91,79 +110,85 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
                               desc=f"{phase} {epoch + 1}/{epochs}", objective=run.objective, sparsifier=sparsifier)
         metrics[f"test_{run.objective.metric_name}"] = evaluate(model, run.test_loader, run.objective,
                                                                  device=run.device)
-        _log(run.out, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began})
-        _save_checkpoint(run, phase, epoch, model, optimizer, scheduler, sparsifier)
+        _log(run, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began})
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "sparsifier": sparsifier.state_dict() if sparsifier else None}
+        checkpoint.save_checkpoint(run.out, phase=phase, epoch=epoch, metrics_lines=run.metrics_lines, model=model,
+                                   training_state=training_state)
         run.epochs_run += 1
 
 
-def _save_checkpoint(run, phase, epoch, model, optimizer, scheduler, sparsifier) -> None:
-    folder = run.out / "checkpoint"
-    folder.mkdir(exist_ok=True)
-    checkpoint.save_model(model, folder / "model.safetensors")
-    checkpoint.save_state({"phase": phase, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(),
-                           "sparsifier": sparsifier.state_dict() if sparsifier else None}, folder / "state.pt")
-
-
-def _load_checkpoint(run: RunState) -> dict | None:
-    folder = run.out / "checkpoint"
-    return checkpoint.load_state(folder / "state.pt") if (folder / "state.pt").is_file() else None
-
-
-def _dense_phase(run: RunState, saved: dict | None) -> None:
+def _dense_phase(run: RunState) -> None:
     config = run.config
     given = config.weights or (str(Path(config.dense_run) / "dense.safetensors") if config.dense_run else None)
     if given:
         load_weights(run.dense, given)
-    elif saved is None or saved["phase"] == "dense":
-        if saved is not None:
-            checkpoint.load_model_state(run.dense, run.out / "checkpoint" / "model.safetensors")
-        _run_phase(run, "dense", run.dense, TaskLoss(run.objective), None, saved)
+    elif run.saved is None or run.saved.phase == "dense":
+        if run.saved is not None:
+            run.saved.load_model(run.dense)
+        _run_phase(run, "dense", run.dense, TaskLoss(run.objective), None)
         checkpoint.save_model(run.dense, run.out / "dense.safetensors")
+    # both files are written before the first sparse checkpoint: a run resumed in a later phase finds them whole
     if not (run.out / "dense.json").is_file() or given:
         if not given:
             checkpoint.load_model_state(run.dense, run.out / "dense.safetensors")
         score = evaluate(run.dense, run.test_loader, run.objective, device=run.device, desc="dense eval")
-        (run.out / "dense.json").write_text(json.dumps({f"test_{run.objective.metric_name}": score,
-                                                        "weights": given}))
+        checkpoint.write_text_atomically(run.out / "dense.json", json.dumps(
+            {f"test_{run.objective.metric_name}": score, "weights": given}))
     else:
         checkpoint.load_model_state(run.dense, run.out / "dense.safetensors")
     run.dense_score = json.loads((run.out / "dense.json").read_text())[f"test_{run.objective.metric_name}"]
 
 
-def _sparse_phases(run: RunState, saved: dict | None) -> nn.Module:
+def _sparse_phases(run: RunState) -> nn.Module:
     config = run.config
     simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example)
     options = SparsifyOptions(budget=config.budget, total_steps=max(1, config.sparsify_epochs * len(run.train_loader)),
                               regularization=config.regularization, method=config.method, seed=config.seed,
                               transport_dtype=config.transport_dtype)
     sparsifier = Sparsifier(simulated, run.example, options)
-    resume_phase = saved["phase"] if saved is not None and saved["phase"] in ("sparsify", "finetune") else None
-    if resume_phase is not None:
-        checkpoint.load_model_state(simulated, run.out / "checkpoint" / "model.safetensors")
-        sparsifier.load_state_dict(saved["sparsifier"])
-    if resume_phase != "finetune":
-        _run_phase(run, "sparsify", simulated, TaskLoss(run.objective), sparsifier, saved if resume_phase else None)
+    saved = run.saved if run.saved is not None and run.saved.phase != "dense" else None
+    if saved is not None:
+        saved.load_model(simulated)
+        sparsifier.load_state_dict(saved.training_state()["sparsifier"])
+    if saved is None or saved.phase == "sparsify":
+        _run_phase(run, "sparsify", simulated, TaskLoss(run.objective), sparsifier)
+        # The last sparsify checkpoint is saved before this cut, with the importance and generator it reads:
+        # a run resumed from it cuts the same groups.
         if config.sparsify_epochs:
             sparsifier.cut_to(min(config.budget, sparsifier.ratio))  # exact budget even if steps ran short
-    sparsifier.freeze()
+    sparsifier.freeze()  # (a finetune checkpoint holds the cut masks and a frozen sparsifier)
     teacher = copy.deepcopy(run.dense).eval()
     loss = (DistillationLoss(teacher, temperature=config.temperature, weight=config.distill_weight,
                              objective=run.objective) if config.distill else TaskLoss(run.objective))
-    _run_phase(run, "finetune", simulated, loss, sparsifier, saved if resume_phase == "finetune" else None)
+    _run_phase(run, "finetune", simulated, loss, sparsifier)
     return simulated
 
 
-def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
-          device: str | None = None) -> dict:
-    """Run (or resume) the whole pipeline; returns the report (also written to the run folder)."""
+def train(config: TrainConfig, *, stop_after_epochs: int | None = None, device: str | None = None) -> dict:
+    """Run the whole pipeline in a new run folder (config.out); returns the report (also written there)."""
     out = Path(config.out)
-    if resume:
-        config = TrainConfig.load(out / "config.json")
-    elif (out / "checkpoint").exists():
+    if (out / CONFIG).exists() or (out / checkpoint.CHECKPOINTS).exists():
         raise DiscoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.json")
+    return _run(config, None, stop_after_epochs=stop_after_epochs, device=device)
+
+
+def resume(folder: str | Path, *, stop_after_epochs: int | None = None, device: str | None = None) -> dict:
+    """Continue the run in `folder` from its newest checkpoint, with its saved options (from the beginning if
+    no epoch ended; a finished run only rewrites its results). The folder may have been moved or copied: the
+    run continues there, whatever path its config.json names."""
+    out = Path(folder)
+    if not (out / CONFIG).is_file():
+        raise DiscoError(f"{out} is not a run folder (no {CONFIG}): start the run without --resume")
+    config = replace(TrainConfig.load(out / CONFIG), out=str(out))
+    checkpoint.remove_temporary_files(out)
+    checkpoint.remove_stale_checkpoints(out)
+    return _run(config, checkpoint.latest_checkpoint(out), stop_after_epochs=stop_after_epochs, device=device)
+
+
+def _run(config: TrainConfig, saved: Checkpoint | None, *, stop_after_epochs: int | None,
+         device: str | None) -> dict:
+    out = Path(config.out)
     data = config.load_data()
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)  # the initial weights are part of the run: resuming must rebuild the same ones
@@ -175,12 +200,19 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int |
     objective = get_task(config.task).objective(classes=data.classes, model=dense, image_size=data.image_size)
     train_loader, test_loader = _loaders(config, data, objective.collate)
     example = train_loader.dataset[0][0][None].to(chosen)
-    run = RunState(config, data, train_loader, test_loader, example, chosen, dense, out, objective,
-                   stop_after_epochs=stop_after_epochs)
-    saved = _load_checkpoint(run) if resume else None
+    # written only now that model and data load, so a mistyped option leaves no run behind; resumed, it
+    # records where the run now lives
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        checkpoint.fsync_path(out.parent)
+    checkpoint.write_atomically(out / CONFIG, config.save)
+    lines = saved.metrics_lines if saved is not None else 0
+    checkpoint.cut_lines(out / METRICS, lines)  # the lines of epochs after the checkpoint: they are redone
+    run = RunState(config, data, train_loader, test_loader, example, chosen, dense, out, objective, saved,
+                   metrics_lines=lines, stop_after_epochs=stop_after_epochs)
     try:
-        _dense_phase(run, saved)
-        simulated = _sparse_phases(run, saved if saved is None or saved["phase"] != "dense" else None)
+        _dense_phase(run)
+        simulated = _sparse_phases(run)
     except StopRequested:
         return {"stopped": True, "epochs_run": run.epochs_run}
     checkpoint.save_model(simulated, out / "disco.safetensors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from disco.accounting import cost_report
+from disco.training.checkpoint import write_text_atomically
 
 
 def _row(label: str, values: list, fmt) -> str:
@@ -30,8 +31,8 @@ def write_report(run, simulated, score: float) -> dict:
         "dense_param_bytes_per_node": costs["dense_param_bytes_per_node"],
         "io_bytes": costs["io_bytes"],
     }
-    (run.out / "report.json").write_text(json.dumps(report, indent=1))
-    (run.out / "report.md").write_text(render(report))
+    write_text_atomically(run.out / "report.json", json.dumps(report, indent=1))
+    write_text_atomically(run.out / "report.md", render(report))
     print(render(report))
     return report
 
@@ -45,13 +46,14 @@ def _score_line(r: dict) -> str:
 
 def render(r: dict) -> str:
     nodes = r["nodes"]
+    less = 1 / r["ratio"] if r["ratio"] else float("inf")
     head = "| per image | " + " | ".join(f"node {k}" for k in range(nodes)) + " |"
     lines = [
         f"# DISCO run: {r['model']} on {r['dataset']}, {nodes} nodes, budget {r['budget']} ({r['method']})",
         "",
         _score_line(r),
         f"- communication: {r['bytes_per_image']:,} of {r['dense_bytes_per_image']:,} bytes per image "
-        f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({1 / r['ratio'] if r['ratio'] else float('inf'):.1f}x less)",
+        f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({less:.1f}x less)",
         f"- whole model: {r['model_macs']:,} MACs",
         "",
         head,

@@ -7,7 +7,10 @@ the single-process row runs the whole model in one process with one thread. Link
 Re-run:
     .venv/bin/python bench/latency.py           # about 20 minutes on 2 CPU cores
     .venv/bin/python bench/latency.py --quick   # smoke version (numbers not meaningful)
-Deployments are cached in runs/latency/. The Fashion-MNIST rows use the runs of bench/tradeoff.py.
+Deployments are cached in runs/latency/. The Fashion-MNIST rows use the runs of bench/tradeoff.py when present
+(else the same architecture with random weights: latency depends on the channels kept, not on what was learned).
+As root it also emulates edge devices: every rank, and the one device it is compared with, under a CPU quota
+(bench/cgroups.py; --no-edge skips it).
 """
 from __future__ import annotations
 
@@ -28,15 +31,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cgroups  # noqa: E402  (bench/cgroups.py)
 import disco  # noqa: E402
 from disco.export import ModelSpec, export  # noqa: E402
 from disco.training.export_run import export_run  # noqa: E402
+from disco.errors import DiscoError  # noqa: E402
 from disco.export.manifest import Manifest  # noqa: E402
 from disco.models import build_for_data, load_weights  # noqa: E402
 from disco.sparsify import Sparsifier, SparsifyOptions  # noqa: E402
 
 WORK = ROOT / "runs" / "latency"
 LINKS = {"unshaped": None, "1gbit": "1gbit", "100mbit": "100mbit"}
+LINK_BYTES_PER_S = {"unshaped": None, "1gbit": 125e6, "100mbit": 12.5e6}
+EDGE_QUOTA = 0.25  # each emulated edge node (and the one device it is compared with): a quarter of one core
+EDGE_LINK = "100mbit"
+EDGE_LABELS = ("DISCO 0.2", "DISCO 0.1", "no communication")
 NAMESPACE = "disco-bench"
 
 
@@ -49,14 +58,14 @@ class Row:
 
 
 # --- deployments ---------------------------------------------------------------------------------------
-def _masks_on_random_data(simulated, example, budget: float, steps: int) -> None:
+def _masks_on_random_data(simulated, example, budget: float, steps: int, classes: int = 1000) -> None:
     """Choose groups with the training method's own importance on random images (weights untouched)."""
     sparsifier = Sparsifier(simulated, example, SparsifyOptions(budget=budget, total_steps=steps, end_fraction=1.0,
                                                                prune_every=1))
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         x = torch.randn(2, *example.shape[1:], generator=generator)
-        y = torch.randint(0, 1000, (2,), generator=generator)
+        y = torch.randint(0, classes, (2,), generator=generator)
         loss = torch.nn.functional.cross_entropy(simulated(x), y) + sparsifier.regularizer()
         simulated.zero_grad()
         loss.backward()
@@ -67,23 +76,46 @@ def _masks_on_random_data(simulated, example, budget: float, steps: int) -> None
 
 def torchvision_rows(name: str, nodes: int, size: int, steps: int) -> list[Row]:
     spec = ModelSpec(model=f"torchvision:{name}", channels=3, classes=1000)
+    return random_rows(name, spec, nodes, (3, size, size), steps)
+
+
+def random_rows(family: str, spec: ModelSpec, nodes: int, shape: tuple[int, ...], steps: int) -> list[Row]:
+    """Deployments of random weights whose groups are chosen on random images: latency does not depend on what
+    the weights learned, only on the channels kept."""
     rows = []
     for label, budget in (("dense split", 1.0), ("DISCO 0.2", 0.2), ("DISCO 0.1", 0.1), ("no communication", 0.0)):
-        folder = WORK / f"{name}-{size}-n{nodes}-{budget}"
-        if not (folder / "manifest.json").is_file():
+        folder = WORK / f"{family}-{shape[-1]}-n{nodes}-{budget}"
+        if not _current(folder):
             torch.manual_seed(0)
-            model = build_for_data(spec.model, channels=3, classes=1000).eval()
-            example = torch.randn(1, 3, size, size)
+            model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes,
+                                   stem_stride=spec.stem_stride, **spec.kwargs).eval()
+            example = torch.randn(1, *shape)
             simulated = disco.partition(model, nodes=nodes, example_inputs=example).eval()
             if budget < 1.0:
-                _masks_on_random_data(simulated, example, budget, steps)
+                _masks_on_random_data(simulated, example, budget, steps, spec.classes)
             export(simulated, folder, example_inputs=example, spec=spec)
-        rows.append(Row(name, nodes, label, folder))
+        rows.append(Row(family, nodes, label, folder))
     return rows
 
 
-def fmnist_rows(nodes: int) -> list[Row]:
+def _current(folder: Path) -> bool:
+    """A cached deployment this version of disco still runs (an older format is exported again)."""
+    try:
+        Manifest.load(folder)
+        return True
+    except DiscoError:
+        return False
+
+
+FMNIST_SPEC = ModelSpec(model="torchvision:mobilenet_v2", channels=1, classes=10, kwargs={"width_mult": 0.5},
+                        stem_stride=1)
+
+
+def fmnist_rows(nodes: int, steps: int) -> list[Row]:
+    """The trained runs of bench/tradeoff.py when present, else the same architecture with random weights."""
     runs = ROOT / "runs" / "tradeoff"
+    if not (runs / f"mobilenet_v2_w0.5-n{nodes}-learned-0.1-s0" / "disco.safetensors").is_file():
+        return random_rows("fmnist-mobilenet_v2", FMNIST_SPEC, nodes, (1, 28, 28), steps)
     rows = []
     for label, run in (("dense split", "learned-1.0"), ("DISCO 0.2", "learned-0.2"), ("DISCO 0.1", "learned-0.1"),
                        ("no communication", "nocomm")):
@@ -91,7 +123,7 @@ def fmnist_rows(nodes: int) -> list[Row]:
         if not (source / "disco.safetensors").is_file():
             continue
         folder = WORK / f"fmnist-{source.name}"
-        if not (folder / "manifest.json").is_file():
+        if not _current(folder):
             export_run(source, folder)
         rows.append(Row("fmnist-mobilenet_v2", nodes, label, folder))
     return rows
@@ -141,7 +173,17 @@ def distributed(row: Row, prefix: list[str], repeat: int) -> dict:
         raise RuntimeError(f"{row}: bytes sent differ from the cost report: {data['bytes_per_image']}")
     return {"latency_s": data["latency_s"]["median"], "all_s": data["latency_s"]["all"],
             "bytes_per_image": data["bytes_per_image"]["activations"],
-            "expected_bytes_per_image": data["expected_per_image"]["activations"]}
+            "expected_bytes_per_image": data["expected_per_image"]["activations"],
+            "macs_per_node": Manifest.load(row.deploy).expected["macs_per_node"]}
+
+
+def bounds(measured: dict, link: str, macs_per_s: float) -> tuple[float, float]:
+    """(overlapped, serial) analytical bound in seconds: the largest node's MACs at the measured MAC rate,
+    and the bytes on the (one, shared) link at its rate; overlapped takes the larger, serial adds them."""
+    compute = max(measured["macs_per_node"]) / macs_per_s
+    rate = LINK_BYTES_PER_S[link]
+    transfer = measured["bytes_per_image"] / rate if rate else 0.0
+    return max(compute, transfer), compute + transfer
 
 
 SINGLE = """
@@ -152,6 +194,8 @@ torch.set_num_threads(1)
 model = build_for_data({spec!r}, channels={channels}, classes={classes}, stem_stride={stride!r}, **{kwargs!r}).eval()
 if {weights!r}:
     load_weights(model, {weights!r})
+from torch.fx.experimental.optimization import fuse
+model = fuse(model)  # BatchNorm folded into the convs, as the distributed runtime does (disco/runtime/fusion.py)
 x = torch.randn(1, *{shape!r})
 times = []
 with torch.no_grad():
@@ -162,19 +206,41 @@ print(json.dumps({{"latency_s": statistics.median(times), "all_s": times}}))
 """
 
 
-def single_process(deploy: Path, repeat: int, weights: Path | None) -> dict:
+def single_process(deploy: Path, repeat: int, weights: Path | None, group: Path | None = None) -> dict:
     manifest = Manifest.load(deploy)
     spec = manifest.model
     code = SINGLE.format(root=str(ROOT), spec=spec.model, channels=spec.channels, classes=spec.classes,
                          stride=spec.stem_stride, kwargs=spec.kwargs, weights=str(weights) if weights else "",
                          shape=tuple(manifest.input_shape), repeat=repeat)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    result = cgroups.run_in(group, [sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def edge_ranks(row: Row, prefix: list[str], repeat: int, groups: list[Path]) -> dict:
+    """Like `distributed`, but each rank started by hand (as torchrun would) inside its own CPU-quota group."""
+    summary = row.deploy / "summary-edge.json"
+    nodes = len(groups)
+    common = [sys.executable, "-m", "disco.runtime", str(row.deploy), "--input", str(_input_file(row.deploy)),
+              "--repeat", str(repeat), "--warmup", "1", "--summary", str(summary), "--quiet", "--timeout", "600"]
+    port = str(29600 + os.getpid() % 1000)
+    ranks = []
+    for rank, group in enumerate(groups):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nodes), LOCAL_WORLD_SIZE=str(nodes),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        # the group first: `ip netns exec` mounts its own /sys, where the cgroup folders are not to be seen
+        ranks.append(subprocess.Popen(cgroups.enter_command(group, prefix + common), env=env, cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errors = [rank.communicate()[1] for rank in ranks]
+    if any(rank.returncode for rank in ranks):
+        raise RuntimeError(f"{row}: {' | '.join(e[-500:] for e in errors if e)}")
+    data = json.loads(summary.read_text())
+    return {"latency_s": data["latency_s"]["median"], "all_s": data["latency_s"]["all"],
+            "bytes_per_image": data["bytes_per_image"]["activations"]}
+
+
 # --- report --------------------------------------------------------------------------------------------
-def render(results: dict, skipped: dict, args, elapsed: float) -> str:
+def render(results: dict, skipped: dict, args, elapsed: float, results_edge: dict | None = None) -> str:
     lines = ["# Latency: real distributed inference (torchrun + gloo, one CPU thread per rank)", "",
              f"Generated by `python bench/latency.py{' --quick' if args.quick else ''}` in {elapsed / 60:.0f} min "
              f"on a {os.cpu_count()}-core CPU machine. Median of {args.repeat} timed runs after one warm-up, batch 1; "
@@ -211,7 +277,58 @@ def render(results: dict, skipped: dict, args, elapsed: float) -> str:
                     speedups.append("-")
             sent = next((v["bytes_per_image"] for v in per_link.values() if v and "bytes_per_image" in v), 0)
             lines.append(f"| {label} | {sent:,.0f} | " + " | ".join(cells) + " | " + " | ".join(speedups) + " |")
+        lines += _bound_table(table, links)
+    lines += _edge_section(results_edge or {})
     return "\n".join(lines) + "\n"
+
+
+def _model_rate(table: dict) -> float | None:
+    """MACs per second of one process running the whole model (the dense split's MACs summed over nodes)."""
+    single, dense = table.get("one process (whole model)", {}), table.get("dense split", {})
+    one = next((v for v in single.values() if v), None)
+    macs = next((sum(v["macs_per_node"]) for v in dense.values() if v and "macs_per_node" in v), None)
+    return macs / one["latency_s"] if one and macs else None
+
+
+def _bound_table(table: dict, links: list[str]) -> list[str]:
+    rate = _model_rate(table)
+    if rate is None:
+        return []
+    lines = ["", f"Bounds (one process computes {rate / 1e9:.2f} GMAC/s): measured / overlapped bound "
+             "(max of the largest node's MACs at that rate and the bytes on the link), then the serial bound "
+             "(their sum), in ms.", "",
+             "| configuration | " + " | ".join(link for link in links) + " |", "|---" * (1 + len(links)) + "|"]
+    for label, per_link in table.items():
+        cells = []
+        for link in links:
+            measured = per_link.get(link)
+            if not measured or "macs_per_node" not in measured:
+                cells.append("-")
+                continue
+            overlapped, serial = bounds(measured, link, rate)
+            cells.append(f"{measured['latency_s'] * 1e3:,.1f} / {overlapped * 1e3:,.1f} "
+                         f"({measured['latency_s'] / overlapped:.2f}x), serial {serial * 1e3:,.1f}")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _edge_section(edge: dict) -> list[str]:
+    if not edge:
+        return []
+    lines = ["", f"## Emulated edge devices: each node (and the one device) limited to {EDGE_QUOTA:.0%} of a core "
+             f"(cgroup cpu quota), {EDGE_LINK} shared link", ""]
+    for key, table in edge.items():
+        family, nodes = key.split("|")
+        one = table.get("one device (whole model)")
+        rate = one.get("macs_per_s") if one else None
+        lines += [f"### {family}, {nodes} nodes" + (f" (one device here: {rate / 1e9:.2f} GMAC/s)" if rate else ""),
+                  "", "| configuration | bytes/image | latency (ms) | speed-up vs one device |", "|---|---|---|---|"]
+        for label, measured in table.items():
+            speedup = f"{one['latency_s'] / measured['latency_s']:.2f}x" if one else "-"
+            sent, latency_ms = measured.get("bytes_per_image", 0), measured["latency_s"] * 1e3
+            lines.append(f"| {label} | {sent:,.0f} | {latency_ms:,.1f} | {speedup} |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -241,6 +358,29 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def measure_edge(rows: list[Row], repeat: int, skipped: dict) -> dict:
+    """ResNet-50 rows on nodes limited to EDGE_QUOTA of a core each, over the EDGE_LINK link, and the one device
+    under the same quota. Groups and the namespace are removed afterwards, also when interrupted."""
+    reason = cgroups.available() or (None if os.geteuid() == 0 else "shaping a link needs root")
+    if reason:
+        skipped["edge"] = f"edge devices: {reason}"
+        return {}
+    edge: dict = {}
+    for row in rows:
+        if row.family != "resnet50" or row.label not in EDGE_LABELS:
+            continue
+        print(f"[edge {EDGE_QUOTA:.0%} core, {EDGE_LINK}] {row.family} n{row.nodes} {row.label}", flush=True)
+        with shaped_link(LINKS[EDGE_LINK]) as prefix, cgroups.quota_groups([EDGE_QUOTA] * row.nodes) as groups:
+            edge.setdefault(f"{row.family}|{row.nodes}", {})[row.label] = edge_ranks(row, prefix, repeat, groups)
+    for key, table in edge.items():
+        deploy = next(r.deploy for r in rows if f"{r.family}|{r.nodes}" == key and r.label == "dense split")
+        with cgroups.quota_groups([EDGE_QUOTA]) as (group,):
+            one = single_process(deploy, repeat, None, group)
+        macs = sum(Manifest.load(deploy).expected["macs_per_node"])
+        table["one device (whole model)"] = {**one, "macs_per_s": macs / one["latency_s"]}
+    return edge
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small input, few runs: a smoke test")
@@ -249,6 +389,8 @@ def main() -> None:
     parser.add_argument("--nodes", default="2,4", help="node counts")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"), help="where latency.md/json/png go")
     parser.add_argument("--replot", action="store_true", help="only redraw latency.png from latency.json")
+    parser.add_argument("--no-edge", dest="edge", action="store_false",
+                        help="skip the emulated edge devices (cgroup CPU quotas; needs root)")
     parser.add_argument("--only", help="only the model families containing this (e.g. vit_b_16); other families "
                                        "already in latency.json are kept")
     args = parser.parse_args()
@@ -256,7 +398,7 @@ def main() -> None:
         saved = json.loads((Path(args.out) / "latency.json").read_text())
         plot(saved["results"], Path(args.out) / "latency.png")
         (Path(args.out) / "latency.md").write_text(render(saved["results"], saved["skipped"], args,
-                                                          saved.get("elapsed_s", 0)))
+                                                          saved.get("elapsed_s", 0), saved.get("edge")))
         return
     began = time.time()
     size, steps = (64, 2) if args.quick else (224, 4)
@@ -267,7 +409,7 @@ def main() -> None:
         for family in ("resnet50", "vit_b_16", "fmnist"):
             if args.only and args.only not in family or (args.quick and family != "resnet50"):
                 continue
-            rows += fmnist_rows(nodes) if family == "fmnist" else torchvision_rows(family, nodes, size, steps)
+            rows += fmnist_rows(nodes, steps) if family == "fmnist" else torchvision_rows(family, nodes, size, steps)
     saved = Path(args.out) / "latency.json"
     results = json.loads(saved.read_text())["results"] if args.only and saved.is_file() else {}
     results = {k: v for k, v in results.items() if not any(k == f"{r.family}|{r.nodes}" for r in rows)}
@@ -294,11 +436,12 @@ def main() -> None:
         single = single_process(deploy, args.repeat, weights if family.startswith("fmnist") and weights.is_file()
                                 else None)
         table["one process (whole model)"] = {link: single for link in next(iter(table.values()))}
+    edge = measure_edge(rows, args.repeat, skipped) if args.edge else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps({"results": results, "skipped": skipped,
+    (out / "latency.json").write_text(json.dumps({"results": results, "skipped": skipped, "edge": edge,
                                                   "elapsed_s": time.time() - began}, indent=1))
-    (out / "latency.md").write_text(render(results, skipped, args, time.time() - began))
+    (out / "latency.md").write_text(render(results, skipped, args, time.time() - began, edge))
     plot(results, out / "latency.png")
     print((out / "latency.md").read_text())
 

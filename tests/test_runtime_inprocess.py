@@ -19,6 +19,7 @@ from disco.export.manifest import Manifest
 from disco.models import build_for_data
 from disco.runtime.comm import PeerFailure, memory_group
 from disco.runtime.inprocess import run_in_process
+from disco.runtime.program import load_program
 from disco.split.attention import replace_attention
 from disco.split.masks import keep_random_groups
 from reference import hook_count
@@ -114,6 +115,24 @@ def test_manifest_sends_and_received_order_match_a_hand_reading_of_the_masks(tmp
         for node in range(3):  # what arrives, by sender, then channel
             hand = [c for src in range(3) if src != node for c in loaded.sends()[src][node].tolist()]
             assert loaded.received_channels(node).tolist() == hand
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+def test_batch_norms_after_convs_are_folded_and_outputs_still_equal_the_simulation(tmp_path, name):
+    _, simulated, x = _deploy(tmp_path, name, 3)
+    manifest = Manifest.load(tmp_path)
+    for rank in range(3):
+        program = load_program(manifest, tmp_path, rank, torch.device("cpu"))
+        graph = program.graph_module
+        after_conv = {n for n in graph.graph.nodes if n.op == "call_module"
+                      and isinstance(graph.get_submodule(n.target), nn.BatchNorm2d)
+                      and n.args[0].op == "call_module" and n.args[0].target in manifest.layers
+                      and len(n.args[0].users) == 1}
+        folded = {s.node for s in program.steps if isinstance(getattr(s, "module", None), nn.Identity)}
+        assert after_conv and folded == after_conv  # densenet's norms that follow a concat stay as they are
+    output, _ = run_in_process(tmp_path, x)
+    with torch.no_grad():
+        torch.testing.assert_close(output, simulated(x), atol=1e-4, rtol=1e-4)
 
 
 def test_batches_run_apart_give_the_simulation_outputs(tmp_path):

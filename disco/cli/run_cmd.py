@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from disco.runtime.launch import launch
 from disco.fields import add_options
@@ -25,13 +26,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def worker_arguments(args: argparse.Namespace) -> list[str]:
-    """The parsed options back as command-line arguments for every rank."""
+    """The parsed options back as command-line arguments for every rank (flags as disco.fields makes them:
+    `--name` turns a False default on, `--no-name` a True default off)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunOptions)}
     forwarded = []
     for key, value in vars(args).items():
-        if key in LAUNCH_ONLY or key == "deploy" or value in (None, False):
+        if key in LAUNCH_ONLY or key == "deploy" or value is None:
             continue
         flag = "--" + key.replace("_", "-")
-        forwarded += [flag] if value is True else [flag, str(value)]
+        if isinstance(value, bool):
+            forwarded += [] if value == defaults[key] else [flag if value else "--no-" + key.replace("_", "-")]
+        else:
+            forwarded += [flag, str(value)]
     return forwarded
 
 

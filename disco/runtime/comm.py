@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,11 +39,14 @@ class Exchange:
     arrivals: dict = field(default_factory=dict)  # MemoryComm: receives by source
 
     def wait(self) -> dict[int, torch.Tensor]:
-        for work, peers in self.pending:
-            try:
-                work.wait()
-            except RuntimeError as error:  # gloo/NCCL report both dead peers and timeouts this way
-                raise self.comm.failure(peers, self.what, error) from None
+        began = time.perf_counter()
+        with torch.profiler.record_function(f"wait: {self.what}"):  # a named span in --profile traces
+            for work, peers in self.pending:
+                try:
+                    work.wait()
+                except RuntimeError as error:  # gloo/NCCL report both dead peers and timeouts this way
+                    raise self.comm.failure(peers, self.what, error) from None
+        self.comm.waited_s += time.perf_counter() - began
         self.received.update({src: arrival.value for src, arrival in self.arrivals.items()})
         self.pending, self.in_flight, self.arrivals = [], [], {}
         return self.received
@@ -79,6 +83,10 @@ class Comm:
     def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
         self.rank, self.world, self.device, self.timeout = rank, world, device, timeout
         self.sent = {category: [0] * world for category in CATEGORIES}
+        self.waited_s = 0.0  # time spent waiting for transfers to finish (--profile tells compute from waiting)
+
+    def sent_total(self) -> int:
+        return sum(map(sum, self.sent.values()))
 
     def exchange(self, sends: dict[int, torch.Tensor], receives: dict[int, tuple[tuple[int, ...], torch.dtype]],
                  *, category: str, what: str) -> Exchange:

@@ -62,9 +62,10 @@ class MixingStep:
             y = self.apply(self.module, x, self.local_weight, self.bias)
         received = flying.wait()
         if self.remote_weight is not None:
-            remote = torch.cat([received[src] for src in self.receive_counts], dim=self.channel_dim).to(x.dtype)
+            parts = [received[src] for src in self.receive_counts]  # one peer (2 nodes): no copy
+            remote = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.channel_dim)).to(x.dtype)
             part = self.apply(self.module, remote, self.remote_weight, None if y is not None else self.bias)
-            y = part if y is None else y + part
+            y = part if y is None else y.add_(part)  # y is this call's own fresh output: no new tensor
         if y is None:  # this rank computes no output channel, or none of its inputs reach it
             y = torch.zeros((x.shape[0], *self.out_shape[1:]), dtype=x.dtype, device=x.device)
             if self.bias is not None and self.bias.numel():

@@ -24,6 +24,11 @@ class RunOptions:
                           help="auto: NCCL if every rank has a GPU, else gloo")
     save_output: str | None = option(None, help="write the outputs to this .safetensors file (rank 0)")
     summary: str | None = option(None, help="write predictions, latency and bytes sent per rank to this JSON file")
+    profile: str | None = option(None, metavar="DIR", help="time every layer on every rank: per-rank torch.profiler "
+                                 "traces (DIR/rankK.trace.json, open in ui.perfetto.dev) and a table of compute, "
+                                 "waiting and bytes per layer (DIR/layers.md, .json) written by rank 0")
+    pin_cores: bool = option(True, help="let ranks share this host's cores as they please (default: each rank "
+                                        "keeps to its own cores, when there are enough for all)")
     quiet: bool = option(False, help="print nothing but errors")
     verbose: bool = option(False, help="on failure, show the traceback (and torchrun's own log and reports)")
     model_code: str | None = option(None, metavar="FILE", help="the Python file defining the deployment's model, "

@@ -24,10 +24,12 @@ from disco.split.attention import replace_attention
 from disco.split.propagate import propagate, trace
 from disco.split.rules import OpKind, kind_of_node
 from disco.runtime.comm import Comm
+from disco.runtime.fusion import fold_batch_norms
 from disco.runtime.layout import Gather, NarrowOperands, local_shape
 from disco.split.assignment import holds
 from disco.runtime.mixing import mixing_step
 from disco.runtime.norm import NormStep
+from disco.runtime.profiling import StepProfile
 from disco.runtime.steps import BATCH, INPUT, Constant, Exchanging, Input, Local, Move, Nothing, ShapeQuery, Step
 from disco.transport import get_transport_dtype
 
@@ -85,8 +87,10 @@ class LocalProgram:
             raise DiscoError(f"the manifest plans layers the model spec does not call: "
                              f"{sorted(set(manifest.layers) - planned)[:4]}")
         self.transport = get_transport_dtype(manifest.transport_dtype, runtime=True).torch_dtype
-        self.steps = [step for step in map(self._step, self.graph_module.graph.nodes) if step is not None]
+        steps = [step for step in map(self._step, self.graph_module.graph.nodes) if step is not None]
+        self.steps = fold_batch_norms(steps)  # a conv's BatchNorm scales its weight rows: one pass less per layer
         self.output_node = next(n for n in self.graph_module.graph.nodes if n.op == "output")
+        self.profile: StepProfile | None = None
         self._output_layout()
 
     # --- building ---------------------------------------------------------------------------------
@@ -156,16 +160,27 @@ class LocalProgram:
     def forward(self, x: torch.Tensor, comm: Comm):
         """This rank's values of the model's outputs for the batch `x` (the whole input)."""
         env: dict = {INPUT: x, BATCH: x.shape[0]}
-        for step in self.steps:
+        for index, step in enumerate(self.steps):
             try:
-                env[step.node] = step.run(env, comm)
+                if self.profile is None:
+                    env[step.node] = step.run(env, comm)
+                else:
+                    with self.profile.step(index, comm):
+                        env[step.node] = step.run(env, comm)
             except DiscoError:
                 raise
             except Exception as error:  # say which node of the graph, not only torch's words
                 raise DiscoError(f"rank {self.rank}: graph node '{step.node.name}' failed on its local tensors: "
                                  f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                                  ) from error
+        if self.profile is not None:
+            self.profile.runs += 1
         return fx.node.map_arg(self.output_node.args[0], lambda a: env[a])
+
+    def start_profiling(self) -> StepProfile:
+        """From now on, time every step of every forward (disco run --profile)."""
+        self.profile = StepProfile.for_steps(self.steps)
+        return self.profile
 
     # --- output layout (rank 0 assembles the whole output) ---------------------------------------
     def _output_layout(self) -> None:

@@ -6,7 +6,8 @@ Each function is called by every rank; rank 0 and the other ranks play the two s
    rank 0 computes its own part);
 3. the layers' own exchanges (mixing.py, norm.py) while each rank runs its program;
 4. `gather_output`: every rank sends rank 0 the output elements it owns; rank 0 assembles the whole output;
-5. `gather_counters` (once, at the end): every rank's bytes sent, per category and destination, on rank 0.
+5. `gather_counters` (once, at the end): every rank's bytes sent, per category and destination, on rank 0
+   (and with --profile, `profiling.gather_profiles`: every rank's per-step times).
 `run_batch` is steps 2-4 for one batch, used alike by rank 0 and the others.
 """
 from __future__ import annotations
@@ -66,13 +67,21 @@ def run_batch(program, comm: Comm, x: torch.Tensor | None, batch: int, transport
     return gather_output(comm, program, local, transport)
 
 
+def gather_tensor(comm: Comm, mine: torch.Tensor, *, what: str) -> list[torch.Tensor] | None:
+    """Rank 0: every rank's tensor of the same shape and dtype as its own, in rank order; the others: None."""
+    if comm.rank != 0:
+        comm.send(mine, 0, category="control", what=what)
+        return None
+    receives = {k: (tuple(mine.shape), mine.dtype) for k in _others(comm)}
+    received = comm.exchange({}, receives, category="control", what=what).wait()
+    return [mine] + [received[k].cpu() for k in range(1, comm.world)]
+
+
 def gather_counters(comm: Comm) -> dict[str, list[list[int]]] | None:
     """Rank 0: every rank's bytes sent per category as [src][dst]; the others: None."""
     mine = torch.tensor([comm.sent[c] for c in CATEGORIES], dtype=torch.int64)
-    if comm.rank != 0:
-        comm.send(mine, 0, category="control", what="reporting byte counts")
+    gathered = gather_tensor(comm, mine, what="collecting byte counts")
+    if gathered is None:
         return None
-    receives = {k: ((len(CATEGORIES), comm.world), torch.int64) for k in _others(comm)}
-    received = comm.exchange({}, receives, category="control", what="collecting byte counts").wait()
-    table = torch.stack([mine] + [received[k].cpu() for k in range(1, comm.world)])  # [src, category, dst]
+    table = torch.stack(gathered)  # [src, category, dst]
     return {c: table[:, i].tolist() for i, c in enumerate(CATEGORIES)}

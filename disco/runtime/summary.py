@@ -46,4 +46,7 @@ def print_summary(summary: dict) -> None:
     for rank, row in enumerate(summary["bytes_sent"]["activations"]):
         print(f"  rank {rank} sent {sum(row):,} activation bytes in total: " +
               ", ".join(f"{b:,} to rank {dst}" for dst, b in enumerate(row) if dst != rank))
+    if summary.get("profile"):
+        print(f"profile: per-layer compute, waiting and bytes in {summary['profile']}; traces rankK.trace.json "
+              "beside it (open in ui.perfetto.dev)")
 

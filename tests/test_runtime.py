@@ -57,6 +57,19 @@ def test_distributed_output_and_bytes_equal_simulation(deployments, model, nodes
     assert 0 < deployment.costs["ratio"] < 0.5  # masks really dropped groups
 
 
+def test_images_in_flight_on_real_processes_equal_the_simulation(deployments):
+    """--inflight 2 over torch.distributed: two process groups (lanes) per rank, each image its own output."""
+    deployment = deployments("mobilenet_v2", 4)
+    output, summary = _run(deployment, "--batch-size", "1", "--inflight", "2", "--repeat", "2")
+    with torch.no_grad():
+        expected = deployment.simulated(deployment.inputs)
+    torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+    runs = deployment.inputs.shape[0] * 2
+    assert summary["images"] == deployment.inputs.shape[0] and summary["images_run"] == runs
+    assert summary["bytes_sent"]["activations"] == [[b * runs for b in row] for row in deployment.costs["bytes_matrix"]]
+    assert summary["inflight"] == 2 and summary["images_per_s"] > 0
+
+
 def test_fp16_transport_halves_bytes(deployments):
     full, half = deployments("mobilenet_v2", 2), deployments("mobilenet_v2", 2, "fp16")
     output, summary = _run(half)

@@ -170,3 +170,30 @@ def test_a_sends_table_naming_channels_the_sender_does_not_hold_is_refused(tmp_p
     path.write_text(json.dumps(raw))
     with pytest.raises(DiscoError, match=f"layer '{name}'.*does not hold"):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("name, nodes", [("resnet18", 2), ("mobilenet_v2", 3), ("vit_small", 4)])
+def test_batches_in_flight_together_give_the_simulation_outputs_in_order(tmp_path, name, nodes):
+    """--inflight: several batches in flight on every rank (one lane each); each image's output must be its own
+    (any mix-up of lanes would hand an image another's channels) and bytes the same as one at a time."""
+    _, simulated, _ = _deploy(tmp_path, name, nodes)
+    spec, channels, _, size, _ = MODELS[name]
+    x = torch.randn(7, channels, size, size, generator=torch.Generator().manual_seed(1))
+    streamed, sent = run_in_process(tmp_path, x, batch_size=1, inflight=3, model_code=model_code(name))
+    alone, sent_alone = run_in_process(tmp_path, x, batch_size=1, model_code=model_code(name))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed, simulated(x), atol=1e-4, rtol=1e-4)
+    assert {k: v for k, v in sent.items() if k != "control"} == {k: v for k, v in sent_alone.items() if k != "control"}
+    header = 2 * 8  # each extra lane gets its own STOP header (status, batch: two int64) from rank 0
+    assert sum(sent["control"][0]) == sum(sent_alone["control"][0]) + 2 * header * (nodes - 1)
+
+
+def test_lanes_keep_their_messages_apart():
+    """A message posted on one lane is received only on that lane, whatever the order of posting."""
+    first, second = memory_group(2, timeout=0.5)
+    lanes_first, lanes_second = first.lanes(3), second.lanes(3)
+    for k in (2, 0, 1):
+        lanes_first[k].send(torch.full((2,), float(k)), 1, category="activations", what="test")
+    for k in range(3):
+        assert lanes_second[k].receive((2,), torch.float32, 0, what="test").tolist() == [k, k]
+    assert first.sent["activations"] == [0, 3 * 2 * 4]  # the lanes count into the rank's counters

@@ -5,12 +5,17 @@ Every transfer is a batch of isend/irecv posted together (`exchange`), so a rank
 channels are in flight and NCCL never deadlocks on send ordering. Bytes are counted per destination and
 category when a send is posted. A failed or timed-out transfer raises PeerFailure naming the peer, so a
 dead or hung rank ends the run with an error instead of a hang.
+
+`lanes(K)` gives K independent channels over the same ranks (one process group each over torch.distributed),
+so K batches can be in flight at once (`disco run --inflight K`), each in its own thread; messages of one lane
+never match another lane's, and all lanes count into the same byte counters.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -46,7 +51,7 @@ class Exchange:
                     work.wait()
                 except RuntimeError as error:  # gloo/NCCL report both dead peers and timeouts this way
                     raise self.comm.failure(peers, self.what, error) from None
-        self.comm.waited_s += time.perf_counter() - began
+        self.comm.counters.add_wait(time.perf_counter() - began)
         self.received.update({src: arrival.value for src, arrival in self.arrivals.items()})
         self.pending, self.in_flight, self.arrivals = [], [], {}
         return self.received
@@ -76,14 +81,49 @@ def choose_backend(backend: str) -> tuple[str, torch.device]:
     return backend, torch.device("cpu")
 
 
+class Counters:
+    """A rank's bytes sent per category and destination, and seconds spent waiting for transfers (--profile
+    tells compute from waiting): one object shared by all the rank's lanes, which add to it from their threads."""
+
+    def __init__(self, world: int):
+        self.sent = {category: [0] * world for category in CATEGORIES}
+        self.waited_s = 0.0
+        self.lock = threading.Lock()
+
+    def add_sent(self, category: str, sizes: dict[int, int]) -> None:
+        with self.lock:
+            for dst, size in sizes.items():
+                self.sent[category][dst] += size
+
+    def add_wait(self, seconds: float) -> None:
+        with self.lock:
+            self.waited_s += seconds
+
+
 class Comm:
     """One rank's view of the group (rank, world size, device) plus byte counters. Subclasses move the bytes:
     DistComm over torch.distributed (real processes or hosts), MemoryComm between threads of one process."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float,
+                 counters: Counters | None = None):
         self.rank, self.world, self.device, self.timeout = rank, world, device, timeout
-        self.sent = {category: [0] * world for category in CATEGORIES}
-        self.waited_s = 0.0  # time spent waiting for transfers to finish (--profile tells compute from waiting)
+        self.counters = counters or Counters(world)
+
+    @property
+    def sent(self) -> dict[str, list[int]]:
+        return self.counters.sent
+
+    @property
+    def waited_s(self) -> float:
+        return self.counters.waited_s
+
+    def lanes(self, count: int) -> list["Comm"]:
+        """`count` independent channels between the same ranks, counting into this one's counters ([self] for
+        one). Every rank must ask for the same count (over torch.distributed it is a collective call)."""
+        return [self] if count == 1 else [self._lane(k) for k in range(count)]
+
+    def _lane(self, index: int) -> "Comm":
+        raise NotImplementedError
 
     def sent_total(self) -> int:
         return sum(map(sum, self.sent.values()))
@@ -93,8 +133,7 @@ class Comm:
         """Post sends {dst: tensor} and receives {src: (shape, dtype)} at once; returns before they finish.
         Bytes are counted here, when a send is posted, whatever moves them."""
         sends = {dst: tensor.to(self.device).contiguous() for dst, tensor in sends.items()}
-        for dst, tensor in sends.items():
-            self.sent[category][dst] += tensor.numel() * tensor.element_size()
+        self.counters.add_sent(category, {dst: t.numel() * t.element_size() for dst, t in sends.items()})
         return self._post(sends, receives, what)
 
     def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
@@ -131,7 +170,10 @@ class Comm:
 
 
 class DistComm(Comm):
-    """torch.distributed point-to-point (gloo, NCCL): one batch of isend/irecv per exchange."""
+    """torch.distributed point-to-point (gloo, NCCL): one batch of isend/irecv per exchange; `group` None is the
+    default (whole) group, a lane has a process group of its own over the same ranks."""
+
+    group = None
 
     @classmethod
     def start(cls, *, timeout: float, backend: str, device: torch.device) -> "DistComm":
@@ -143,15 +185,24 @@ class DistComm(Comm):
                               f"{str(error).splitlines()[0]}") from None
         return cls(dist.get_rank(), dist.get_world_size(), device, timeout)
 
+    def _lane(self, index: int) -> "DistComm":
+        lane = DistComm(self.rank, self.world, self.device, self.timeout, self.counters)
+        try:
+            lane.group = dist.new_group(timeout=datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as error:
+            raise PeerFailure(f"rank {self.rank}: could not open lane {index} of the batches in flight: "
+                              f"{str(error).splitlines()[0]}") from None
+        return lane
+
     def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
         ops, peers, exchange = [], [], Exchange(self, what, [])
         for dst, tensor in sends.items():
-            ops.append(dist.P2POp(dist.isend, tensor, dst))
+            ops.append(dist.P2POp(dist.isend, tensor, dst, group=self.group))
             peers.append(dst)
         for src, (shape, dtype) in receives.items():
             buffer = torch.empty(shape, dtype=dtype, device=self.device)
             exchange.received[src] = buffer
-            ops.append(dist.P2POp(dist.irecv, buffer, src))
+            ops.append(dist.P2POp(dist.irecv, buffer, src, group=self.group))
             peers.append(src)
         if not ops:
             return exchange
@@ -188,25 +239,33 @@ class _Arrival:
 
 
 class MemoryComm(Comm):
-    """A rank of an in-process group (`memory_group`): messages are tensors in per-(src, dst) FIFO queues, in
-    the order they were posted, as over torch.distributed; sends never block. Used to run every rank's
+    """A rank of an in-process group (`memory_group`): messages are tensors in per-(lane, src, dst) FIFO queues,
+    in the order they were posted, as over torch.distributed; sends never block. Used to run every rank's
     program in threads of one process (tests, debugging: disco.runtime.inprocess)."""
 
-    def __init__(self, rank: int, queues: dict[tuple[int, int], "queue.Queue"], world: int, timeout: float):
-        super().__init__(rank, world, torch.device("cpu"), timeout)
-        self.queues = queues
+    def __init__(self, rank: int, queues: dict[tuple, "queue.Queue"], world: int, timeout: float, lane=(),
+                 counters: Counters | None = None):
+        super().__init__(rank, world, torch.device("cpu"), timeout, counters)
+        self.queues, self.lane = queues, lane
+
+    def _queue(self, src: int, dst: int) -> "queue.Queue":
+        # setdefault is one atomic step: two ranks' threads asking for a new lane's queue get the same one
+        return self.queues.setdefault((self.lane, src, dst), queue.Queue())
+
+    def _lane(self, index: int) -> "MemoryComm":
+        return MemoryComm(self.rank, self.queues, self.world, self.timeout, (*self.lane, index), self.counters)
 
     def _post(self, sends: dict[int, torch.Tensor], receives: dict, what: str) -> Exchange:
         for dst, tensor in sends.items():
-            self.queues[self.rank, dst].put(tensor.clone())
-        arrivals = {src: _Arrival(self.queues[src, self.rank], tuple(shape), dtype, self.timeout)
+            self._queue(self.rank, dst).put(tensor.clone())
+        arrivals = {src: _Arrival(self._queue(src, self.rank), tuple(shape), dtype, self.timeout)
                     for src, (shape, dtype) in receives.items()}
         return Exchange(self, what, [(arrival, [src]) for src, arrival in arrivals.items()], arrivals=arrivals)
 
 
 def memory_group(world: int, timeout: float = 60.0) -> list[MemoryComm]:
     """`world` connected in-process ranks."""
-    queues = {(src, dst): queue.Queue() for src in range(world) for dst in range(world)}
+    queues: dict = {}
     return [MemoryComm(rank, queues, world, timeout) for rank in range(world)]
 
 

@@ -2,6 +2,8 @@
 with --eval), keep the outputs for --save-output. Talks to the other ranks only through the Coordinator."""
 from __future__ import annotations
 
+from collections import deque
+
 import safetensors.torch
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -47,22 +49,35 @@ def coordinate(coordinator: Coordinator, manifest: Manifest, options: RunOptions
     # only rank 0 scores: no synchronisation of the metric across the process group
     metric = objective.metric(sync_on_compute=False) if options.eval else None
     predictions, outputs = [], []
+    in_flight: deque = deque()  # (batch, future, whether its output is read): at most 2K batches held
+    distinct = 0
+
+    def read(batch, future, used: bool) -> None:
+        output = future.result()
+        if not used:
+            return
+        output = tree_map(lambda t: t.cpu(), output)
+        if metric is not None:
+            objective.update(metric, output, batch.labels)
+        else:
+            described = task.describe(output, manifest.class_names, detector=detector,
+                                      image_size=manifest.input_shape[1:])
+            predictions.extend({"input": name, **d} for name, d in zip(batch.names, described))
+        if options.save_output:
+            outputs.append(output)
+
     try:
         for index, batch in enumerate(batches):
+            distinct += batch.images.shape[0]
             for _ in range(options.warmup if index == 0 else 0):
                 coordinator.forward(batch.images, timed=False)
-            for _ in range(options.repeat):
-                output = coordinator.forward(batch.images)
-            output = tree_map(lambda t: t.cpu(), output)
-            if metric is not None:
-                objective.update(metric, output, batch.labels)
-            else:
-                described = task.describe(output, manifest.class_names, detector=detector,
-                                          image_size=manifest.input_shape[1:])
-                predictions += [{"input": name, **d} for name, d in zip(batch.names, described)]
-            if options.save_output:
-                outputs.append(output)
-    except DiscoError:  # bad input met mid-way: tell the others before failing
+            for run in range(options.repeat):  # the last run's output is the one read
+                in_flight.append((batch, coordinator.submit(batch.images), run == options.repeat - 1))
+                while len(in_flight) > 2 * options.inflight:
+                    read(*in_flight.popleft())
+        while in_flight:
+            read(*in_flight.popleft())
+    except DiscoError:  # bad input met mid-way, or a peer lost: tell the others before failing
         coordinator.stop(REFUSED)
         raise
     coordinator.stop()
@@ -71,4 +86,5 @@ def coordinate(coordinator: Coordinator, manifest: Manifest, options: RunOptions
     score = objective.score(metric) if metric is not None and coordinator.images else None
     return {"metric": objective.metric_name, "score": score,
             "accuracy": score if objective.metric_name == "accuracy" else None,
-            "predictions": predictions, "latencies_s": coordinator.latencies, "images": coordinator.images}
+            "predictions": predictions, "latencies_s": coordinator.latencies, "images": distinct,
+            "images_run": coordinator.images, "images_per_s": coordinator.images_per_s(), "inflight": options.inflight}

@@ -17,10 +17,11 @@ from disco.runtime.roles import Coordinator, serve
 
 
 def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int | None = None,
-                   timeout: float = 60.0, model_code: str | Path | None = None
+                   timeout: float = 60.0, model_code: str | Path | None = None, inflight: int = 1
                    ) -> tuple[object, dict[str, list[list[int]]]]:
     """(outputs of the whole batch, bytes sent per category as [src][dst]) of the deployment in `folder`.
     `inputs` are split into batches of `batch_size` (default: one batch); outputs are concatenated.
+    `inflight`: batches in flight at once (each rank runs that many lanes, as `disco run --inflight`).
     `model_code`: the model file of a deployment whose model is not registered (as `disco run --model-code`)."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
@@ -31,13 +32,14 @@ def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int 
     errors: dict[int, BaseException] = {}
 
     def coordinate() -> None:
-        coordinator = Coordinator(programs[0], comms[0])
-        results["outputs"] = [coordinator.forward(chunk) for chunk in inputs.split(batch_size or len(inputs))]
+        coordinator = Coordinator(programs[0], comms[0], inflight)
+        futures = [coordinator.submit(chunk) for chunk in inputs.split(batch_size or len(inputs))]
+        results["outputs"] = [future.result() for future in futures]
         coordinator.stop()
         results["counters"] = gather_counters(comms[0])
 
     def work(rank: int) -> None:
-        serve(programs[rank], comms[rank])
+        serve(programs[rank], comms[rank], inflight)
         gather_counters(comms[rank])
 
     def guarded(rank: int, body, *args) -> None:

@@ -42,7 +42,7 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
     in_traceback, rank_said_why = False, False
     for line in process.stderr:
         from_rank = line.startswith("[rank")  # a rank's own output (torchrun prefixes it): always shown
-        rank_said_why = rank_said_why or (from_rank and "disco run: rank" in line)
+        rank_said_why = rank_said_why or "disco run: rank" in line  # with or without torchrun's prefix
         in_traceback = not from_rank and (in_traceback or line.startswith("Traceback") or "ChildFailedError" in line)
         if verbose or not (in_traceback or _is_torchrun_noise(line)):
             sys.stderr.write(line)

@@ -19,6 +19,9 @@ class RunOptions:
     batch_size: int | None = option(None, help="images per forward (default 1; 256 with --eval)")
     repeat: int = option(1, help="run each batch this many times (latency)")
     warmup: int = option(0, help="untimed runs of the first batch before timing")
+    inflight: int = option(1, metavar="K", help="batches in flight at once: while one waits for a peer's "
+                           "channels, a rank computes another (images per second up, each image's latency "
+                           "about the same or longer); every rank must be given the same K")
     timeout: float = option(60.0, help="seconds to wait for a peer before failing with an error naming it")
     backend: str = option("auto", choices=("auto", "gloo", "nccl"),
                           help="auto: NCCL if every rank has a GPU, else gloo")
@@ -45,5 +48,9 @@ class RunOptions:
             self.batch_size = 256 if self.eval else 1
         if self.batch_size < 1 or self.repeat < 1 or self.warmup < 0 or (self.limit is not None and self.limit < 1):
             raise DiscoError("--batch-size, --repeat and --limit must be at least 1, --warmup at least 0")
+        if self.inflight < 1:
+            raise DiscoError("--inflight must be at least 1")
+        if self.inflight > 1 and self.profile:
+            raise DiscoError("--profile times one batch at a time: leave out --inflight (or give 1)")
         if self.timeout <= 0:
             raise DiscoError("--timeout must be positive (seconds)")

@@ -1,7 +1,16 @@
-"""What rank 0 and the other ranks do per batch, both through the protocol (protocol.py)."""
+"""What rank 0 and the other ranks do per batch, both through the protocol (protocol.py).
+
+With K batches in flight (`--inflight K`), each rank opens K lanes (comm.lanes) and runs each in a thread of
+its own: while one batch waits for a peer's channels, the rank computes another batch's layers. Rank 0 hands
+each batch to a free lane; the other ranks serve every lane until rank 0 stops it. Lane k of rank 0 talks only
+to lane k of the others, so the batches never mix; K = 1 is the plain sequential run, in the caller's thread.
+"""
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -11,35 +20,91 @@ from disco.runtime.protocol import REFUSED, RUN, STOP, run_batch, share_status
 
 
 class Coordinator:
-    """Rank 0: starts each batch, runs its part, assembles the output, times each forward."""
+    """Rank 0: starts each batch on a free lane, runs its part, assembles the output, times each forward."""
 
-    def __init__(self, program, comm: Comm):
+    def __init__(self, program, comm: Comm, inflight: int = 1):
         self.program, self.comm = program, comm
+        self.lanes = comm.lanes(inflight)
+        self.free: queue.Queue = queue.Queue()
+        for lane in self.lanes:
+            self.free.put(lane)
+        self.pool = ThreadPoolExecutor(inflight, thread_name_prefix="disco-lane") if inflight > 1 else None
         self.latencies: list[float] = []
         self.images = 0
+        self.timed_span: list[float] = []  # [first timed start, last timed end]: images per second
+        self.timed_images = 0
+        self._lock = threading.Lock()
 
     def forward(self, x: torch.Tensor, timed: bool = True):
-        start = time.perf_counter()
-        x = x.to(self.comm.device)
-        share_status(self.comm, RUN, x.shape[0])
-        output = run_batch(self.program, self.comm, x, x.shape[0], self.program.transport)
-        if self.comm.device.type == "cuda":
-            torch.cuda.synchronize()
-        if timed:
-            self.latencies.append(time.perf_counter() - start)
-        self.images += x.shape[0]
+        """One batch, waited for (the output on rank 0)."""
+        return self.submit(x, timed).result()
+
+    def submit(self, x: torch.Tensor, timed: bool = True) -> Future:
+        """One batch, run on the next free lane; the future holds its output. Sequential when inflight is 1."""
+        if self.pool is not None:
+            return self.pool.submit(self._run, x, timed)
+        future: Future = Future()
+        try:
+            future.set_result(self._run(x, timed))
+        except BaseException as error:  # noqa: BLE001 - the caller sees it from future.result(), as with lanes
+            future.set_exception(error)
+        return future
+
+    def _run(self, x: torch.Tensor, timed: bool):
+        lane = self.free.get()
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():  # grad mode is per thread
+                x = x.to(lane.device)
+                share_status(lane, RUN, x.shape[0])
+                output = run_batch(self.program, lane, x, x.shape[0], self.program.transport)
+            if lane.device.type == "cuda":
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+        finally:
+            self.free.put(lane)
+        with self._lock:
+            if timed:
+                self.latencies.append(end - start)
+                first = min(self.timed_span[0], start) if self.timed_span else start
+                self.timed_span = [first, max(self.timed_span[1], end) if self.timed_span else end]
+                self.timed_images += x.shape[0]
+            self.images += x.shape[0]
         return output
 
+    def images_per_s(self) -> float | None:
+        if not self.timed_span or self.timed_span[1] <= self.timed_span[0]:
+            return None
+        return self.timed_images / (self.timed_span[1] - self.timed_span[0])
+
     def stop(self, status: int = STOP) -> None:
-        share_status(self.comm, status, 0)
+        """Every lane told to stop (after the batches in flight: the caller has waited for them)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        for lane in self.lanes:
+            share_status(lane, status, 0)
 
 
-def serve(program, comm: Comm) -> None:
-    """Ranks other than 0: run every batch rank 0 starts until it says stop."""
+def _serve_lane(program, lane: Comm) -> None:
     while True:
-        status, batch = share_status(comm)
+        status, batch = share_status(lane)
         if status == STOP:
             return
         if status == REFUSED:
             raise DiscoError("rank 0 refused the input (see its error); stopping")
-        run_batch(program, comm, None, batch, program.transport)
+        with torch.no_grad():  # grad mode is per thread
+            run_batch(program, lane, None, batch, program.transport)
+
+
+def serve(program, comm: Comm, inflight: int = 1) -> None:
+    """Ranks other than 0: run every batch rank 0 starts, on every lane, until it says stop."""
+    lanes = comm.lanes(inflight)
+    if len(lanes) == 1:
+        _serve_lane(program, comm)
+        return
+    pool = ThreadPoolExecutor(len(lanes), thread_name_prefix="disco-lane")
+    futures = [pool.submit(_serve_lane, program, lane) for lane in lanes]
+    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    pool.shutdown(wait=False)  # on a failure, lanes still waiting on a peer end by their own timeout
+    for future in done:
+        future.result()  # the first failure ends the rank

@@ -8,12 +8,13 @@ from disco.runtime.comm import CATEGORIES
 
 
 def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend: str) -> dict:
-    images = result["images"]
+    run = result["images_run"]  # every image of every forward, warm-up included: what the counters saw
     forwards = len(result["latencies_s"])
-    per_image = {c: sum(map(sum, sent[c])) / images if images else 0.0 for c in CATEGORIES}
+    per_image = {c: sum(map(sum, sent[c])) / run if run else 0.0 for c in CATEGORIES}
     return {
         "nodes": nodes, "backend": backend, "transport_dtype": manifest.transport_dtype,
-        "images": images, "forwards": forwards,
+        "images": result["images"], "images_run": run, "forwards": forwards,
+        "inflight": result["inflight"], "images_per_s": result["images_per_s"],
         "latency_s": {"median": statistics.median(result["latencies_s"]) if forwards else None,
                       "all": result["latencies_s"]},
         "accuracy": result["accuracy"], "metric": result["metric"], "score": result["score"],
@@ -36,8 +37,10 @@ def print_summary(summary: dict) -> None:
         also = f" (simulation: {reference[metric]:.4f})" if reference.get(metric) is not None else ""
         print(f"{metric} on {summary['images']} test images: {summary['score']:.4f}{also}")
     if summary["latency_s"]["median"] is not None:
+        rate = summary["images_per_s"]
         print(f"latency: median {summary['latency_s']['median'] * 1000:.2f} ms per batch over {summary['forwards']} "
-              f"runs ({summary['nodes']} ranks, {summary['backend']})")
+              f"runs ({summary['nodes']} ranks, {summary['backend']}, {summary['inflight']} in flight)"
+              + (f"; {rate:.1f} images/s" if rate else ""))
     actual, expected = summary["bytes_per_image"], summary["expected_per_image"]
     print(f"bytes per image ({summary['transport_dtype']}): activations {actual['activations']:,.0f} "
           f"(simulation {expected['activations']:,}), input {actual['input']:,.0f} ({expected['input']:,}), "

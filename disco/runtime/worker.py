@@ -9,6 +9,7 @@ forever.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -69,11 +70,12 @@ def run_rank(options: RunOptions) -> dict | None:
     batches = _batches(manifest, options) if rank == 0 else None
     comm = DistComm.start(timeout=options.timeout, backend=backend, device=device)
     comm.agree_on(sha256_of(folder / MANIFEST_NAME), "manifest")
+    comm.agree_on(hashlib.sha256(f"inflight={options.inflight}".encode()).hexdigest(), "--inflight")
     if rank == 0 and not options.quiet:
         print(f"ready: {world} ranks joined ({backend}), shards and manifest verified", flush=True)
     with _profiled(program, options.profile, rank, device), torch.no_grad():
-        result = coordinate(Coordinator(program, comm), manifest, options, batches) if rank == 0 else serve(
-            program, comm)
+        result = coordinate(Coordinator(program, comm, options.inflight), manifest, options, batches) if rank == 0 \
+            else serve(program, comm, options.inflight)
     counters = gather_counters(comm)
     pace = _gather_pace(program, comm) if options.profile else None
     comm.close()

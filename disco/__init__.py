@@ -1,15 +1,35 @@
-"""DISCO: Distributed Inference with Sparse Communications."""
-from disco.errors import DiscoError, UnsupportedOperationError
-from disco.options import PartitionOptions
-from disco.split.layers import DiscoLayer
-from disco.split.partitioner import disco_layers, partition
+"""DISCO: Distributed Inference with Sparse Communications.
 
-__all__ = ["DiscoError", "DiscoLayer", "PartitionOptions", "UnsupportedOperationError", "disco_layers",
-           "partition"]
+The names below are loaded on first use (PEP 562), so that `disco --help`, the launcher of `disco run` and
+any light import of a submodule do not pay for torch.fx, torchvision and the training stack."""
+from __future__ import annotations
+
+import importlib
+
+from disco.errors import DiscoError, UnsupportedOperationError
+
 __version__ = "0.1.0"
 
-from disco.accounting import cost_report  # noqa: E402  (needs the partition package loaded first)
+_LAZY = {  # name -> the module that defines it
+    "PartitionOptions": "disco.options",
+    "DiscoLayer": "disco.split.layers",
+    "disco_layers": "disco.split.partitioner",
+    "partition": "disco.split.partitioner",
+    "cost_report": "disco.accounting",
+    "Sparsifier": "disco.sparsify",
+    "SparsifyOptions": "disco.sparsify",
+}
 
-from disco.sparsify import Sparsifier, SparsifyOptions  # noqa: E402
+__all__ = ["DiscoError", "UnsupportedOperationError", *_LAZY]
 
-__all__ += ["Sparsifier", "SparsifyOptions", "cost_report"]
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'disco' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

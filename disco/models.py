@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 from typing import Callable
 
-import torchvision
 from torch import nn
 
 from disco.errors import DiscoError
@@ -15,6 +14,8 @@ from disco.split.modules import replace_submodule
 
 
 def _torchvision_model(name: str, **kwargs) -> nn.Module:
+    import torchvision  # seconds to import: only when a torchvision model is built (not to read a manifest)
+
     known = torchvision.models.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)

@@ -1,8 +1,10 @@
-"""`disco inspect` end to end, in a subprocess as a user runs it."""
+"""`disco inspect` end to end, in a subprocess as a user runs it (bad input through the same entry point in this
+process: the same code, without paying the seconds torch and torchvision take to import per case)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,17 @@ from tests_helpers import tiny_model_spec
 def run_disco(*args):
     return subprocess.run([sys.executable, "-m", "disco.cli.main", *args], capture_output=True, text=True,
                           timeout=300)
+
+
+def run_disco_here(capsys, *args):
+    """`disco ARGS` through the console script's `main`, in this process: exit status, stdout, stderr."""
+    from disco.cli.main import main
+    try:
+        code = main(list(args))
+    except SystemExit as leaving:  # argparse's own errors
+        code = leaving.code
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def test_inspect_json_equals_library_report():
@@ -44,17 +57,17 @@ def test_inspect_table_mentions_totals():
     (["--model", "torchvision:resnet18", "--nodes", "0"], "nodes"),
     (["--model", "torchvision:resnet18", "--input-size", "1,32,32"], "fails on the example input"),
 ])
-def test_bad_input_gives_one_line_error(args, needle):
-    result = run_disco("inspect", *args)
+def test_bad_input_gives_one_line_error(capsys, args, needle):
+    result = run_disco_here(capsys, "inspect", *args)
     assert result.returncode == 2
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_factory_that_returns_no_model_is_refused():
+def test_factory_that_returns_no_model_is_refused(capsys):
     spec = tiny_model_spec().replace("make_model", "not_a_model")
-    result = run_disco("inspect", "--model", spec)
+    result = run_disco_here(capsys, "inspect", "--model", spec)
     assert result.returncode == 2 and "not a torch.nn.Module" in result.stderr
 
 
@@ -93,3 +106,31 @@ def test_export_and_run_errors_are_one_line(args, needle):
     result = run_disco(*args)
     assert result.returncode == 2
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# what `disco --help` and `disco run --help` load: the top level no command module and no torch; a command's help
+# only what its options need (run: no torch at all, its launcher reads manifests with torch but never torchvision)
+HELP_IMPORTS = """
+import sys
+from disco.cli.main import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "torchvision", "disco.cli.run_cmd", "disco.cli.train_cmd") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv, loaded", [(["--help"], []), (["run", "--help"], ["disco.cli.run_cmd"])])
+def test_help_loads_only_what_it_shows(argv, loaded):
+    result = subprocess.run([sys.executable, "-c", HELP_IMPORTS.format(argv=argv)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: disco" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == repr(loaded)
+
+
+def test_the_launcher_reads_a_manifest_without_torchvision():
+    code = "import sys, disco.runtime.launch, disco.export.manifest; print('torchvision' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -81,7 +81,7 @@ def test_in_process_runtime_equals_simulation_and_hook_count(tmp_path, name, nod
 
 # more nodes than some layers have channels: the nodes that own none of a layer's channels compute and send
 # nothing for it (tiny: 8-channel first layer; vit_small: 3 heads of 64 channels, 4-channel grey stem...)
-@pytest.mark.parametrize("name, nodes", [("tiny", 9), ("tiny", 17), ("mobilenet_v2", 20), ("vit_small", 40)])
+@pytest.mark.parametrize("name, nodes", [("tiny", 9), ("tiny", 17), ("mobilenet_v2", 12), ("vit_small", 9)])
 def test_nodes_without_channels_of_a_layer_still_match_the_simulation(tmp_path, name, nodes):
     _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from disco.errors import DiscoError
+from disco.cli import COMMAND_HELP
 
 BENCHMARKS = {
     "accounting": "bytes, MACs and memory of ResNet-50 split on 2 and 4 nodes (seconds)",
@@ -21,7 +22,7 @@ def bench_folder() -> Path:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "bench", help="run a benchmark (writes docs/results/)",
+        "bench", help=COMMAND_HELP["bench"],
         description="Run a benchmark script from the source checkout's bench/ folder: "
                     + "; ".join(f"{name}: {text}" for name, text in BENCHMARKS.items())
                     + ". Arguments after the name go to the script (e.g. --quick, --help).")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 
 from disco.export.signing import SIGNATURE_NAME
-from disco.training.export_run import export_run
 from disco.transport import RUNTIME_DTYPES
+from disco.cli import COMMAND_HELP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "export", help="write per-node shards and a manifest from a trained run",
+        "export", help=COMMAND_HELP["export"],
         description="Write one safetensors shard per node (only the weights that node computes with) and "
                     "manifest.json (model spec, channel plan of every layer, transport dtype, sha256 of every "
                     "shard) into --out, from a run folder of `disco train`.")
@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from disco.training.export_run import export_run  # the training stack: only when exporting
+
     manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key)
     expected = manifest.expected
     print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "

@@ -8,16 +8,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from disco.accounting import cost_report
-from disco.models import build_model, parse_input_size
 from disco.transport import TRANSPORT_DTYPES
-from disco.split.masks import keep_random_groups
-from disco.split.partitioner import partition
+from disco.cli import COMMAND_HELP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "inspect", help="show how a model splits across nodes (bytes sent, MACs, memory per node)",
+        "inspect", help=COMMAND_HELP["inspect"],
         description="Partition a model across N nodes and print, per image, the bytes each node sends, the "
                     "MACs and parameter/activation memory per node, next to the dense split (every channel sent).")
     parser.add_argument("--model", required=True,
@@ -87,6 +84,12 @@ def _print(report: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch.fx and torchvision: only when a model is inspected, not for --help
+    from disco.accounting import cost_report
+    from disco.models import build_model, parse_input_size
+    from disco.split.masks import keep_random_groups
+    from disco.split.partitioner import partition
+
     size = parse_input_size(args.input_size)
     model = build_model(args.model).eval()
     example = torch.zeros(1, *size)

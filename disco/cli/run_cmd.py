@@ -4,16 +4,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from disco.runtime.launch import launch
 from disco.fields import add_options
 from disco.runtime.options import RunOptions
+from disco.cli import COMMAND_HELP
 
 LAUNCH_ONLY = ("nodes", "threads", "command", "handler")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "run", help="run a deployment on N local processes (torchrun; gloo, or NCCL on GPUs)",
+        "run", help=COMMAND_HELP["run"],
         description="Start one process per node with torchrun. Each loads only its own shard (checked against "
                     "the manifest's sha256), and the ranks exchange exactly the planned channels. Prints "
                     "predictions (or accuracy with --eval), the median latency and the bytes each rank sent. "
@@ -42,6 +42,8 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from disco.runtime.launch import launch  # torch: only when a run starts, not for --help
+
     options = {k: v for k, v in vars(args).items() if k not in LAUNCH_ONLY}
     RunOptions(**options)  # validate here, before starting any process
     return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose,

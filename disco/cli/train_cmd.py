@@ -10,11 +10,12 @@ import argparse
 from disco.fields import add_options, from_args
 from disco.errors import DiscoError
 from disco.training.config import TrainConfig
+from disco.cli import COMMAND_HELP
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "train", help="train a model to a communication budget",
+        "train", help=COMMAND_HELP["train"],
         description="Train (or load) the dense model, learn which channels to send until the bytes per image "
                     "fit the budget, then fine-tune with masks frozen and distillation from the dense model. "
                     "Writes config.json, metrics.jsonl, checkpoints, dense.safetensors, disco.safetensors and "

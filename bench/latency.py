@@ -144,8 +144,8 @@ def _input_file(folder: Path) -> Path:
 @contextmanager
 def shaped_link(rate: str | None):
     """A fresh network namespace whose loopback has Ethernet's MTU (1500) and, unless `rate` is None, is limited
-    to `rate` with tc. Without root: plain loopback for None (its 64 KiB MTU made gloo ~20% slower than MTU 1500
-    here, so rows measured so are marked), PermissionError otherwise."""
+    to `rate` with tc. Without root: plain loopback for None (its 64 KiB MTU made the same ResNet-50 run 191 ms
+    against 146 ms at MTU 1500 here: compare such rows only with each other), PermissionError otherwise."""
     if os.geteuid() != 0:
         if rate is None:
             yield []
@@ -301,7 +301,7 @@ def _cell(results: dict, key: str, label: str, link: str) -> dict | None:
 
 def _targets(results: dict, edge: dict) -> list[str]:
     """The runtime's targets (issue 14), each as measured in this run: ratios of rows measured together."""
-    checks = []  # (what, measured, target, met)
+    checks = []  # table rows: what, measured, wanted, verdict
 
     def add(what: str, value: float | None, target: str, met) -> None:
         if value is not None:

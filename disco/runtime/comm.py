@@ -249,8 +249,10 @@ class MemoryComm(Comm):
         self.queues, self.lane = queues, lane
 
     def _queue(self, src: int, dst: int) -> "queue.Queue":
-        # setdefault is one atomic step: two ranks' threads asking for a new lane's queue get the same one
-        return self.queues.setdefault((self.lane, src, dst), queue.Queue())
+        # setdefault is one atomic step: two ranks' threads asking for a new lane's queue get the same one;
+        # a new Queue (three Conditions) is made only the first time, not on every message
+        key = (self.lane, src, dst)
+        return self.queues.get(key) or self.queues.setdefault(key, queue.Queue())
 
     def _lane(self, index: int) -> "MemoryComm":
         return MemoryComm(self.rank, self.queues, self.world, self.timeout, (*self.lane, index), self.counters)

@@ -31,7 +31,7 @@ class Coordinator:
         self.pool = ThreadPoolExecutor(inflight, thread_name_prefix="disco-lane") if inflight > 1 else None
         self.latencies: list[float] = []
         self.images = 0
-        self.timed_span: list[float] = []  # [first timed start, last timed end]: images per second
+        self.first_start, self.last_end = float("inf"), float("-inf")  # of the timed forwards: images per second
         self.timed_images = 0
         self._lock = threading.Lock()
 
@@ -66,16 +66,14 @@ class Coordinator:
         with self._lock:
             if timed:
                 self.latencies.append(end - start)
-                first = min(self.timed_span[0], start) if self.timed_span else start
-                self.timed_span = [first, max(self.timed_span[1], end) if self.timed_span else end]
+                self.first_start, self.last_end = min(self.first_start, start), max(self.last_end, end)
                 self.timed_images += x.shape[0]
             self.images += x.shape[0]
         return output
 
     def images_per_s(self) -> float | None:
-        if not self.timed_span or self.timed_span[1] <= self.timed_span[0]:
-            return None
-        return self.timed_images / (self.timed_span[1] - self.timed_span[0])
+        span = self.last_end - self.first_start
+        return self.timed_images / span if self.timed_images and span > 0 else None
 
     def stop(self, status: int = STOP) -> None:
         """Every lane told to stop (after the batches in flight: the caller has waited for them)."""

@@ -269,6 +269,8 @@ def render(results: dict, skipped: dict, args, elapsed: float, results_edge: dic
     lines.append("- small models (the 28x28 Fashion-MNIST mobilenet) are dominated by one synchronous exchange "
                  "per layer (52 layers): splitting them only pays when the link, not the round trips, is the "
                  "bottleneck.")
+    lines.append("- why a rank with one core stays above its bound: docs/results/rank-breakdown.md (its compute alone, "
+                 "its exchanges alone, and both together).")
     lines += _targets(results, results_edge or {})
     for key, table in results.items():
         family, nodes = key.split("|")

@@ -35,6 +35,7 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
         raise DiscoError(f"{deploy} is split across {manifest.nodes} nodes; --nodes {nodes} does not match")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nodes)))
+    env.setdefault("KINETO_LOG_LEVEL", "5")  # --profile: no "gpuGetDeviceCount failed" lines on a CPU-only host
     if Path("/sys/class/net/lo").exists():  # all ranks are local: do not depend on how the hostname resolves
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=env, stderr=subprocess.PIPE,

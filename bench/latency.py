@@ -45,7 +45,7 @@ LINKS = {"unshaped": None, "1gbit": "1gbit", "100mbit": "100mbit"}
 LINK_BYTES_PER_S = {"unshaped": None, "1gbit": 125e6, "100mbit": 12.5e6}
 EDGE_QUOTA = 0.25  # each emulated edge node (and the one device it is compared with): a quarter of one core
 EDGE_LINK = "100mbit"
-EDGE_LABELS = ("DISCO 0.2", "DISCO 0.1", "no communication")
+EDGE_LABELS = ("DISCO 0.2", "DISCO 0.1", "no communication", "DISCO 0.2, int8")
 STREAM_LABELS = ("DISCO 0.2", "DISCO 0.1")  # ResNet-50 rows also run with several images in flight
 STREAM_INFLIGHT = (2, 3)
 STREAM_IMAGES = 24  # images per streaming measurement (one image, run this many times)
@@ -79,16 +79,25 @@ def _masks_on_random_data(simulated, example, budget: float, steps: int, classes
 
 def torchvision_rows(name: str, nodes: int, size: int, steps: int) -> list[Row]:
     spec = ModelSpec(model=f"torchvision:{name}", channels=3, classes=1000)
-    return random_rows(name, spec, nodes, (3, size, size), steps)
+    return random_rows(name, spec, nodes, (3, size, size), steps, dtypes=name == "resnet50" and nodes == 2)
 
 
-def random_rows(family: str, spec: ModelSpec, nodes: int, shape: tuple[int, ...], steps: int) -> list[Row]:
+# rows that send the same channels in another dtype (issue 15): the honest baselines of a quantised dense split
+# (no training needed) and DISCO with int8 messages; masks are the fp32 rows' own (latency depends on bytes)
+DTYPE_ROWS = {1.0: (("dense split, fp16", "fp16"), ("dense split, int8", "int8")), 0.2: (("DISCO 0.2, int8", "int8"),),
+              0.1: (("DISCO 0.1, int8", "int8"),)}
+
+
+def random_rows(family: str, spec: ModelSpec, nodes: int, shape: tuple[int, ...], steps: int,
+                dtypes: bool = False) -> list[Row]:
     """Deployments of random weights whose groups are chosen on random images: latency does not depend on what
-    the weights learned, only on the channels kept."""
+    the weights learned, only on the channels kept (and the dtype they travel in, with `dtypes`)."""
     rows = []
     for label, budget in (("dense split", 1.0), ("DISCO 0.2", 0.2), ("DISCO 0.1", 0.1), ("no communication", 0.0)):
         folder = WORK / f"{family}-{shape[-1]}-n{nodes}-{budget}"
-        if not _current(folder):
+        variants = [(variant, dtype, WORK / f"{folder.name}-{dtype}") for variant, dtype in DTYPE_ROWS.get(budget, ())
+                    if dtypes]
+        if not _current(folder) or not all(_current(path) for _, _, path in variants):
             torch.manual_seed(0)
             model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes,
                                    stem_stride=spec.stem_stride, **spec.kwargs).eval()
@@ -96,8 +105,11 @@ def random_rows(family: str, spec: ModelSpec, nodes: int, shape: tuple[int, ...]
             simulated = disco.partition(model, nodes=nodes, example_inputs=example).eval()
             if budget < 1.0:
                 _masks_on_random_data(simulated, example, budget, steps, spec.classes)
-            export(simulated, folder, example_inputs=example, spec=spec)
+            export(simulated, folder, example_inputs=example, spec=spec, transport_dtype="fp32")
+            for _, dtype, path in variants:
+                export(simulated, path, example_inputs=example, spec=spec, transport_dtype=dtype)
         rows.append(Row(family, nodes, label, folder))
+        rows += [Row(family, nodes, variant, path) for variant, _, path in variants]
     return rows
 
 
@@ -340,10 +352,31 @@ def _targets(results: dict, edge: dict) -> list[str]:
             add(f"edge ({EDGE_QUOTA:.0%} core each), ResNet-50, {nodes} nodes, {EDGE_LINK}, DISCO 0.1: speed-up over "
                 "one device", table["one device (whole model)"]["latency_s"] / table["DISCO 0.1"]["latency_s"],
                 f">= {target}x", lambda v, t=target: v >= t)
+    _quantized_targets(results, edge, add)
     if not checks:
         return []
-    return ["", "## Targets (issue 14), measured in this run", "", "| target | measured | wanted | verdict |",
+    return ["", "## Targets (issues 14 and 15), measured in this run", "", "| target | measured | wanted | verdict |",
             "|---|---|---|---|", *checks]
+
+
+def _quantized_targets(results: dict, edge: dict, add) -> None:
+    """Issue 15: DISCO 0.2 with int8 messages against the fp32 and int8 dense splits, one process, one device."""
+    int8 = _cell(results, "resnet50|2", "DISCO 0.2, int8", "100mbit")
+    for label, shown, wanted in (("dense split", "fp32 dense split", 15), ("dense split, int8", "int8 dense split", 3)):
+        other = _cell(results, "resnet50|2", label, "100mbit")
+        if int8 and other:
+            add(f"ResNet-50, 2 nodes, 100 Mbit/s: DISCO 0.2 int8 speed-up over the {shown}",
+                other["latency_s"] / int8["latency_s"], f">= {wanted}x", lambda v, w=wanted: v >= w)
+    fast = _cell(results, "resnet50|2", "DISCO 0.2, int8", "1gbit")
+    one = _cell(results, "resnet50|2", "one process (whole model)", "1gbit")
+    if fast and one:
+        add("ResNet-50, 2 nodes, 1 Gbit/s: DISCO 0.2 int8 speed-up over one process", one["latency_s"] / fast["latency_s"],
+            ">= 2x", lambda v: v >= 2)
+    table = edge.get("resnet50|2", {})
+    if "DISCO 0.2, int8" in table and "one device (whole model)" in table:
+        add(f"edge ({EDGE_QUOTA:.0%} core each), ResNet-50, 2 nodes, {EDGE_LINK}, DISCO 0.2 int8: speed-up over one "
+            "device", table["one device (whole model)"]["latency_s"] / table["DISCO 0.2, int8"]["latency_s"],
+            ">= 2.5x", lambda v: v >= 2.5)
 
 
 def _model_rate(table: dict) -> float | None:
@@ -597,7 +630,9 @@ def main() -> None:
                                 else None)
         table["one process (whole model)"] = {link: single for link in next(iter(table.values()))}
     earlier_run = json.loads(saved.read_text()) if args.only and saved.is_file() else {}
-    edge = measure_edge(rows, args.repeat, skipped) if args.edge else earlier_run.get("edge", {})
+    edge = earlier_run.get("edge", {})  # families and node counts not measured again keep their edge rows
+    if args.edge:
+        edge.update(measure_edge(rows, args.repeat, skipped))
     profiles = profiles or earlier_run.get("profiles", {})
     (out / "latency.json").write_text(json.dumps({"results": results, "skipped": skipped, "edge": edge,
                                                   "profiles": profiles, "elapsed_s": time.time() - began}, indent=1))

@@ -15,6 +15,7 @@ _LAZY = {  # name -> the module that defines it
     "DiscoLayer": "disco.split.layers",
     "disco_layers": "disco.split.partitioner",
     "partition": "disco.split.partitioner",
+    "set_transport": "disco.split.partitioner",
     "cost_report": "disco.accounting",
     "Sparsifier": "disco.sparsify",
     "SparsifyOptions": "disco.sparsify",

@@ -39,12 +39,8 @@ def hand_zeroed(original: nn.Module, simulated: nn.Module, dropped: dict | None 
     return reference
 
 
-def hook_count(original: nn.Module, simulated: nn.Module, x: torch.Tensor, bytes_per_element: int):
-    """[src][dst] bytes per image: every conv/linear input channel not on a destination node that uses it
-    (and whose group is kept), times its spatial size, times the dtype's bytes."""
-    plans = disco.disco_layers(simulated)
-    nodes = next(iter(plans.values())).nodes
-    matrix = [[0] * nodes for _ in range(nodes)]
+def input_shapes(original: nn.Module, x: torch.Tensor) -> dict[str, list[torch.Size]]:
+    """{conv/linear name: the input shape of each of its calls} on x, read with forward hooks."""
     shapes = {}
 
     def remember(name):
@@ -56,18 +52,50 @@ def hook_count(original: nn.Module, simulated: nn.Module, x: torch.Tensor, bytes
         original(x)
     for h in hooks:
         h.remove()
-    for name, calls in shapes.items():
-        plan = plans[name]
-        channels = plan.in_assign.numel()
-        spatial = sum(shape.numel() // (shape[0] * channels) for shape in calls)
-        groups = getattr(plan, "groups", 1)
-        out_per_group = plan.out_assign.numel() // groups
-        assign_in = plan.in_assign.tolist()
-        mask = plan.group_mask.tolist()
-        readers = [set(plan.out_assign[g * out_per_group:(g + 1) * out_per_group].tolist()) for g in range(groups)]
-        for c in range(channels):
-            src = assign_in[c]
-            for k in readers[c // (channels // groups)]:
-                if src >= 0 and k != src and mask[k][c] > 0:
-                    matrix[src][k] += spatial * bytes_per_element
+    return shapes
+
+
+def _channels_sent(layer, nodes: int) -> list[list[int]]:
+    """[src][dst] input channels of `layer` that src must send dst: read off its buffers channel by channel."""
+    channels = layer.in_assign.numel()
+    groups = getattr(layer, "groups", 1)
+    out_per_group = layer.out_assign.numel() // groups
+    readers = [set(layer.out_assign[g * out_per_group:(g + 1) * out_per_group].tolist()) for g in range(groups)]
+    assign_in, mask = layer.in_assign.tolist(), layer.group_mask.tolist()
+    sent = [[0] * nodes for _ in range(nodes)]
+    for c in range(channels):
+        src = assign_in[c]
+        for k in readers[c // (channels // groups)]:
+            if src >= 0 and k != src and mask[k][c] > 0:
+                sent[src][k] += 1
+    return sent
+
+
+def hook_count(original: nn.Module, simulated: nn.Module, x: torch.Tensor, bytes_per_element: int):
+    """[src][dst] bytes per image: every conv/linear input channel not on a destination node that uses it
+    (and whose group is kept), times its spatial size, times the dtype's bytes."""
+    return _hook_bytes(original, simulated, x, lambda n, values: n * values * bytes_per_element)
+
+
+def hook_message_bytes(original: nn.Module, simulated: nn.Module, x: torch.Tensor, bits: int) -> list[list[int]]:
+    """[src][dst] bytes per image for an integer transport of `bits` bits, as the wire format is documented
+    (docs/method.md 8): one message per layer call and pair; codes packed 8 // bits per byte; a float32
+    (low, step) pair per channel when a channel has at least 64 values per image, else one per message."""
+    return _hook_bytes(original, simulated, x,
+                       lambda n, values: (n if values >= 64 else 1) * 8 + -(-n * values * bits // 8))
+
+
+def _hook_bytes(original, simulated, x, message_bytes) -> list[list[int]]:
+    """[src][dst] sum over layer calls (input shapes from hooks) of message_bytes(channels sent, values each)."""
+    plans = disco.disco_layers(simulated)
+    nodes = next(iter(plans.values())).nodes
+    matrix = [[0] * nodes for _ in range(nodes)]
+    for name, calls in input_shapes(original, x).items():
+        sent = _channels_sent(plans[name], nodes)
+        for shape in calls:
+            values = shape.numel() // (shape[0] * plans[name].in_assign.numel())
+            for src in range(nodes):
+                for dst in range(nodes):
+                    if sent[src][dst]:
+                        matrix[src][dst] += message_bytes(sent[src][dst], values)
     return matrix

@@ -38,7 +38,7 @@ def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, 
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     inputs = torch.randn(images, channels, size, size)
-    simulated = disco.partition(original, nodes=nodes, example_inputs=inputs[:1]).eval()
+    simulated = disco.partition(original, nodes=nodes, example_inputs=inputs[:1], transport_dtype=transport_dtype).eval()
     keep_random_groups(simulated, keep, seed=nodes)
     export(simulated, folder, example_inputs=inputs[:1], spec=spec, transport_dtype=transport_dtype)
     input_file = folder / "inputs.safetensors"

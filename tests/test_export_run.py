@@ -74,3 +74,36 @@ def test_images_from_a_folder_are_read_like_the_training_data(trained):
         expected = simulated(x)
     torch.testing.assert_close(safetensors.torch.load_file(str(out))["output"], expected, atol=1e-4, rtol=1e-4)
     assert "class_1" in result.stdout  # predictions printed with class names
+
+
+def test_export_at_another_dtype_warns_with_the_measured_change_and_runs_as_measured(trained):
+    root, _, report = trained
+    result = disco_cli("export", str(root / "run"), "--out", str(root / "int4"), "--dtype", "int4")
+    assert result.returncode == 0, result.stderr
+    warning = next(line for line in result.stderr.splitlines() if line.startswith("warning:"))
+    assert "trained for fp32 messages; exported as int4" in warning
+    before, after = (float(word) for word in warning.split(" goes from ")[1].split(" (")[0].split(" to "))
+    assert before == pytest.approx(report["disco_accuracy"], abs=1e-4)
+    summary = root / "int4.json"
+    ran = disco_cli("run", str(root / "int4"), "--eval", "--summary", str(summary), "--model-code", tiny_model_file())
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(summary.read_text())["accuracy"] == pytest.approx(after, abs=1e-4)  # as the warning said
+    assert Manifest.load(root / "int4").transport_dtype == "int4"
+
+
+def test_a_run_trained_for_int8_counts_and_sends_int8_bytes(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    config = TrainConfig(model=tiny_model_spec(), data=str(images), out=str(tmp_path / "run"), nodes=2, budget=0.3,
+                         dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0,
+                         transport_dtype="int8")
+    report = pipeline.train(config)
+    exported = disco_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy"))
+    assert exported.returncode == 0 and "warning" not in exported.stderr, exported.stderr
+    summary = tmp_path / "eval.json"
+    ran = disco_cli("run", str(tmp_path / "deploy"), "--eval", "--summary", str(summary), "--model-code",
+                    tiny_model_file())
+    assert ran.returncode == 0, ran.stderr
+    data = json.loads(summary.read_text())
+    assert data["accuracy"] == pytest.approx(report["disco_accuracy"], abs=1e-6)  # trained with the rounding on
+    assert data["bytes_per_image"]["activations"] == report["bytes_per_image"]
+    assert report["transport_dtype"] == "int8"

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import disco
 from disco.split.masks import keep_random_groups
-from reference import hand_zeroed, hook_count, plain_layers
+from reference import hand_zeroed, hook_count, hook_message_bytes, plain_layers
 
 CASES = [("resnet18", 2), ("resnet18", 4), ("mobilenet_v2", 3), ("resnext50_32x4d", 3), ("vgg11_bn", 2),
          ("densenet121", 4)]
@@ -34,16 +34,26 @@ def test_masked_simulation_equals_hand_zeroed_reference(name, nodes):
 
 
 @pytest.mark.parametrize("name,nodes,dtype,size", [(name, nodes, "fp32", 4) for name, nodes in CASES]
-                         + [("resnet18", 3, "fp16", 2), ("mobilenet_v2", 2, "int8", 1)])
+                         + [("resnet18", 3, "fp16", 2), ("resnet18", 2, "bf16", 2), ("mobilenet_v2", 2, "int8", 1),
+                            ("resnet18", 4, "int4", 0.5)])
 def test_cost_report_bytes_equal_hook_count(name, nodes, dtype, size):
     model, simulated, x = _setup(name, nodes)
     report = disco.cost_report(simulated, x, transport_dtype=dtype)
-    expected = hook_count(model, simulated, x, size)
+    if dtype.startswith("int"):  # codes plus a (low, step) pair per channel or per message
+        expected = hook_message_bytes(model, simulated, x, int(dtype[3:]))
+    else:
+        expected = hook_count(model, simulated, x, size)
     assert report["bytes_matrix"] == expected
     assert report["bytes"] == sum(map(sum, expected))
-    dense = hook_count(model, disco.partition(model, nodes=nodes, example_inputs=x), x, size)
+    full = disco.partition(model, nodes=nodes, example_inputs=x)
+    if dtype.startswith("int"):
+        dense = hook_message_bytes(model, full, x, int(dtype[3:]))
+        # the budget's ratio counts values; the (low, step) pairs add a little to both sides
+        assert report["ratio"] == pytest.approx(report["bytes"] / report["dense_bytes"], rel=0.05)
+    else:
+        dense = hook_count(model, full, x, size)
+        assert report["ratio"] == pytest.approx(report["bytes"] / report["dense_bytes"])
     assert report["dense_bytes"] == sum(map(sum, dense))
-    assert report["ratio"] == pytest.approx(report["bytes"] / report["dense_bytes"])
     assert 0.1 < report["ratio"] < 0.3  # a random 20% of groups
 
 

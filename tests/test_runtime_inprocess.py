@@ -22,7 +22,7 @@ from disco.runtime.inprocess import run_in_process
 from disco.runtime.program import load_program
 from disco.split.attention import replace_attention
 from disco.split.masks import keep_random_groups
-from reference import hook_count
+from reference import hook_count, hook_message_bytes
 from tests_helpers import tiny_model_spec
 
 # spec, input channels, classes, input size, model kwargs
@@ -56,11 +56,11 @@ def _randomised(spec: str, channels: int, classes: int, kwargs: dict) -> nn.Modu
     return model
 
 
-def _deploy(folder, name: str, nodes: int, keep: float = 0.3):
+def _deploy(folder, name: str, nodes: int, keep: float = 0.3, dtype: str = "fp32"):
     spec, channels, classes, size, kwargs = MODELS[name]
     original = _randomised(spec, channels, classes, kwargs)
     x = torch.randn(2, channels, size, size)
-    simulated = disco.partition(original, nodes=nodes, example_inputs=x[:1]).eval()
+    simulated = disco.partition(original, nodes=nodes, example_inputs=x[:1], transport_dtype=dtype).eval()
     keep_random_groups(simulated, keep, seed=nodes)
     export(simulated, folder, example_inputs=x[:1],
            spec=ModelSpec(model=spec, channels=channels, classes=classes, kwargs=kwargs))
@@ -100,6 +100,37 @@ def _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes):
     assert sum(map(sum, sent["norm"])) == costs["norm_bytes"] * len(x)
     assert sum(map(sum, sent["input"])) == costs["io_bytes"]["input"] * len(x)
     assert sum(map(sum, sent["output"])) == costs["io_bytes"]["output"] * len(x)
+
+
+# every transport dtype, CNNs (channels at dim 1, grouped convs) and the ViT (channels last), N = 2, 3, 4
+QUANTIZED = [("resnet18", 2, "int8"), ("mobilenet_v2", 3, "int8"), ("vit_small", 4, "int8"), ("resnet50", 4, "int4"),
+             ("vit_small", 2, "int4"), ("mobilenet_v2", 4, "fp16"), ("vit_small", 3, "bf16"), ("resnet18", 3, "bf16")]
+
+
+@pytest.mark.parametrize("name, nodes, dtype", QUANTIZED)
+def test_quantized_messages_equal_the_simulation_and_count_their_bytes(tmp_path, name, nodes, dtype):
+    original, simulated, x = _deploy(tmp_path, name, nodes, dtype=dtype)
+    output, sent = run_in_process(tmp_path, x, model_code=model_code(name))
+    with torch.no_grad():
+        expected = simulated(x)
+        unrounded = disco.set_transport(copy.deepcopy(simulated), "fp32")(x)
+    # Each received value is the simulation's rounding of what the sender holds (bit for bit:
+    # test_quantization.py), but the sender's values differ from the simulation's in the last bits (float
+    # summation order), and a value that close to a rounding boundary lands one step apart. So: near the
+    # simulation everywhere, and far nearer to it than to the model without the rounding.
+    for actual, wanted, plain in zip(tree_leaves(output), tree_leaves(expected), tree_leaves(unrounded), strict=True):
+        scale = float(wanted.abs().max())
+        torch.testing.assert_close(actual, wanted, atol=0.01 * scale, rtol=0)
+        assert float((actual - wanted).abs().mean()) < 0.6 * float((actual - plain).abs().mean())
+    if dtype.startswith("int"):
+        hand = hook_message_bytes(replace_attention(copy.deepcopy(original)), simulated, x[:1], int(dtype[3:]))
+    else:
+        hand = hook_count(replace_attention(copy.deepcopy(original)), simulated, x[:1], 2)
+    assert sent["activations"] == [[b * len(x) for b in row] for row in hand]
+    costs = disco.cost_report(simulated, x[:1], transport_dtype=dtype)
+    assert costs["bytes_matrix"] == hand
+    assert sum(map(sum, sent["input"])) == costs["io_bytes"]["input"] * len(x)  # input and output stay fp32
+    assert costs["io_bytes"]["input"] == x[0].numel() * 4 * (nodes - 1)
 
 
 def test_manifest_sends_and_received_order_match_a_hand_reading_of_the_masks(tmp_path):
@@ -197,3 +228,21 @@ def test_lanes_keep_their_messages_apart():
     for k in range(3):
         assert lanes_second[k].receive((2,), torch.float32, 0, what="test").tolist() == [k, k]
     assert first.sent["activations"] == [0, 3 * 2 * 4]  # the lanes count into the rank's counters
+
+
+@pytest.mark.parametrize("dtype, scale", [("fp16", 1e6), ("int8", 1e38)])
+def test_values_a_dtype_cannot_carry_are_reported_not_sent_as_garbage(tmp_path, dtype, scale):
+    _, _, x = _deploy(tmp_path, "resnet18", 2, dtype=dtype)
+    with pytest.raises(DiscoError, match=f"NaN or Inf.*{dtype} cannot carry them"):
+        run_in_process(tmp_path, x * scale)  # finite input (rank 0 accepts it); fp16 overflows, int8 meets inf
+
+
+def test_a_manifest_whose_message_encoding_this_version_does_not_read_is_refused(tmp_path):
+    _deploy(tmp_path, "tiny", 2, dtype="int8")
+    path = tmp_path / "manifest.json"
+    raw = json.loads(path.read_text())
+    assert raw["transport_dtype"] == "int8" and raw["transport_scheme"]
+    raw["transport_scheme"] = "affine-minmax-f16pair-v9"  # written by some other version
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DiscoError, match="scheme 'affine-minmax-f16pair-v9'.*export the deployment again"):
+        Manifest.load(tmp_path)

@@ -5,16 +5,17 @@ import torch
 from torch import nn
 
 from disco.accounting.layer_cost import elements_per_channel
-from disco.transport import transport_bytes
+from disco.transport import get_transport_dtype
 from disco.split.partitioner import analyse, as_input_tuple, disco_layers
 
 
 def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32") -> dict[str, torch.Tensor]:
-    """{layer name: [nodes, in_channels] bytes per image} (0 where a group does not exist).
+    """{layer name: [nodes, in_channels] bytes per image} (0 where a group does not exist): the transport dtype's
+    price of one more channel in a message (disco/transport.py: TransportDtype.channel_bytes).
 
     A layer called several times sends its channels once per call, so the calls add up.
     """
-    bytes_per_element = transport_bytes(transport_dtype)
+    dtype = get_transport_dtype(transport_dtype)
     layers = disco_layers(model)
     nodes = next(iter(layers.values())).nodes
     analysis = analyse(model, as_input_tuple(example_inputs), nodes)
@@ -22,5 +23,5 @@ def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32")
     for call in analysis.mixing:
         layer = layers[call.module]
         per_channel = elements_per_channel(call.in_shape, layer.in_assign.numel(), analysis.batch)
-        costs[call.module] += layer.plan.possible_groups().cpu().float() * per_channel * bytes_per_element
+        costs[call.module] += layer.plan.possible_groups().cpu().float() * dtype.channel_bytes(per_channel)
     return costs

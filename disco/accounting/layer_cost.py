@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from disco.split.layers import DiscoLayer
+from disco.transport import TransportDtype
 from disco.split.propagate import MixingCall
 
 
@@ -20,19 +21,34 @@ class LayerCost:
     elements_per_channel: int  # spatial size (H*W, or tokens) of one input channel, per image
     groups_total: int
     groups_kept: int
-    dense_elements_matrix: torch.Tensor  # [src, dst] elements sent per image with every group kept
-    elements_matrix: torch.Tensor  # [src, dst] elements sent per image with the current mask
+    dense_channels_matrix: torch.Tensor  # [src, dst] channels sent per image with every group kept
+    channels_matrix: torch.Tensor  # [src, dst] channels sent per image with the current mask
     macs_per_node: list[int]
     dense_macs_per_node: list[int]
 
-    def as_dict(self, bytes_per_element: int) -> dict:
+    @property
+    def elements_matrix(self) -> torch.Tensor:
+        return self.channels_matrix * self.elements_per_channel
+
+    @property
+    def dense_elements_matrix(self) -> torch.Tensor:
+        return self.dense_channels_matrix * self.elements_per_channel
+
+    def bytes_matrix(self, dtype: TransportDtype, dense: bool = False) -> torch.Tensor:
+        """[src, dst] bytes per image: one message per pair that sends anything, as the runtime sends it."""
+        channels = self.dense_channels_matrix if dense else self.channels_matrix
+        return torch.tensor([[dtype.message_bytes(int(n), self.elements_per_channel) for n in row]
+                             for row in channels.tolist()], dtype=torch.long)
+
+    def as_dict(self, dtype: TransportDtype) -> dict:
+        matrix = self.bytes_matrix(dtype)
         return {
             "name": self.name, "type": self.kind, "in_channels": self.in_channels,
             "out_channels": self.out_channels, "elements_per_channel": self.elements_per_channel,
             "groups_total": self.groups_total, "groups_kept": self.groups_kept,
-            "dense_bytes": int(self.dense_elements_matrix.sum()) * bytes_per_element,
-            "bytes": int(self.elements_matrix.sum()) * bytes_per_element,
-            "bytes_matrix": (self.elements_matrix * bytes_per_element).tolist(),
+            "dense_bytes": int(self.bytes_matrix(dtype, dense=True).sum()),
+            "bytes": int(matrix.sum()),
+            "bytes_matrix": matrix.tolist(),
             "macs_per_node": self.macs_per_node, "dense_macs_per_node": self.dense_macs_per_node,
         }
 
@@ -57,8 +73,8 @@ def layer_cost(layer: DiscoLayer, call: MixingCall, batch: int) -> LayerCost:
         name=call.module, kind=type(layer).__name__.removeprefix("Disco"), in_channels=in_channels,
         out_channels=out_channels, elements_per_channel=per_channel_in,
         groups_total=int(possible.sum()), groups_kept=int(kept.sum()),
-        dense_elements_matrix=plan.sent_channels(possible) * per_channel_in,
-        elements_matrix=plan.sent_channels(kept) * per_channel_in,
+        dense_channels_matrix=plan.sent_channels(possible).cpu(),
+        channels_matrix=plan.sent_channels(kept).cpu(),
         macs_per_node=(plan.weight_pairs_per_node().cpu() * macs_per_pair).tolist(),
         dense_macs_per_node=(plan.weight_pairs_per_node(dense=True).cpu() * macs_per_pair).tolist(),
     )

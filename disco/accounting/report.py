@@ -6,7 +6,7 @@ from torch import nn
 
 from disco.accounting.layer_cost import LayerCost, layer_cost, layer_param_elements
 from disco.errors import DiscoError
-from disco.transport import TRANSPORT_DTYPES, transport_bytes
+from disco.transport import IO_BYTES_PER_ELEMENT, TRANSPORT_DTYPES, TransportDtype, get_transport_dtype
 from disco.split.layers import DiscoLayer
 from disco.split.partitioner import analyse, as_input_tuple, disco_layers
 from disco.split.placement import placements
@@ -70,21 +70,27 @@ def _peak_activation_bytes(analysis: GraphAnalysis, costs: list[LayerCost], call
     return peak.tolist()
 
 
-def _by_dtype(elements: int, dense_elements: int) -> dict:
-    return {name: {"bytes": elements * d.bytes_per_element, "dense_bytes": dense_elements * d.bytes_per_element}
+def _bytes_matrix(costs: list[LayerCost], dtype: TransportDtype, nodes: int, dense: bool = False) -> torch.Tensor:
+    return sum((c.bytes_matrix(dtype, dense) for c in costs), torch.zeros(nodes, nodes, dtype=torch.long))
+
+
+def _by_dtype(costs: list[LayerCost], nodes: int) -> dict:
+    return {name: {"bytes": int(_bytes_matrix(costs, d, nodes).sum()),
+                   "dense_bytes": int(_bytes_matrix(costs, d, nodes, dense=True).sum())}
             for name, d in TRANSPORT_DTYPES.items()}
 
 
 def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp32") -> dict:
     """Per-image costs of a partitioned model on inputs shaped like `example_inputs` (JSON-serialisable).
 
-    Bytes are activations crossing the network in `transport_dtype`; `io_bytes` (input scattered from
-    node 0, output gathered on node 0) and `norm_bytes` (fp32 partial sums of LayerNorms spanning nodes)
-    are reported separately. MACs count conv/linear weights a node
+    Bytes are activations crossing the network in `transport_dtype`, message by message as the runtime sends
+    them (integer dtypes: codes plus their (low, step) pairs, disco/transport.py); `io_bytes` (input scattered
+    from node 0, output gathered on node 0, always fp32) and `norm_bytes` (fp32 partial sums of LayerNorms
+    spanning nodes) are reported separately. `ratio` is sent elements over the dense split's (the budget). MACs count conv/linear weights a node
     holds in kept slices plus the attention products of its heads; parameter bytes are those weights plus
     per-channel parameters (BatchNorm, LayerNorm, per-head tables).
     """
-    bytes_per_element = transport_bytes(transport_dtype)
+    dtype = get_transport_dtype(transport_dtype)
     layers = disco_layers(model)
     if not layers:
         raise DiscoError("cost_report needs a partitioned model: call disco.partition(model, nodes=N, "
@@ -95,6 +101,7 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     elements_matrix = sum(c.elements_matrix for c in costs)
     dense_matrix = sum(c.dense_elements_matrix for c in costs)
     elements, dense_elements = int(elements_matrix.sum()), int(dense_matrix.sum())
+    kept_bytes, dense_bytes = _bytes_matrix(costs, dtype, nodes), _bytes_matrix(costs, dtype, nodes, dense=True)
     attention_macs = _attention_macs(analysis, nodes)
     macs = torch.tensor([c.macs_per_node for c in costs]).sum(0) + attention_macs
     dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0) + attention_macs
@@ -106,13 +113,13 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     return {
         "nodes": nodes,
         "transport_dtype": transport_dtype,
-        "bytes_per_element": bytes_per_element,
-        "dense_bytes": dense_elements * bytes_per_element,
-        "bytes": elements * bytes_per_element,
+        "bits_per_element": dtype.bits,
+        "dense_bytes": int(dense_bytes.sum()),
+        "bytes": int(kept_bytes.sum()),
         "ratio": elements / dense_elements if dense_elements else 0.0,
-        "bytes_matrix": (elements_matrix * bytes_per_element).tolist(),
-        "dense_bytes_matrix": (dense_matrix * bytes_per_element).tolist(),
-        "bytes_by_dtype": _by_dtype(elements, dense_elements),
+        "bytes_matrix": kept_bytes.tolist(),
+        "dense_bytes_matrix": dense_bytes.tolist(),
+        "bytes_by_dtype": _by_dtype(costs, nodes),
         "groups_total": sum(c.groups_total for c in costs),
         "groups_kept": sum(c.groups_kept for c in costs),
         "macs_per_node": macs.tolist(),
@@ -125,10 +132,10 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
         "activation_bytes_per_node": activations,
         "memory_bytes_per_node": [int(p) + a for p, a in zip(params.tolist(), activations)],
         "io_bytes": {
-            "input": analysis.input_elements * bytes_per_element * (nodes - 1),
-            "output": (analysis.output_elements - analysis.output_elements_per_node[0]) * bytes_per_element,
+            "input": analysis.input_elements * IO_BYTES_PER_ELEMENT * (nodes - 1),
+            "output": (analysis.output_elements - analysis.output_elements_per_node[0]) * IO_BYTES_PER_ELEMENT,
         },
         "norm_bytes": int(norms.sum()),
         "norm_bytes_matrix": norms.tolist(),
-        "layers": [c.as_dict(bytes_per_element) for c in costs],
+        "layers": [c.as_dict(dtype) for c in costs],
     }

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from disco.export.signing import SIGNATURE_NAME
-from disco.transport import RUNTIME_DTYPES
 from disco.cli import COMMAND_HELP
+from disco.transport import TRANSPORT_DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,8 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "shard) into --out, from a run folder of `disco train`.")
     parser.add_argument("run_folder", metavar="RUN", help="run folder of `disco train` (holds disco.safetensors)")
     parser.add_argument("--out", required=True, help="deployment folder to write, e.g. deploy/NAME")
-    parser.add_argument("--dtype", choices=RUNTIME_DTYPES,
-                        help="transport dtype of activations between nodes (default: the run's)")
+    parser.add_argument("--dtype", choices=tuple(TRANSPORT_DTYPES),
+                        help="transport dtype of activations between nodes (default: the run's, which it was trained "
+                             "for; another one is measured on the run's test images and the change printed)")
     parser.add_argument("--sign-key", metavar="PRIVATE_KEY",
                         help="sign the deployment with this Ed25519 private key (`disco keygen`): `disco run "
                              "--verify-key PUBLIC_KEY` then refuses any folder not signed by its owner")

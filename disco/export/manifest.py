@@ -21,11 +21,12 @@ from disco.errors import DiscoError
 from disco.models import REGISTERED_SOURCES, split_spec
 from disco.options import MAX_NODES
 from disco.split.plan import SplitPlan
-from disco.transport import RUNTIME_DTYPES
+from disco.transport import check_scheme
 
 FORMAT = "disco-deployment"
-# 2: layers hold each layer's SplitPlan; 3: model spec registered or bound to a file hash, shards carry the digest
-FORMAT_VERSION = 3
+# 2: layers hold each layer's SplitPlan; 3: model spec registered or bound to a file hash, shards carry the digest;
+# 4: transport_scheme names how messages are encoded (integer dtypes), input and output travel as fp32
+FORMAT_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.safetensors")  # a plain file name: no folder, no ".."
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -72,6 +73,7 @@ class Manifest:
     class_names: list[str] | None = None
     reference: dict | None = None  # the simulation's result to compare with, e.g. {"accuracy": ...}
     task: str = "classification"  # how node 0 reads the output: classification, segmentation, detection, superres
+    transport_scheme: str = ""  # how transport_dtype's messages are laid out (disco/transport.py: TransportDtype.scheme)
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -116,9 +118,7 @@ class Manifest:
     def validate(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES or len(self.shards) != self.nodes:
             raise DiscoError(f"manifest lists {len(self.shards)} shards for {self.nodes} nodes")
-        if self.transport_dtype not in RUNTIME_DTYPES:
-            raise DiscoError(f"transport dtype {self.transport_dtype!r} is not supported by the runtime "
-                             f"(supported: {', '.join(RUNTIME_DTYPES)})")
+        check_scheme(self.transport_dtype, self.transport_scheme)
         if not isinstance(self.task, str):  # whether the task is known is the runtime's to say (task registry)
             raise DiscoError(f"manifest task must be a task name, got {self.task!r}")
         self.model.validate()

@@ -22,7 +22,7 @@ from disco.transport import get_transport_dtype
 from disco.models import build_for_data
 from disco.split.attention import replace_attention
 from disco.split.layers import DiscoLayer
-from disco.split.partitioner import analyse, as_input_tuple, disco_layers, eval_mode
+from disco.split.partitioner import analyse, as_input_tuple, disco_layers, eval_mode, transport_of
 from disco.split.placement import placements
 from disco.split.propagate import GraphAnalysis
 
@@ -59,20 +59,21 @@ def check_spec(model: nn.Module, spec: ModelSpec) -> None:
                          f"{differing}); pass the spec, kwargs, channels and classes it was built with")
 
 
-def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelSpec, transport_dtype: str = "fp32",
+def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelSpec, transport_dtype: str | None = None,
            preprocess: dict | None = None, dataset: dict | None = None,
            class_names: list[str] | None = None, reference: dict | None = None, task: str | None = None,
            sign_key: str | Path | None = None) -> Manifest:
     """Write `node{k}.safetensors` for every node and `manifest.json` into `folder` (see module doc).
 
     `model` is a partitioned model (disco.partition, masks set); `example_inputs` one input like the
-    ones it will run on; `spec` rebuilds its architecture on every node. `task` tells node 0 how to read
+    ones it will run on; `spec` rebuilds its architecture on every node. `transport_dtype`: what channels cross
+    the network in (default: the one the model simulates, disco.set_transport). `task` tells node 0 how to read
     the output (default: the model's `disco_task` attribute, as on the disco.tasks models, else
     classification). `sign_key`: an Ed25519 private key file (`disco keygen`) to sign the deployment with."""
     layers = disco_layers(model)
     if not layers:
         raise DiscoError("export needs a partitioned model: call disco.partition(model, nodes=N, example_inputs=x)")
-    get_transport_dtype(transport_dtype, runtime=True)  # refuse what the runtime cannot send
+    dtype = get_transport_dtype(transport_dtype or transport_of(model))
     if sign_key is not None:
         read_private_key(sign_key)  # a bad key is refused before anything is written
     inputs = as_input_tuple(example_inputs)
@@ -85,12 +86,12 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     nodes = next(iter(layers.values())).nodes
     with eval_mode(model):
         analysis = analyse(model, (example,), nodes)
-    costs = cost_report(model, example, transport_dtype=transport_dtype)
+    costs = cost_report(model, example, transport_dtype=dtype.name)
     expected = {key: costs[key] for key in ("bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes",
                                             "norm_bytes", "norm_bytes_matrix", "macs_per_node",
                                             "param_bytes_per_node")}
     manifest = Manifest(model=replace(spec, model=recorded, code_sha256=code_sha256), nodes=nodes,
-                        input_shape=list(example.shape[1:]), transport_dtype=transport_dtype,
+                        input_shape=list(example.shape[1:]), transport_dtype=dtype.name, transport_scheme=dtype.scheme,
                         layers={name: layer.plan for name, layer in layers.items()}, shards=[], expected=expected,
                         preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
                         task=task or getattr(model, "disco_task", "classification"))

@@ -8,14 +8,58 @@ input. How the layer computes with a weight (conv, linear, a registered type) co
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from disco.errors import DiscoError
+from disco.quantization import MessageCodec, from_channel_major
 from disco.runtime.comm import Comm
 from disco.split.layers import mixing_kind
 from disco.split.plan import WEIGHT_GROUPED, WEIGHT_LOCAL, WEIGHT_REMOTE, SplitPlan
+from disco.transport import TransportDtype
+
+
+def _codec(name: str, plan: SplitPlan, rank: int, transport: TransportDtype) -> MessageCodec:
+    own = plan.held_positions(rank)[(plan.in_assign.cpu() == rank).nonzero().flatten()]
+    return MessageCodec(transport, plan.channel_dim, own, f"layer {name}")
+
+
+class Messages:
+    """A layer's exchange on one rank: its channels encoded per receiver, what arrives decoded and put back in
+    the layer's layout (in the order the remote weight columns expect: by source, then channel)."""
+
+    def __init__(self, codec: MessageCodec, receive_counts: dict[int, int]):
+        self.codec, self.receive_counts = codec, receive_counts
+
+    def post(self, x: torch.Tensor, send_index: dict[int, torch.Tensor], comm: Comm, what: str):
+        """Send {dst: positions of x's channels} and post the receives; returns the exchange in flight."""
+        elements = _elements_per_channel(x, self.codec.channel_dim)
+        receives = {src: (self.codec.message_shape(x.shape[0], count, elements), self.codec.dtype.torch_dtype)
+                    for src, count in self.receive_counts.items()}
+        return comm.exchange(self.codec.encode(x, send_index), receives, category="activations", what=what)
+
+    def arrived(self, received: dict, x: torch.Tensor) -> torch.Tensor:
+        """Every source's channels, concatenated (by source, then channel) in x's layout."""
+        parts = self._decoded(received, x)
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one peer (2 nodes): no copy
+        return from_channel_major(values, tuple(x.shape), self.codec.channel_dim)
+
+    def arrived_by_source(self, received: dict, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {src: from_channel_major(values, tuple(x.shape), self.codec.channel_dim)
+                for src, values in zip(self.receive_counts, self._decoded(received, x))}
+
+    def _decoded(self, received: dict, x: torch.Tensor) -> list[torch.Tensor]:
+        elements = _elements_per_channel(x, self.codec.channel_dim)
+        return [self.codec.decode(received[src], count, elements, x.dtype) for src, count in self.receive_counts.items()]
+
+
+def _elements_per_channel(x: torch.Tensor, channel_dim: int) -> int:
+    """Values per image in one channel (H*W, tokens...), also when this rank holds no channel of x."""
+    channels_at = channel_dim % x.dim()
+    return math.prod(size for dim, size in enumerate(x.shape) if dim not in (0, channels_at))
 
 
 def _shard_tensor(tensors: dict, key: str) -> torch.Tensor:
@@ -28,8 +72,8 @@ class MixingStep:
     """One conv/linear call (conv groups == 1) on one rank."""
 
     def __init__(self, name: str, module: nn.Module, plan: SplitPlan, tensors: dict, rank: int,
-                 out_shape: tuple[int, ...], transport: torch.dtype):
-        self.name, self.module, self.rank, self.transport = name, module, rank, transport
+                 out_shape: tuple[int, ...], transport: TransportDtype):
+        self.name, self.module, self.rank = name, module, rank
         self.apply = mixing_kind(module).apply
         self.channel_dim = plan.channel_dim
         self.out_shape = out_shape  # per-image local output shape
@@ -38,6 +82,7 @@ class MixingStep:
         rows, held = plan.rows(rank).numel(), plan.held_channels(rank).numel()
         self.local_weight = self._weight(tensors, WEIGHT_LOCAL, rows, held)
         self.remote_weight = self._weight(tensors, WEIGHT_REMOTE, rows, sum(self.receive_counts.values()))
+        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts)
 
     def _weight(self, tensors: dict, block: str, rows: int, columns: int) -> torch.Tensor | None:
         """The block, or None when it computes nothing (no rows, or no columns)."""
@@ -47,23 +92,14 @@ class MixingStep:
                              f"manifest ({rows} rows, {columns} columns); export again")
         return weight if rows and columns else None
 
-    def _received_shape(self, x: torch.Tensor, channels: int) -> tuple[int, ...]:
-        shape = list(x.shape)
-        shape[self.channel_dim] = channels
-        return tuple(shape)
-
     def __call__(self, x: torch.Tensor, comm: Comm) -> torch.Tensor:
-        sends = {dst: x.index_select(self.channel_dim, index).to(self.transport)
-                 for dst, index in self.send_index.items()}
-        receives = {src: (self._received_shape(x, count), self.transport) for src, count in self.receive_counts.items()}
-        flying = comm.exchange(sends, receives, category="activations", what=f"layer {self.name}")
+        flying = self.messages.post(x, self.send_index, comm, f"layer {self.name}")
         y = None
         if self.local_weight is not None:
             y = self.apply(self.module, x, self.local_weight, self.bias)
         received = flying.wait()
         if self.remote_weight is not None:
-            parts = [received[src] for src in self.receive_counts]  # one peer (2 nodes): no copy
-            remote = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.channel_dim)).to(x.dtype)
+            remote = self.messages.arrived(received, x)
             part = self.apply(self.module, remote, self.remote_weight, None if y is not None else self.bias)
             y = part if y is None else y.add_(part)  # y is this call's own fresh output: no new tensor
         if y is None:  # this rank computes no output channel, or none of its inputs reach it
@@ -79,11 +115,11 @@ class GroupedMixingStep:
     the inputs of its groups (held, received, or zero for dropped channels), then runs one grouped conv."""
 
     def __init__(self, name: str, module: nn.Module, plan: SplitPlan, tensors: dict, rank: int,
-                 out_shape: tuple[int, ...], transport: torch.dtype):
+                 out_shape: tuple[int, ...], transport: TransportDtype):
         if module.padding_mode != "zeros":
             raise DiscoError(f"layer {name}: grouped convs with padding_mode={module.padding_mode!r} are not "
                              "supported by the runtime")
-        self.name, self.module, self.rank, self.out_shape, self.transport = name, module, rank, out_shape, transport
+        self.name, self.module, self.rank, self.out_shape = name, module, rank, out_shape
         try:
             mine = (plan.group_owners() == rank).nonzero().flatten()
         except DiscoError as error:
@@ -91,6 +127,7 @@ class GroupedMixingStep:
         self.groups = mine.numel()
         needed = (mine[:, None] * plan.in_per_group + torch.arange(plan.in_per_group)).flatten()
         self.send_index, self.receive_counts = plan.send_positions(rank), plan.receive_counts(rank)
+        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts)
         position = plan.held_positions(rank)
         held = plan.held_channels(rank)
         slot = torch.full((plan.in_channels,), -1, dtype=torch.long)
@@ -110,10 +147,8 @@ class GroupedMixingStep:
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
 
     def __call__(self, x: torch.Tensor, comm: Comm) -> torch.Tensor:
-        sends = {dst: x.index_select(1, index).to(self.transport) for dst, index in self.send_index.items()}
-        receives = {src: ((x.shape[0], count, *x.shape[2:]), self.transport)
-                    for src, count in self.receive_counts.items()}
-        received = comm.exchange(sends, receives, category="activations", what=f"layer {self.name}").wait()
+        received = self.messages.post(x, self.send_index, comm, f"layer {self.name}").wait()
+        received = self.messages.arrived_by_source(received, x)
         if self.groups == 0:
             return torch.zeros((x.shape[0], *self.out_shape[1:]), dtype=x.dtype, device=x.device)
         if self.identity:
@@ -122,12 +157,12 @@ class GroupedMixingStep:
             assembled = x.new_zeros((x.shape[0], self.inputs, *x.shape[2:]))
             assembled[:, self.local_to] = x[:, self.local_from]
             for src, slots in self.remote_to.items():
-                assembled[:, slots] = received[src].to(x.dtype)
+                assembled[:, slots] = received[src]
         m = self.module
         return self.conv(assembled, self.weight, self.bias, m.stride, m.padding, m.dilation, self.groups)
 
 
 def mixing_step(name: str, module: nn.Module, plan: SplitPlan, tensors: dict, rank: int,
-                out_shape: tuple[int, ...], transport: torch.dtype):
+                out_shape: tuple[int, ...], transport: TransportDtype):
     kind = GroupedMixingStep if plan.conv_groups > 1 else MixingStep
     return kind(name, module, plan, tensors, rank, out_shape, transport)

@@ -86,7 +86,7 @@ class LocalProgram:
         if planned != set(manifest.layers):
             raise DiscoError(f"the manifest plans layers the model spec does not call: "
                              f"{sorted(set(manifest.layers) - planned)[:4]}")
-        self.transport = get_transport_dtype(manifest.transport_dtype, runtime=True).torch_dtype
+        self.transport = get_transport_dtype(manifest.transport_dtype)
         steps = [step for step in map(self._step, self.graph_module.graph.nodes) if step is not None]
         self.steps = fold_batch_norms(steps)  # a conv's BatchNorm scales its weight rows: one pass less per layer
         self.output_node = next(n for n in self.graph_module.graph.nodes if n.op == "output")

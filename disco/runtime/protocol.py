@@ -2,10 +2,10 @@
 
 Each function is called by every rank; rank 0 and the other ranks play the two sides of one message:
 1. `share_status`: rank 0 tells every rank what comes next (RUN a batch of n images, STOP, or REFUSED input);
-2. `scatter_input`: rank 0 sends the batch to every rank in the transport dtype (posted, then completed while
-   rank 0 computes its own part);
+2. `scatter_input`: rank 0 sends the batch to every rank as float32 (whatever the activations' transport dtype:
+   every rank computes on the input the simulation sees), posted, then completed while rank 0 computes its part;
 3. the layers' own exchanges (mixing.py, norm.py) while each rank runs its program;
-4. `gather_output`: every rank sends rank 0 the output elements it owns; rank 0 assembles the whole output;
+4. `gather_output`: every rank sends rank 0 the output elements it owns (float32); rank 0 assembles the output;
 5. `gather_counters` (once, at the end): every rank's bytes sent, per category and destination, on rank 0
    (and with --profile, `profiling.gather_profiles`: every rank's per-step times).
 `run_batch` is steps 2-4 for one batch, used alike by rank 0 and the others.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from disco.runtime.comm import CATEGORIES, Comm, Exchange
+
+IO_DTYPE = torch.float32  # of the input and outputs on the wire (disco/transport.py: IO_BYTES_PER_ELEMENT)
 
 RUN, STOP, REFUSED = 1, 0, 2
 
@@ -33,38 +35,36 @@ def share_status(comm: Comm, status: int = RUN, batch: int = 0) -> tuple[int, in
     return status, batch
 
 
-def scatter_input(comm: Comm, x: torch.Tensor | None, shape: tuple[int, ...],
-                  transport: torch.dtype) -> tuple[torch.Tensor, Exchange | None]:
+def scatter_input(comm: Comm, x: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[torch.Tensor, Exchange | None]:
     """The batch on every rank. Rank 0 passes it and gets back the sends still in flight (wait on them after
-    computing); the others receive a tensor of `shape` and compute in float32."""
+    computing); the others receive a tensor of `shape`."""
     if comm.rank == 0:
-        sends = {k: x.to(transport) for k in _others(comm)}
+        sends = {k: x.to(IO_DTYPE) for k in _others(comm)}
         return x, comm.exchange(sends, {}, category="input", what="sending the input")
-    received = comm.receive(shape, transport, 0, what="receiving the input")
-    return received.to(torch.float32), None
+    return comm.receive(shape, IO_DTYPE, 0, what="receiving the input"), None
 
 
-def gather_output(comm: Comm, program, local, transport: torch.dtype):
+def gather_output(comm: Comm, program, local):
     """Rank 0: the whole output, assembled from every rank's owned elements; the others: None."""
     part = program.output_part(local)
     if comm.rank != 0:
         if part.shape[1]:
-            comm.send(part.to(transport), 0, category="output", what="sending the output")
+            comm.send(part.to(IO_DTYPE), 0, category="output", what="sending the output")
         return None
     batch = part.shape[0]
-    receives = {k: ((batch, n), transport) for k in _others(comm) if (n := program.output_elements(k))}
+    receives = {k: ((batch, n), IO_DTYPE) for k in _others(comm) if (n := program.output_elements(k))}
     parts = comm.exchange({}, receives, category="control", what="gathering the output").wait()
     return program.assemble_output({0: part, **parts})
 
 
-def run_batch(program, comm: Comm, x: torch.Tensor | None, batch: int, transport: torch.dtype):
+def run_batch(program, comm: Comm, x: torch.Tensor | None, batch: int):
     """Scatter, compute with the layers' exchanges, gather: the output on rank 0, None elsewhere."""
     shape = (batch, *program.manifest.input_shape)
-    x, scatter = scatter_input(comm, x, shape, transport)
+    x, scatter = scatter_input(comm, x, shape)
     local = program.forward(x, comm)
     if scatter is not None:
         scatter.wait()
-    return gather_output(comm, program, local, transport)
+    return gather_output(comm, program, local)
 
 
 def gather_tensor(comm: Comm, mine: torch.Tensor, *, what: str) -> list[torch.Tensor] | None:

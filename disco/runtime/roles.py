@@ -57,7 +57,7 @@ class Coordinator:
             with torch.no_grad():  # grad mode is per thread
                 x = x.to(lane.device)
                 share_status(lane, RUN, x.shape[0])
-                output = run_batch(self.program, lane, x, x.shape[0], self.program.transport)
+                output = run_batch(self.program, lane, x, x.shape[0])
             if lane.device.type == "cuda":
                 torch.cuda.synchronize()
             end = time.perf_counter()
@@ -91,7 +91,7 @@ def _serve_lane(program, lane: Comm) -> None:
         if status == REFUSED:
             raise DiscoError("rank 0 refused the input (see its error); stopping")
         with torch.no_grad():  # grad mode is per thread
-            run_batch(program, lane, None, batch, program.transport)
+            run_batch(program, lane, None, batch)
 
 
 def serve(program, comm: Comm, inflight: int = 1) -> None:

@@ -17,7 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from disco.errors import DiscoError
+from disco.quantization import round_trip
 from disco.split.plan import SplitPlan
+from disco.transport import get_transport_dtype
 
 
 class DiscoLayer:
@@ -57,8 +59,17 @@ class DiscoLayer:
         with torch.no_grad():
             self.group_mask.copy_((mask.to(self.group_mask.device) > 0) & possible)
 
+    transport = "fp32"  # the dtype received channels travel in (set_transport): the simulation rounds them alike
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mixing_kind(self).apply(self, x, self.masked_weight(), self.bias)
+        kind, dtype = mixing_kind(self), get_transport_dtype(self.transport)
+        if dtype.lossless:
+            return kind.apply(self, x, self.masked_weight(), self.bias)
+        # as a node computes it: held columns on the exact input, received ones on what the network delivers
+        local, remote = self.plan.weight_masks(self.weight)
+        y = kind.apply(self, x, self.weight * local, self.bias)
+        received = round_trip(x, dtype, kind.channel_dim, self.in_assign)
+        return y + kind.apply(self, received, self.weight * remote, None)
 
 
 class DiscoConv1d(DiscoLayer, nn.Conv1d):

@@ -15,6 +15,7 @@ from disco.split.modules import replace_submodule
 from disco.split.plan import SplitPlan
 from disco.split.attention import replace_attention
 from disco.split.propagate import AssignmentConflict, GraphAnalysis, OutputChooser, propagate, trace
+from disco.transport import get_transport_dtype
 
 
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -114,4 +115,21 @@ def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.
         plan = SplitPlan(nodes=opts.nodes, in_assign=in_assign, out_assign=out_assign,
                          conv_groups=getattr(module, "groups", 1), channel_dim=mixing_kind(module).channel_dim)
         replace_submodule(simulated, name, to_disco(module, plan))
-    return simulated
+    return set_transport(simulated, opts.transport_dtype)
+
+
+def set_transport(model: nn.Module, transport_dtype: str) -> nn.Module:
+    """Make every channel-mixing layer of a partitioned model round what it receives as `transport_dtype` does
+    (disco/transport.py); returns the model."""
+    get_transport_dtype(transport_dtype)
+    for layer in disco_layers(model).values():
+        layer.transport = transport_dtype
+    return model
+
+
+def transport_of(model: nn.Module) -> str:
+    """The transport dtype a partitioned model simulates."""
+    dtypes = {layer.transport for layer in disco_layers(model).values()}
+    if len(dtypes) != 1:
+        raise DiscoError(f"the model's layers simulate different transport dtypes: {sorted(dtypes)}")
+    return dtypes.pop()

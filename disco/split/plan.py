@@ -151,7 +151,18 @@ class SplitPlan:
 
     def weight_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The 0/1 mask of `weight` (1 = its row's node holds and uses that column), broadcast over kernel dims."""
-        rows = self.keep_matrix()[self.out_assign]
+        return self._per_weight(self.keep_matrix(), weight)
+
+    def weight_masks(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`weight_mask` split in two: the columns each row's node holds (local) and those it receives (remote,
+        which cross the network and so go through the transport dtype's rounding). They add up to weight_mask."""
+        held = self.held()
+        remote = torch.where(held, torch.zeros_like(self.keep_matrix()), self.keep_matrix())
+        return self._per_weight(held.float(), weight), self._per_weight(remote, weight)
+
+    def _per_weight(self, matrix: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A [nodes, in_channels] matrix read for each weight entry (its row's node, its column's channel)."""
+        rows = matrix[self.out_assign]
         if self.conv_groups > 1:
             rows = rows.gather(1, self.input_columns())
         mask = rows.to(weight.dtype)

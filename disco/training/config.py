@@ -87,7 +87,9 @@ class TrainConfig:
     test_subset: int | None = option(None, help="evaluate on only this many images")
     seed: int = option(0, help="seed for weights, data order and random groups")
     transport_dtype: str = option("fp32", flag="--dtype", choices=lambda: tuple(TRANSPORT_DTYPES),
-                                  help="transport dtype the report counts bytes in")
+                                  help="dtype activations cross the network in (int8/int4: quantised with a scale "
+                                       "per channel; sparsify and fine-tune train for its rounding; the budget and "
+                                       "the report count its bytes)")
     out: str = option(help="run folder, e.g. runs/NAME")
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ from disco.errors import DiscoError
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
 from disco.models import build_for_data
-from disco.split.partitioner import partition
+from disco.split.partitioner import partition, set_transport
+from disco.tasks.registry import get_task
 from disco.training import checkpoint
 from disco.training.config import TrainConfig
 
@@ -28,9 +30,11 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
                            **spec.kwargs)
     example = data.test[0][0][None]
-    simulated = partition(model, nodes=config.nodes, example_inputs=example)
+    simulated = partition(model, nodes=config.nodes, example_inputs=example, transport_dtype=config.transport_dtype)
     checkpoint.load_model_state(simulated, weights)
     dtype = transport_dtype or config.transport_dtype
+    if dtype != config.transport_dtype:
+        _warn_dtype_change(simulated, config, data, dtype)
     preprocess = {"channels": data.channels, "size": list(data.image_size), "mean": data.mean, "std": data.std}
     dataset = {"dataset": config.dataset, "data": config.data, "image_size": config.image_size,
                "test_subset": config.test_subset, "seed": config.seed, "skip_bad_data": config.skip_bad_data}
@@ -45,3 +49,22 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
         return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
                       preprocess=preprocess, dataset=dataset, class_names=data.class_names,
                       reference=reference, task=config.task, sign_key=sign_key)
+
+
+def _warn_dtype_change(simulated, config: TrainConfig, data, dtype: str) -> None:
+    """Exporting for another dtype than the run trained for: measure what it does to the test score, say it, and
+    leave the model simulating the exported dtype (so the deployment equals its simulation)."""
+    from torch.utils.data import DataLoader
+
+    from disco.training.loops import evaluate
+
+    objective = get_task(config.task).objective(classes=data.classes, model=simulated, image_size=data.image_size)
+    loader = DataLoader(data.test, batch_size=256, collate_fn=objective.collate)
+    device = torch.device("cpu")
+    trained = evaluate(simulated, loader, objective, device=device, desc=f"eval at {config.transport_dtype}")
+    set_transport(simulated, dtype)
+    exported = evaluate(simulated, loader, objective, device=device, desc=f"eval at {dtype}")
+    name = objective.metric_name
+    print(f"warning: the run was trained for {config.transport_dtype} messages; exported as {dtype}, its test "
+          f"{name} goes from {trained:.4f} to {exported:.4f} ({exported - trained:+.4f}) on its "
+          f"{len(data.test)} test images. Train with --dtype {dtype} to train for it.", file=sys.stderr, flush=True)

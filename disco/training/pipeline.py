@@ -142,7 +142,9 @@ def _dense_phase(run: RunState) -> None:
 
 def _sparse_phases(run: RunState) -> nn.Module:
     config = run.config
-    simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example)
+    # sparsify and fine-tune see what the network does to sent channels (int8: rounded, straight-through)
+    simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example,
+                          transport_dtype=config.transport_dtype)
     options = SparsifyOptions(budget=config.budget, total_steps=max(1, config.sparsify_epochs * len(run.train_loader)),
                               regularization=config.regularization, method=config.method, seed=config.seed,
                               transport_dtype=config.transport_dtype)

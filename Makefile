@@ -37,6 +37,7 @@ demo: install data
 	$(BIN)/disco run $(DEMO_DEPLOY) --eval
 
 test: install data
+	@echo "make test: the whole suite, about 13 minutes on 2 CPU cores (pytest prints the time it took)"
 	$(BIN)/python -m pytest -q
 
 bench: install data

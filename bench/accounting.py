@@ -1,6 +1,6 @@
 """Dense accounting of torchvision ResNet-50 at 224x224 split across 2 and 4 nodes.
 
-Writes docs/results/accounting.md. Re-run with `make bench-accounting` (or `python bench/accounting.py`).
+Writes docs/results/accounting.md. Re-run: `.venv/bin/python bench/accounting.py` (about a minute on 2 CPU cores).
 Numbers are exact counts (no timing), so they are the same on every machine.
 """
 from __future__ import annotations

@@ -35,7 +35,7 @@ def group_ranges(values: torch.Tensor, owner: torch.Tensor, per_channel: bool) -
     """(low, high) [batch, channels] of each value's group: its own channel, or every channel of the same owner
     (owner: [channels] node of each channel; channels of owner -1, replicated data, are never sent)."""
     if per_channel:
-        return values.amin(-1), values.amax(-1)
+        return torch.aminmax(values, dim=-1)
     low = torch.zeros(values.shape[:2], dtype=values.dtype, device=values.device)
     high = torch.zeros_like(low)
     for node in owner.unique().tolist():
@@ -54,11 +54,13 @@ def _pairs(low: torch.Tensor, high: torch.Tensor, levels: int) -> tuple[torch.Te
 
 
 def _codes(values: torch.Tensor, low: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
-    return torch.clamp(torch.round((values - low[..., None]) / step[..., None]), 0, levels)
+    # one new tensor, then in place: the same arithmetic as (v - low) / step, rounded, clamped
+    return values.sub(low[..., None]).div_(step[..., None]).round_().clamp_(0, levels)
 
 
 def _values(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return codes * step[..., None] + low[..., None]
+    """codes (float, a tensor of its own: overwritten) -> code * step + low."""
+    return codes.mul_(step[..., None]).add_(low[..., None])
 
 
 def round_trip(x: torch.Tensor, dtype: TransportDtype, channel_dim: int, owner: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ class MessageCodec:
                 continue
             per_channel = dtype.per_channel(chosen.shape[-1])
             if per_channel:
-                low, step = self._pair(chosen.amin(-1), chosen.amax(-1))
+                low, step = self._pair(*torch.aminmax(chosen, dim=-1))
             else:
                 shared = shared or self._shared_pair(x)
                 low, step = (p.expand(-1, index.numel()) for p in shared)
@@ -103,8 +105,8 @@ class MessageCodec:
         return messages
 
     def _shared_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        owned = x.index_select(self.channel_dim, self.own).reshape(x.shape[0], -1)
-        return self._pair(owned.amin(1, keepdim=True), owned.amax(1, keepdim=True))
+        owned = x.index_select(self.channel_dim, self.own.to(x.device)).reshape(x.shape[0], -1)
+        return self._pair(*torch.aminmax(owned, dim=1, keepdim=True))
 
     def _pair(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
@@ -114,12 +116,17 @@ class MessageCodec:
     def _pack(self, codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, per_channel: bool) -> torch.Tensor:
         batch = codes.shape[0]
         pairs = torch.stack([low, step], -1) if per_channel else torch.stack([low[:, :1], step[:, :1]], -1)
-        codes = codes.to(torch.uint8).reshape(batch, -1)
+        pair_bytes = pairs.to(torch.float32).reshape(batch, -1).contiguous().view(torch.uint8)
+        codes = codes.reshape(batch, -1)
         if self.dtype.bits == 4:
+            codes = codes.to(torch.uint8)
             if codes.shape[1] % 2:
                 codes = torch.cat([codes, codes.new_zeros(batch, 1)], dim=1)
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        return torch.cat([pairs.to(torch.float32).reshape(batch, -1).contiguous().view(torch.uint8), codes], dim=1)
+        message = torch.empty((batch, pair_bytes.shape[1] + codes.shape[1]), dtype=torch.uint8, device=codes.device)
+        message[:, :pair_bytes.shape[1]] = pair_bytes
+        message[:, pair_bytes.shape[1]:] = codes  # float codes are whole numbers in [0, 255]: exact as uint8
+        return message
 
     def message_shape(self, batch: int, channels: int, elements: int) -> tuple[int, ...]:
         if not self.dtype.quantized:
@@ -134,7 +141,9 @@ class MessageCodec:
             return message.to(out_dtype)
         batch = message.shape[0]
         pairs = channels if dtype.per_channel(elements) else 1
-        raw = message[:, :pairs * PAIR_BYTES].contiguous().view(torch.float32).reshape(batch, pairs, 2)
+        # a copy of its own: a row slice of a received buffer may not start at a float boundary
+        raw = message[:, :pairs * PAIR_BYTES].clone(memory_format=torch.contiguous_format).view(torch.float32)
+        raw = raw.reshape(batch, pairs, 2)
         codes = message[:, pairs * PAIR_BYTES:]
         if dtype.bits == 4:
             codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(batch, -1)[:, :channels * elements]

@@ -25,7 +25,7 @@ def _activation(shape, channel_dim, seed=0):
 
 @pytest.mark.parametrize("dtype", list(TRANSPORT_DTYPES))
 @pytest.mark.parametrize("shape, channel_dim", [((2, 12, 9, 9), 1), ((2, 12, 3, 3), 1), ((2, 7, 10), -1),
-                                                ((3, 10), -1)])
+                                                ((3, 10), -1), ((1, 13, 3, 3), 1), ((1, 11, 9, 9), 1)])
 def test_decoded_messages_equal_the_simulated_rounding_bit_for_bit(dtype, shape, channel_dim):
     transport = get_transport_dtype(dtype)
     x, owner = _activation(shape, channel_dim)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from disco.export.signing import SIGNATURE_NAME
 from disco.cli import COMMAND_HELP
 from disco.transport import TRANSPORT_DTYPES
 
@@ -26,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from disco.export.signing import SIGNATURE_NAME
     from disco.training.export_run import export_run  # the training stack: only when exporting
 
     manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key)

@@ -4,9 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from rich.console import Console
-from rich.table import Table
 
 from disco.transport import TRANSPORT_DTYPES
 from disco.cli import COMMAND_HELP
@@ -39,7 +36,9 @@ def _gmacs(value: float) -> str:
     return f"{value / 1e9:,.3f} G"
 
 
-def _summary_table(report: dict, title: str) -> Table:
+def _summary_table(report: dict, title: str) -> "Table":
+    from rich.table import Table
+
     table = Table(title=title)
     table.add_column("per image")
     for k in range(report["nodes"]):
@@ -57,10 +56,14 @@ def _summary_table(report: dict, title: str) -> Table:
     return table
 
 
-def _layer_table(report: dict) -> Table:
+def _layer_table(report: dict) -> "Table":
+    from rich.table import Table
+
     table = Table(title="channel-mixing layers")
     for column in ("layer", "type", "in", "out", "elems/channel", "groups kept", "bytes", "dense bytes"):
-        table.add_column(column, justify="left" if column in ("layer", "type") else "right")
+        # whole layer names, never "layer1.…": wrapped if they must be, on a terminal or in a file
+        table.add_column(column, justify="left" if column in ("layer", "type") else "right", overflow="fold",
+                         no_wrap=column != "layer")
     for layer in report["layers"]:
         table.add_row(layer["name"], layer["type"], str(layer["in_channels"]), str(layer["out_channels"]),
                       str(layer["elements_per_channel"]), f"{layer['groups_kept']}/{layer['groups_total']}",
@@ -69,7 +72,12 @@ def _layer_table(report: dict) -> Table:
 
 
 def _print(report: dict, args: argparse.Namespace) -> None:
-    console = Console()
+    import sys
+
+    from rich.console import Console
+
+    # piped or redirected output has no terminal width to fit: give rows room rather than cut them
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if args.verbose:
         console.print(_layer_table(report))
     console.print(_summary_table(report, f"{args.model} on {report['nodes']} nodes, input {args.input_size}, "
@@ -84,7 +92,9 @@ def _print(report: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # torch.fx and torchvision: only when a model is inspected, not for --help
+    # torch, torch.fx and torchvision: only when a model is inspected, not for --help
+    import torch
+
     from disco.accounting import cost_report
     from disco.models import build_model, parse_input_size
     from disco.split.masks import keep_random_groups

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from disco.progress import Progress
 
 from disco.errors import DiscoError
 
@@ -108,10 +108,9 @@ def check_samples(splits: Mapping[str, Sequence[Sample]], check: Callable[[Sampl
     return checked
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    """A bar on a terminal when there are many files (as disco.training.loops shows epochs)."""
-    return tqdm(total=total, desc=desc, unit="file", leave=False, dynamic_ncols=True,
-                disable=total < PROGRESS_FROM_FILES or not sys.stderr.isatty())
+def _progress(total: int, desc: str) -> Progress:
+    """Progress (disco/progress.py) when there are many files, as disco.training.loops shows epochs."""
+    return Progress(None, desc, total=total, unit="files", enabled=total >= PROGRESS_FROM_FILES)
 
 
 def two_sizes(images: Iterable[ImageFile]) -> tuple[ImageFile, ImageFile] | None:

@@ -9,6 +9,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from disco.errors import DiscoError
+from disco.progress import Progress
 from disco.export.manifest import Manifest
 from disco.export.trust import build_deployed_model
 from disco.runtime.options import RunOptions
@@ -67,7 +68,8 @@ def coordinate(coordinator: Coordinator, manifest: Manifest, options: RunOptions
             outputs.append(output)
 
     try:
-        for index, batch in enumerate(batches):
+        # a line every 30 s in a log (a bar on a terminal): an --eval over thousands of images takes minutes
+        for index, batch in enumerate(Progress(batches, "disco run", enabled=not options.quiet)):
             distinct += batch.images.shape[0]
             for _ in range(options.warmup if index == 0 else 0):
                 coordinator.forward(batch.images, timed=False)

@@ -1,18 +1,17 @@
-"""One epoch of training and one evaluation pass, with progress bars (tqdm) on a terminal.
+"""One epoch of training and one evaluation pass, with progress on a terminal and in logs (disco/progress.py).
 
 Both work for every task: the task's Objective (disco.tasks.objectives; each task module defines its own)
 gives the loss, the distillation term and the test metric.
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from disco.progress import Progress
 from disco.sparsify import Sparsifier
 from disco.tasks.classification import ClassificationObjective
 from disco.tasks.objectives import Objective
@@ -22,7 +21,7 @@ LossFn = Callable[[object, object, torch.Tensor], torch.Tensor]
 
 
 def _bar(loader: DataLoader, desc: str):
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    return Progress(loader, desc)
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,

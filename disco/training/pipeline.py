@@ -183,6 +183,9 @@ def resume(folder: str | Path, *, stop_after_epochs: int | None = None, device: 
     if not (out / CONFIG).is_file():
         raise DiscoError(f"{out} is not a run folder (no {CONFIG}): start the run without --resume")
     config = replace(TrainConfig.load(out / CONFIG), out=str(out))
+    if (out / "report.json").is_file() and (out / "disco.safetensors").is_file():
+        print(f"{out}: the run is already complete; nothing to resume (its report is written again from its final "
+              "model)", flush=True)
     checkpoint.remove_temporary_files(out)
     checkpoint.remove_stale_checkpoints(out)
     return _run(config, checkpoint.latest_checkpoint(out), stop_after_epochs=stop_after_epochs, device=device)

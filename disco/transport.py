@@ -20,9 +20,6 @@ from disco.errors import DiscoError
 
 PER_CHANNEL_MIN_ELEMENTS = 64  # below this, a channel's values share their sender's (low, step) pair
 PAIR_BYTES = 8  # (low, step) as two float32
-# the input scattered from node 0 and the outputs gathered on it travel as float32 whatever the activations'
-# dtype: every rank must compute on the very input the simulation sees
-IO_BYTES_PER_ELEMENT = 4
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,11 @@ TRANSPORT_DTYPES: dict[str, TransportDtype] = {d.name: d for d in (
     TransportDtype("int8", 8, "uint8", "affine-minmax-f32pair-v1"),
     TransportDtype("int4", 4, "uint8", "affine-minmax-f32pair-v1"),
 )}
+
+
+# the input scattered from node 0 and the outputs gathered on it travel as fp32 whatever the activations' dtype:
+# every rank must compute on the very input the simulation sees
+IO_DTYPE = TRANSPORT_DTYPES["fp32"]
 
 
 def get_transport_dtype(name: str) -> TransportDtype:

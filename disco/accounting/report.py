@@ -6,7 +6,7 @@ from torch import nn
 
 from disco.accounting.layer_cost import LayerCost, layer_cost, layer_param_elements
 from disco.errors import DiscoError
-from disco.transport import IO_BYTES_PER_ELEMENT, TRANSPORT_DTYPES, TransportDtype, get_transport_dtype
+from disco.transport import IO_DTYPE, TRANSPORT_DTYPES, TransportDtype, get_transport_dtype
 from disco.split.layers import DiscoLayer
 from disco.split.partitioner import analyse, as_input_tuple, disco_layers
 from disco.split.placement import placements
@@ -74,9 +74,9 @@ def _bytes_matrix(costs: list[LayerCost], dtype: TransportDtype, nodes: int, den
     return sum((c.bytes_matrix(dtype, dense) for c in costs), torch.zeros(nodes, nodes, dtype=torch.long))
 
 
-def _by_dtype(costs: list[LayerCost], nodes: int) -> dict:
-    return {name: {"bytes": int(_bytes_matrix(costs, d, nodes).sum()),
-                   "dense_bytes": int(_bytes_matrix(costs, d, nodes, dense=True).sum())}
+def _matrices_by_dtype(costs: list[LayerCost], nodes: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{dtype name: ([src, dst] kept bytes, [src, dst] dense bytes)} per image, every dtype of the table."""
+    return {name: (_bytes_matrix(costs, d, nodes), _bytes_matrix(costs, d, nodes, dense=True))
             for name, d in TRANSPORT_DTYPES.items()}
 
 
@@ -101,7 +101,9 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     elements_matrix = sum(c.elements_matrix for c in costs)
     dense_matrix = sum(c.dense_elements_matrix for c in costs)
     elements, dense_elements = int(elements_matrix.sum()), int(dense_matrix.sum())
-    kept_bytes, dense_bytes = _bytes_matrix(costs, dtype, nodes), _bytes_matrix(costs, dtype, nodes, dense=True)
+    by_dtype = _matrices_by_dtype(costs, nodes)
+    kept_bytes, dense_bytes = by_dtype[dtype.name]
+    io_bytes_per_element = IO_DTYPE.bits // 8
     attention_macs = _attention_macs(analysis, nodes)
     macs = torch.tensor([c.macs_per_node for c in costs]).sum(0) + attention_macs
     dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0) + attention_macs
@@ -119,7 +121,8 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
         "ratio": elements / dense_elements if dense_elements else 0.0,
         "bytes_matrix": kept_bytes.tolist(),
         "dense_bytes_matrix": dense_bytes.tolist(),
-        "bytes_by_dtype": _by_dtype(costs, nodes),
+        "bytes_by_dtype": {name: {"bytes": int(kept.sum()), "dense_bytes": int(dense.sum())}
+                           for name, (kept, dense) in by_dtype.items()},
         "groups_total": sum(c.groups_total for c in costs),
         "groups_kept": sum(c.groups_kept for c in costs),
         "macs_per_node": macs.tolist(),
@@ -132,8 +135,8 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
         "activation_bytes_per_node": activations,
         "memory_bytes_per_node": [int(p) + a for p, a in zip(params.tolist(), activations)],
         "io_bytes": {
-            "input": analysis.input_elements * IO_BYTES_PER_ELEMENT * (nodes - 1),
-            "output": (analysis.output_elements - analysis.output_elements_per_node[0]) * IO_BYTES_PER_ELEMENT,
+            "input": analysis.input_elements * io_bytes_per_element * (nodes - 1),
+            "output": (analysis.output_elements - analysis.output_elements_per_node[0]) * io_bytes_per_element,
         },
         "norm_bytes": int(norms.sum()),
         "norm_bytes_matrix": norms.tolist(),

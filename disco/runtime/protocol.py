@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from disco.runtime.comm import CATEGORIES, Comm, Exchange
+from disco.transport import IO_DTYPE as IO_TRANSPORT
 
-IO_DTYPE = torch.float32  # of the input and outputs on the wire (disco/transport.py: IO_BYTES_PER_ELEMENT)
+IO_DTYPE = IO_TRANSPORT.torch_dtype  # the input and outputs on the wire (disco/transport.py says why)
 
 RUN, STOP, REFUSED = 1, 0, 2
 

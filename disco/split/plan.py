@@ -156,8 +156,8 @@ class SplitPlan:
     def weight_masks(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`weight_mask` split in two: the columns each row's node holds (local) and those it receives (remote,
         which cross the network and so go through the transport dtype's rounding). They add up to weight_mask."""
-        held = self.held()
-        remote = torch.where(held, torch.zeros_like(self.keep_matrix()), self.keep_matrix())
+        held, keep = self.held(), self.keep_matrix()
+        remote = torch.where(held, torch.zeros_like(keep), keep)
         return self._per_weight(held.float(), weight), self._per_weight(remote, weight)
 
     def _per_weight(self, matrix: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,9 @@ def builtin_models() -> dict[str, Callable[..., nn.Module]]:
     """`disco:NAME` -> factory: the models the registered tasks bring (disco.tasks), such as small
     configurations of torchvision architectures that have no torchvision name (vit_small) and the
     dense-prediction models (those take `in_channels` themselves)."""
-    from disco.tasks.registry import get_task, task_names  # here: the task modules are heavier than this one
+    from disco.tasks.registry import get_task, resolved, task_names  # here: the task modules are heavier
 
-    return {name: factory for task in task_names() for name, factory in get_task(task).models.items()}
+    return {name: resolved(factory) for task in task_names() for name, factory in get_task(task).models.items()}
 
 
 REGISTERED_SOURCES = ("torchvision", "disco")  # models built from installed code, not from a user's file

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import disco
+from disco.cli import COMMAND_HELP
 from tests_helpers import tiny_model_spec
 
 
@@ -108,20 +109,23 @@ def test_export_and_run_errors_are_one_line(args, needle):
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-# what `disco --help` and `disco run --help` load: the top level no command module and no torch; a command's help
-# only what its options need (run: no torch at all, its launcher reads manifests with torch but never torchvision)
+# what `disco --help` and `disco COMMAND --help` load: the top level no command module and no torch; a command's
+# help its own module and no torch (help answers at once: the task registry names implementations it imports later)
 HELP_IMPORTS = """
 import sys
+from disco.cli import COMMAND_HELP
 from disco.cli.main import main
 try:
     main({argv!r})
 except SystemExit:
     pass
-print(sorted(m for m in ("torch", "torchvision", "disco.cli.run_cmd", "disco.cli.train_cmd") if m in sys.modules))
+watched = ("torch", "torchvision", *(f"disco.cli.{{name}}_cmd" for name in COMMAND_HELP))
+print(sorted(m for m in watched if m in sys.modules))
 """
 
 
-@pytest.mark.parametrize("argv, loaded", [(["--help"], []), (["run", "--help"], ["disco.cli.run_cmd"])])
+@pytest.mark.parametrize("argv, loaded", [(["--help"], []), *(([name, "--help"], [f"disco.cli.{name}_cmd"])
+                                                             for name in COMMAND_HELP)])
 def test_help_loads_only_what_it_shows(argv, loaded):
     result = subprocess.run([sys.executable, "-c", HELP_IMPORTS.format(argv=argv)], capture_output=True, text=True,
                             timeout=120)

@@ -1,3 +1,2 @@
-from disco.data.datasets import DataSpec, load_dataset
-
-__all__ = ["DataSpec", "load_dataset"]
+"""Data for every task (disco.data.tasks picks the source; datasets, scenes, annotated and superres read it).
+Nothing is imported here: `disco.data.X` modules import torch, and importing this package must not."""

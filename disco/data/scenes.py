@@ -6,7 +6,7 @@ torchvision detectors take num_classes=11.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,30 +15,12 @@ from torch.utils.data import Dataset
 
 from disco.data.datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DataRequest, DataSpec,
                                  fashion_mnist_splits)
+from disco.data.scene_options import ITEM_SIZE, SceneOptions
 from disco.errors import DiscoError
 
-ITEM_SIZE = 28  # Fashion-MNIST images are 28x28
 FOREGROUND_THRESHOLD = 25  # an item's pixel (0..255) above this belongs to the item's mask and box
 PLACEMENT_TRIES = 50  # random positions tried per item before giving up on it (the canvas may be full)
 DEFAULT_TRAIN_SCENES, DEFAULT_TEST_SCENES = 10_000, 2_000
-
-
-@dataclass(frozen=True)
-class SceneOptions:
-    """How scenes are drawn: canvas side in pixels, item count range, and the seed all scenes derive from."""
-    canvas: int = 96
-    min_items: int = 2
-    max_items: int = 4
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.canvas < ITEM_SIZE:
-            raise DiscoError(f"SceneOptions.canvas={self.canvas} must be at least {ITEM_SIZE} (one item's side)")
-        if not 1 <= self.min_items <= self.max_items:
-            raise DiscoError(f"SceneOptions needs 1 <= min_items <= max_items, got min_items={self.min_items}, "
-                             f"max_items={self.max_items}")
-        if self.seed < 0:  # numpy's SeedSequence, which scenes draw from, takes non-negative seeds only
-            raise DiscoError(f"SceneOptions.seed={self.seed} must be >= 0")
 
 
 class FashionScenes(Dataset):

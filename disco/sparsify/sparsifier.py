@@ -26,9 +26,9 @@ from disco.accounting.groups import group_bytes
 from disco.errors import DiscoError
 from disco.split.layers import DiscoLayer
 from disco.split.partitioner import disco_layers
+from disco.sparsify.methods import METHODS
 from disco.sparsify.selection import cubic_target, keep_within_budget
 
-METHODS = ("learned", "random")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from disco.data.datasets import DataRequest, DataSpec, fashion_mnist, image_folder
 from disco.tasks.objectives import Objective
-from disco.tasks.registry import Task, class_label, register_task
+from disco.tasks.registry import class_label
 
 
 class ClassificationObjective(Objective):
@@ -34,6 +34,17 @@ def describe(output: torch.Tensor, names: list[str] | None, *, detector=None, im
              "text": f"{class_label(names, int(c))} ({float(p):.1%})"} for c, p in zip(best.indices, best.values)]
 
 
+def answer(output: torch.Tensor, names: list[str] | None, *, detector=None, image_size=None,
+           top_k: int = 5) -> list[dict]:
+    """`disco serve`'s answer per image: the top_k classes with their probabilities, most probable first."""
+    probabilities = output.float().softmax(-1)
+    best = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+    return [{"top": [{"class": int(c), "label": class_label(names, int(c)), "probability": float(p)}
+                     for c, p in zip(indices, values)],
+             "text": f"{class_label(names, int(indices[0]))} ({float(values[0]):.1%})"}
+            for indices, values in zip(best.indices, best.values)]
+
+
 def vit_small(**kwargs) -> nn.Module:
     """`disco:vit_small`, a ViT that trains on CPU: 28x28 images, 4x4 patches, 6 layers, 8 heads, width 256,
     MLP 512 (a small configuration of torchvision's VisionTransformer, which has no torchvision name)."""
@@ -41,15 +52,11 @@ def vit_small(**kwargs) -> nn.Module:
     return torchvision.models.VisionTransformer(**{**settings, **kwargs})
 
 
-def _fashion_mnist(request: DataRequest) -> DataSpec:
+def fashion_mnist_data(request: DataRequest) -> DataSpec:
     return fashion_mnist(request.cache)
 
 
-def _image_folder(path: Path, request: DataRequest) -> DataSpec:
+def image_folder_data(path: Path, request: DataRequest) -> DataSpec:
     """image_size: the side every image is resized to (default: the first training image's size)."""
     return image_folder(path, request.image_size, skip_bad_data=request.skip_bad_data)
 
-
-register_task(Task("classification", ClassificationObjective, describe, datasets={"fashion-mnist": _fashion_mnist},
-                   load_folder=_image_folder, folder_layout="an ImageFolder (train/, val/)",
-                   models={"vit_small": vit_small}))

@@ -23,7 +23,7 @@ from disco.data.annotated import coco_data
 from disco.data.scenes import collate_scenes, detection_targets, scenes_data
 from disco.errors import DiscoError
 from disco.tasks.objectives import Objective
-from disco.tasks.registry import Task, class_label, register_task
+from disco.tasks.registry import class_label
 
 # Anchors for objects of 12 to 200 pixels on 96x96 scenes: three scales per level, three aspect ratios.
 ANCHOR_BASES = (16, 32, 64, 128, 256)
@@ -142,6 +142,7 @@ def describe(output, names: list[str] | None, *, detector: DenseRetinaNet | None
     return found
 
 
-register_task(Task("detection", DetectionObjective, describe, datasets={"fashion-scenes": scenes_data},
-                   load_folder=coco_data, folder_layout="a COCO folder",
-                   models={"retinanet_resnet18": retinanet_resnet18}, decodes_with_model=True))
+def answer(output, names: list[str] | None, *, detector: DenseRetinaNet | None = None, image_size=None,
+           top_k: int = 5) -> list[dict]:
+    """`disco serve`'s answer per image: every box (x1, y1, x2, y2 in the model's input pixels), label, score."""
+    return describe(output, names, detector=detector, image_size=image_size)

@@ -14,7 +14,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from disco.data.annotated import VOC_IGNORE, voc_data
 from disco.data.scenes import collate_scenes, scenes_data
 from disco.tasks.objectives import Objective
-from disco.tasks.registry import Task, class_label, register_task
+from disco.tasks.registry import class_label
 
 
 class FCN(nn.Module):
@@ -69,5 +69,6 @@ def describe(output: torch.Tensor, names: list[str] | None, *, detector=None, im
     return found
 
 
-register_task(Task("segmentation", SegmentationObjective, describe, datasets={"fashion-scenes": scenes_data},
-                   load_folder=voc_data, folder_layout="a VOC folder", models={"fcn_resnet18": fcn_resnet18}))
+def answer(output: torch.Tensor, names: list[str] | None, *, detector=None, image_size=None, top_k: int = 5) -> list[dict]:
+    """`disco serve`'s answer per image: pixels per class, and the class mask ("mask": [H, W] class indices)."""
+    return [{**found, "mask": mask} for found, mask in zip(describe(output, names), output.argmax(1))]

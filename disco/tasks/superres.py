@@ -11,7 +11,6 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from disco.data.superres import fashion_mnist_pairs, folder_pairs, skimage_pairs
 from disco.tasks.objectives import Objective
-from disco.tasks.registry import Task, register_task
 
 
 class ResidualBlock(nn.Module):
@@ -78,6 +77,6 @@ def describe(output: torch.Tensor, names: list[str] | None, *, detector=None, im
             for image in output]
 
 
-register_task(Task("superres", SuperResObjective, describe,
-                   datasets={"fashion-mnist": fashion_mnist_pairs, "photos": skimage_pairs},
-                   load_folder=folder_pairs, folder_layout="a folder of images", models={"edsr": edsr}))
+def answer(output: torch.Tensor, names: list[str] | None, *, detector=None, image_size=None, top_k: int = 5) -> list[dict]:
+    """`disco serve`'s answer per image: the upscaled image ("image": [C, H, W] in 0..1)."""
+    return [{**found, "image": image.clamp(0, 1)} for found, image in zip(describe(output, names), output)]

@@ -4,16 +4,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from disco.fields import option
-from disco.data.datasets import DataSpec
-from disco.data.scenes import SceneOptions
-from disco.data.tasks import load_task_data
+from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError
 from disco.options import MAX_NODES
-from disco.sparsify.sparsifier import METHODS
+from disco.sparsify.methods import METHODS
 from disco.tasks.registry import get_task, task_names
 from disco.transport import TRANSPORT_DTYPES
+
+if TYPE_CHECKING:  # the data modules import torch: `disco train --help` must not wait for it
+    from disco.data.datasets import DataSpec
 
 PHASES = ("dense", "sparsify", "finetune")
 
@@ -22,7 +24,8 @@ def _task_help() -> str:
     listed = []
     for name in task_names():
         task = get_task(name)
-        listed.append(f"{name} ({', '.join([task.metric_name, *(f'disco:{model}' for model in task.models)])})")
+        models = ", ".join(f"disco:{model}" for model in task.models)
+        listed.append(f"{name} ({models})" if models else name)
     return f"what the model predicts, which sets the loss, the test metric and the built-in models: {', '.join(listed)}"
 
 
@@ -124,6 +127,8 @@ class TrainConfig:
 
     def load_data(self) -> DataSpec:
         """The run's data, cut to train_subset / test_subset (the same samples in training, export and eval)."""
+        from disco.data.tasks import load_task_data
+
         return load_task_data(self.task, self.dataset, self.data, seed=self.seed, train_size=self.train_subset,
                               test_size=self.test_subset, image_size=self.image_size,
                               skip_bad_data=self.skip_bad_data)

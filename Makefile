@@ -8,7 +8,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_RUN := runs/demo
 DEMO_DEPLOY := deploy/demo
 
-.PHONY: install data demo test bench clean
+.PHONY: install data browser demo test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,8 @@ data:
 	fi
 
 # The main job: how ResNet-50 splits, then a small DISCO model trained on Fashion-MNIST to 10x less traffic,
-# exported and run on 2 local processes (accuracy and bytes per image next to the simulation's).
+# exported and run on 2 local processes (accuracy and bytes per image next to the simulation's), then served over
+# HTTP and sent a few of its test images.
 demo: install data
 	$(BIN)/disco inspect --model torchvision:resnet50 --nodes 2 --input-size 3,224,224
 	$(BIN)/disco inspect --model torchvision:resnet50 --nodes 4 --input-size 3,224,224
@@ -35,9 +36,17 @@ demo: install data
 	rm -rf $(DEMO_DEPLOY)
 	$(BIN)/disco export $(DEMO_RUN) --out $(DEMO_DEPLOY)
 	$(BIN)/disco run $(DEMO_DEPLOY) --eval
+	$(BIN)/python -m disco.serve.demo $(DEMO_DEPLOY) --images 5
 
-test: install data
-	@echo "make test: the whole suite, about 13 minutes on 2 CPU cores (pytest prints the time it took)"
+# Headless chromium for the test of `disco serve`'s page (Debian's packages); installed when missing and root.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	  else echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver' (the page tests skip)"; fi; \
+	fi
+
+test: install data browser
+	@echo "make test: the whole suite, about 17 minutes on 2 CPU cores (pytest prints the time it took)"
 	$(BIN)/python -m pytest -q
 
 bench: install data

@@ -173,7 +173,9 @@ def summarise(results: dict[str, dict], jobs: list[Job], dense: dict[str, float]
 def render(table: list[dict], args, elapsed: float) -> str:
     lines = ["# Accuracy vs communication (Fashion-MNIST)", "",
              "Produced by `python bench/tradeoff.py" + (" --quick" if args.quick else "") +
-             (f" --only {args.only}" if args.only else "") + f"` in {elapsed / 60:.0f} min. "
+             (f" --only {args.only}" if args.only else "") + "`. The table's runs trained for "
+             + ", ".join(f"{family} {minutes:.0f} min" for family, minutes in args.training_minutes.items())
+             + f" (see below); this invocation took {elapsed / 60:.0f} min, reusing the runs it found. "
              f"Dense model trained once ({args.dense_epochs} epochs on "
              f"{args.dense_subset or 60000} images); every other row starts from it and gets the same "
              f"{args.sparsify_epochs} sparsify + {args.finetune_epochs} fine-tune epochs on "
@@ -182,11 +184,9 @@ def render(table: list[dict], args, elapsed: float) -> str:
              "given the same extra epochs. Spread = half the range over seeds. resnet18's rows train on 20,000 "
              "images (its dense model on all 60,000). vit_small (6 layers, 8 heads, "
              "width 256; about 20 min per 60k-image epoch on one CPU thread) trains on less: dense 2 epochs on "
-             "20,000 images, its other rows on 10,000. Runs already in runs/tradeoff/ are reused, not retrained, "
-             "so the time above covers only what this invocation trained; training time of the table's runs as "
-             "logged in their metrics.jsonl (summed, then divided by the runs trained side by side): "
-             + ", ".join(f"{family} {minutes:.0f} min" for family, minutes in args.training_minutes.items())
-             + ".", "",
+             "20,000 images, its other rows on 10,000. Runs already in runs/tradeoff/ are reused, not retrained; "
+             "the training times above are those logged in the runs' metrics.jsonl (summed, then divided by the "
+             "runs trained side by side).", "",
              "| model | nodes | method | budget | seeds | accuracy | spread | vs dense (points) | ratio | bytes/image "
              "| largest node's MACs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in table if r["task"] == "classification"):

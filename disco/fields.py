@@ -49,6 +49,14 @@ def option(default: Any = MISSING, *, help: str | Callable[[], str], default_fac
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **metadata})
 
 
+def option_of(cls: type, name: str) -> Any:
+    """Option `name` of the options dataclass `cls` as a field of another (same default, help and metadata): an
+    option two commands share (`disco run` and `disco serve`: --backend, --model-code...) is stated once."""
+    source = cls.__dataclass_fields__[name]
+    return dataclasses.field(default=source.default, default_factory=source.default_factory,
+                             metadata=dict(source.metadata))
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type) -> dict[str, argparse.Action]:
     """One argument per field of the dataclass `cls` (see the module docstring); returns them by field name."""
     hints = get_type_hints(cls)

@@ -27,9 +27,11 @@ class Deployment:
 
 
 def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, size: int = 32, images: int = 3,
-                    transport_dtype: str = "fp32", channels: int = 3, classes: int = 10) -> Deployment:
+                    transport_dtype: str = "fp32", channels: int = 3, classes: int = 10,
+                    preprocess: dict | None = None, class_names: list[str] | None = None) -> Deployment:
     """A model (a torchvision name, or any spec such as disco:edsr) with random weights, non-trivial
-    BatchNorm statistics and random masks."""
+    BatchNorm statistics and random masks; preprocess (how image files are read) and class_names as a training
+    run would record them."""
     torch.manual_seed(0)
     spec = ModelSpec(model=model if ":" in model else f"torchvision:{model}", channels=channels, classes=classes)
     original = build_for_data(spec.model, channels=channels, classes=classes).eval()
@@ -40,7 +42,8 @@ def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, 
     inputs = torch.randn(images, channels, size, size)
     simulated = disco.partition(original, nodes=nodes, example_inputs=inputs[:1], transport_dtype=transport_dtype).eval()
     keep_random_groups(simulated, keep, seed=nodes)
-    export(simulated, folder, example_inputs=inputs[:1], spec=spec, transport_dtype=transport_dtype)
+    export(simulated, folder, example_inputs=inputs[:1], spec=spec, transport_dtype=transport_dtype,
+           preprocess=preprocess, class_names=class_names)
     input_file = folder / "inputs.safetensors"
     safetensors.torch.save_file({"input": inputs}, str(input_file))
     costs = disco.cost_report(simulated, inputs[:1], transport_dtype=transport_dtype)

@@ -3,13 +3,18 @@ and the commands are run in README order at tiny sizes, with its placeholders (p
 dense.safetensors...) supplied by small real files. A README change that breaks a snippet fails here.
 
 What "tiny" changes is listed in TINY below and nothing else: training commands see a few dozen images for one
-epoch, --eval a few images. `make demo` and `make test` are not run here (CI runs `make test`, of which this
+epoch, --eval a few images. `disco serve` runs in the background on a free port, asked by the README's curl
+commands, and is stopped at the end. `make demo` and `make test` are not run here (CI runs `make test`, of which this
 test is a part; `make demo` is a longer version of the commands below)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +59,9 @@ def _disco_parser(argv: tuple[str, ...]):
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.where} {Path(c.argv[0]).name} {c.argv[1]}" for c in COMMANDS])
 def test_command_is_accepted_by_the_program_it_calls(command):
     program = Path(command.argv[0]).name
+    if program == "curl":  # a client of `disco serve`: the system's curl, asking the README's own service
+        assert "-f" in command.argv and any(SERVED in word for word in command.argv), command.where
+        return
     assert command.argv[0].startswith(".venv/bin/"), f"{command.where}: call the virtual environment's {program}"
     if program == "disco":
         _disco_parser(command.argv).parse_args(command.argv[1:])
@@ -107,7 +115,7 @@ def _placeholders(folder: Path) -> dict[str, str]:
     safetensors.torch.save_file({"input": torch.rand(1, 1, 28, 28)}, str(folder / "x.safetensors"))
     safetensors.torch.save_file({"input": torch.rand(2, 1, 96, 96)}, str(folder / "scenes.safetensors"))
     assert images.is_dir()
-    return {"HOST0": "127.0.0.1", "29500": str(free_port())}
+    return {"HOST0": "127.0.0.1", "29500": str(free_port()), "8000": str(free_port())}
 
 
 def _tiny(argv: tuple[str, ...]) -> list[str]:
@@ -119,8 +127,36 @@ def _tiny(argv: tuple[str, ...]) -> list[str]:
     return argv
 
 
-def _execute(command: Command, folder: Path, replacements: dict[str, str], capsys) -> None:
+SERVED = "127.0.0.1:8000"  # where the README's `disco serve` listens (a free port here)
+
+
+def _serve(argv: list[str], folder: Path, port: str, services: list) -> None:
+    """`disco serve` as the README starts it, in the background until the test ends; waits until it is ready."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [port if word == SERVED.split(":")[1] else word for word in argv]
+    service = subprocess.Popen([sys.executable, "-m", "disco", *argv[1:]], cwd=folder, env=env,
+                               stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    services.append(service)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and service.poll() is None:
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5).status == 200:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"disco serve did not become ready: {' '.join(argv)}")
+
+
+def _execute(command: Command, folder: Path, replacements: dict[str, str], capsys, services: list) -> None:
     argv = [replacements.get(word, word) for word in _tiny(command.argv)]
+    port = replacements["8000"]
+    if argv[1:2] == ["serve"]:
+        _serve(argv, folder, port, services)
+        return
+    if argv[0] == "curl":
+        argv = [word.replace(SERVED, f"127.0.0.1:{port}") for word in argv]
+        result = subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{command.where}: {command.text}\n{result.stderr}"
+        return
     if Path(argv[0]).name == "torchrun":  # one host plays the README's hosts: every rank K started here
         env = dict(os.environ, OMP_NUM_THREADS="1")
         ranks = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
@@ -144,9 +180,14 @@ def test_commands_run_in_readme_order_at_tiny_sizes(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     replacements = _placeholders(tmp_path)
+    services: list[subprocess.Popen] = []
     try:
         for command in COMMANDS:
-            _execute(command, tmp_path, replacements, capsys)
+            _execute(command, tmp_path, replacements, capsys, services)
     finally:
         torch.set_num_threads(threads)  # a command may set it for this process
+        for service in services:
+            service.send_signal(signal.SIGINT)
+            service.wait(60)
+    assert services and all(service.returncode == 0 for service in services)
     assert (tmp_path / "run.json").is_file() and (tmp_path / "prof" / "layers.md").is_file()

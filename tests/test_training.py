@@ -60,7 +60,13 @@ def test_full_run_meets_budget_lowers_loss_and_writes_reports(folder, tmp_path):
     assert 0.15 <= report["ratio"] <= 0.2
     assert report["disco_accuracy"] > 0.5  # three easy classes: far above chance
     assert json.loads((out / "report.json").read_text()) == report
-    assert "accuracy: dense" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "accuracy: dense" in text
+    # each side's training, as the metrics saw it: 2 dense epochs, then 2 sparsify + 1 fine-tune for DISCO
+    assert report["training"] == {"dense_epochs": 2, "dense_weights": None, "sparsify_epochs": 2,
+                                  "finetune_epochs": 1}
+    assert "dense model 2 epochs; DISCO starts from it and trains 2 sparsify + 1 fine-tune epochs more" in text
+    assert ("DISCO had 3 more epochs" in text) == (report["disco_accuracy"] > report["dense_accuracy"])
 
 
 def test_masks_frozen_during_finetuning(folder, tmp_path):
@@ -118,6 +124,8 @@ def test_starting_from_dense_weights_skips_dense_training(folder, tmp_path):
     second = tmp_path / "second"
     pipeline.train(_config(folder, second, dense_run=str(first), sparsify_epochs=1, finetune_epochs=1))
     assert [m["phase"] for m in _metrics(second)] == ["sparsify", "finetune"]
+    training = json.loads((second / "report.json").read_text())["training"]
+    assert training["dense_epochs"] is None and training["dense_weights"] == f"{first}/dense.safetensors"
     assert json.loads((second / "report.json").read_text())["dense_accuracy"] == pytest.approx(
         json.loads((first / "report.json").read_text())["dense_accuracy"])
 

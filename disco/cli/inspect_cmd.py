@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 
 from disco.transport import TRANSPORT_DTYPES
 from disco.cli import COMMAND_HELP
+
+if TYPE_CHECKING:  # rich is imported when a table is drawn, not for --help
+    from rich.table import Table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

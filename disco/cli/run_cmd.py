@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from disco.errors import DiscoError
 from disco.fields import add_options
 from disco.runtime.options import RunOptions
 from disco.cli import COMMAND_HELP
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from disco.runtime.launch import launch  # torch: only when a run starts, not for --help
 
     options = {k: v for k, v in vars(args).items() if k not in LAUNCH_ONLY}
+    if options["serve"]:
+        raise DiscoError("--serve is for the ranks `disco serve` starts: run `disco serve DEPLOY` instead")
     RunOptions(**options)  # validate here, before starting any process
     return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose,
                   verify_key=args.verify_key, model_code=args.model_code)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from disco.errors import DiscoError
 
 CATEGORIES = ("activations", "norm", "input", "output", "control")
+JOIN_TIMEOUT_S = 60.0  # joining the group: at least this long, whatever --timeout says
 
 
 class PeerFailure(DiscoError):
@@ -170,20 +171,32 @@ class Comm:
 
 
 class DistComm(Comm):
-    """torch.distributed point-to-point (gloo, NCCL): one batch of isend/irecv per exchange; `group` None is the
-    default (whole) group, a lane has a process group of its own over the same ranks."""
+    """torch.distributed point-to-point (gloo, NCCL): one batch of isend/irecv per exchange, in `group`: a process
+    group over every rank with the peer timeout (lanes have one each)."""
 
     group = None
 
     @classmethod
     def start(cls, *, timeout: float, backend: str, device: torch.device) -> "DistComm":
-        """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+        """Join the group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT). Joining may
+        take up to JOIN_TIMEOUT_S (ranks load their shards at their own pace, more so when torchrun restarts them);
+        the traffic has a group of its own that waits at most `timeout` for a peer."""
+        join_timeout = max(timeout, JOIN_TIMEOUT_S)
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+            store, rank, world = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=join_timeout)))
+            # torchrun keeps its store across restarts: without a prefix of their own, restarted ranks read the
+            # addresses the previous ranks published and wait for dead peers (measured: the group never forms)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"disco/attempt-{attempt}/", store), rank=rank,
+                                    world_size=world, timeout=datetime.timedelta(seconds=join_timeout))
+            comm = cls(dist.get_rank(), dist.get_world_size(), device, timeout)
+            # the traffic's own group: gloo keeps a group's creation timeout for point-to-point waits (measured:
+            # dist.set_timeout on the joined group leaves a frozen peer undetected for the join timeout)
+            comm.group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as error:
-            raise PeerFailure(f"could not join the process group within {timeout:g} s ({backend}): "
+            raise PeerFailure(f"could not join the process group within {join_timeout:g} s ({backend}): "
                               f"{str(error).splitlines()[0]}") from None
-        return cls(dist.get_rank(), dist.get_world_size(), device, timeout)
+        return comm
 
     def _lane(self, index: int) -> "DistComm":
         lane = DistComm(self.rank, self.world, self.device, self.timeout, self.counters)

@@ -39,16 +39,22 @@ def check_input(x: torch.Tensor, manifest: Manifest) -> None:
         raise DiscoError("input holds NaN or infinite values")
 
 
-def _read_image(path: Path, manifest: Manifest) -> torch.Tensor:
+def image_tensor(image: Image.Image, manifest: Manifest) -> torch.Tensor:
+    """A decoded image as the model's input [C, H, W], read the way its training data was (manifest.preprocess:
+    channels, size, normalisation): `disco run --input` and `disco serve` both read images here."""
     if manifest.preprocess is None:
-        raise DiscoError("this deployment has no image preprocessing recorded; give a .safetensors tensor file")
+        raise DiscoError("this deployment has no image preprocessing recorded (it was not exported from a "
+                         "training run); give a .safetensors tensor file")
     p = manifest.preprocess
+    return image_transform(p["channels"], p["size"], p["mean"], p["std"])(image.convert("RGB"))
+
+
+def _read_image(path: Path, manifest: Manifest) -> torch.Tensor:
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            return image_tensor(image, manifest)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DiscoError(f"cannot read image {path}: {error}") from error
-    return image_transform(p["channels"], p["size"], p["mean"], p["std"])(rgb)
 
 
 def _tensor_file(path: Path) -> torch.Tensor:

@@ -15,12 +15,26 @@ from disco.export.signing import verify_deployment
 from disco.export.trust import model_to_build
 
 
-def torchrun_command(deploy: str, nodes: int, worker_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nodes}",
-            "--max-restarts=0", "-m", "disco.runtime", deploy, *worker_args]
+def torchrun_command(deploy: str, local_ranks: int, worker_args: list[str], *, restarts: int = 0, hosts: int = 1,
+                     rdzv_endpoint: str | None = None) -> list[str]:
+    """torchrun starting `local_ranks` ranks here: all of them (one host), or, on several hosts, node rank 0's."""
+    where = ["--standalone"] if hosts == 1 else [f"--nnodes={hosts}", "--node-rank=0",
+                                                 f"--rdzv-endpoint={rdzv_endpoint}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={local_ranks}",
+            f"--max-restarts={restarts}", "-m", "disco.runtime", deploy, *worker_args]
 
 
-def _is_torchrun_noise(line: str) -> bool:
+def rank_environment(local_ranks: int, threads: int | None) -> dict[str, str]:
+    """The ranks' environment: this one, with a share of the cores each, quiet profilers, loopback when local."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // local_ranks)))
+    env.setdefault("KINETO_LOG_LEVEL", "5")  # --profile: no "gpuGetDeviceCount failed" lines on a CPU-only host
+    if Path("/sys/class/net/lo").exists():  # all ranks are local: do not depend on how the hostname resolves
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
+def is_torchrun_noise(line: str) -> bool:
     return line.startswith(("*****", "Setting OMP_NUM_THREADS")) or (line[:1] in "WIE" and line[1:5].isdigit())
 
 
@@ -33,19 +47,14 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
     nodes = nodes or manifest.nodes
     if nodes != manifest.nodes:
         raise DiscoError(f"{deploy} is split across {manifest.nodes} nodes; --nodes {nodes} does not match")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nodes)))
-    env.setdefault("KINETO_LOG_LEVEL", "5")  # --profile: no "gpuGetDeviceCount failed" lines on a CPU-only host
-    if Path("/sys/class/net/lo").exists():  # all ranks are local: do not depend on how the hostname resolves
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=env, stderr=subprocess.PIPE,
-                               text=True, bufsize=1)
+    process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=rank_environment(nodes, threads),
+                               stderr=subprocess.PIPE, text=True, bufsize=1)
     in_traceback, rank_said_why = False, False
     for line in process.stderr:
         from_rank = line.startswith("[rank")  # a rank's own output (torchrun prefixes it): always shown
         rank_said_why = rank_said_why or "disco run: rank" in line  # with or without torchrun's prefix
         in_traceback = not from_rank and (in_traceback or line.startswith("Traceback") or "ChildFailedError" in line)
-        if verbose or not (in_traceback or _is_torchrun_noise(line)):
+        if verbose or not (in_traceback or is_torchrun_noise(line)):
             sys.stderr.write(line)
     code = process.wait()
     if code and not verbose and not rank_said_why:  # e.g. a rank killed by a signal: it could not say why

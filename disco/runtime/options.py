@@ -15,6 +15,8 @@ class RunOptions:
                                           "'input'")
     eval: bool = option(False, help="score the model on the test images its training report used (accuracy, "
                                     "mIoU, mAP or PSNR by task)")
+    serve: bool = option(False, help="answer the requests of `disco serve` (rank 0 reads its address and key from "
+                                      "its environment; start the ranks of other hosts with --serve as well)")
     limit: int | None = option(None, help="with --eval: only this many of those test images")
     batch_size: int | None = option(None, help="images per forward (default 1; 256 with --eval)")
     repeat: int = option(1, help="run each batch this many times (latency)")
@@ -42,7 +44,9 @@ class RunOptions:
                                     "--sign-key`)")
 
     def __post_init__(self) -> None:
-        if (self.input is None) == (not self.eval):
+        if self.serve and (self.input is not None or self.eval):
+            raise DiscoError("--serve answers `disco serve`'s requests: it takes no --input or --eval")
+        if not self.serve and (self.input is None) == (not self.eval):
             raise DiscoError("give exactly one of --input PATH or --eval")
         if self.batch_size is None:
             self.batch_size = 256 if self.eval else 1

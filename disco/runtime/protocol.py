@@ -1,7 +1,9 @@
 """The runtime's wire protocol: every message of a batch, in one place (docs/method.md 8).
 
 Each function is called by every rank; rank 0 and the other ranks play the two sides of one message:
-1. `share_status`: rank 0 tells every rank what comes next (RUN a batch of n images, STOP, or REFUSED input);
+1. `share_status`: rank 0 tells every rank what comes next (RUN a batch of n images, STOP, REFUSED input, or,
+   under `disco serve`, COUNTERS: `gather_counters` now, or KEEPALIVE: nothing yet, rank 0 is still there: an
+   idle service is not a hung rank 0);
 2. `scatter_input`: rank 0 sends the batch to every rank as float32 (whatever the activations' transport dtype:
    every rank computes on the input the simulation sees), posted, then completed while rank 0 computes its part;
 3. the layers' own exchanges (mixing.py, norm.py) while each rank runs its program;
@@ -19,7 +21,7 @@ from disco.transport import IO_DTYPE as IO_TRANSPORT
 
 IO_DTYPE = IO_TRANSPORT.torch_dtype  # the input and outputs on the wire (disco/transport.py says why)
 
-RUN, STOP, REFUSED = 1, 0, 2
+RUN, STOP, REFUSED, COUNTERS, KEEPALIVE = 1, 0, 2, 3, 4
 
 
 def _others(comm: Comm) -> list[int]:

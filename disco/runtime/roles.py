@@ -16,7 +16,8 @@ import torch
 
 from disco.errors import DiscoError
 from disco.runtime.comm import Comm
-from disco.runtime.protocol import REFUSED, RUN, STOP, run_batch, share_status
+from disco.runtime.protocol import (COUNTERS, KEEPALIVE, REFUSED, RUN, STOP, gather_counters, run_batch,
+                                    share_status)
 
 
 class Coordinator:
@@ -71,6 +72,31 @@ class Coordinator:
             self.images += x.shape[0]
         return output
 
+    def gather_counters(self) -> dict[str, list[list[int]]]:
+        """Every rank's bytes sent so far, per category as [src][dst], asked for on the next free lane."""
+        lane = self.free.get()
+        try:
+            share_status(lane, COUNTERS, 0)
+            return gather_counters(lane)
+        finally:
+            self.free.put(lane)
+
+    def keep_alive(self) -> None:
+        """Tell the other ranks on every idle lane that rank 0 is still there (they wait for work at most
+        --timeout before calling it hung)."""
+        idle = []
+        while True:
+            try:
+                idle.append(self.free.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            for lane in idle:
+                share_status(lane, KEEPALIVE, 0)
+        finally:
+            for lane in idle:
+                self.free.put(lane)
+
     def images_per_s(self) -> float | None:
         span = self.last_end - self.first_start
         return self.timed_images / span if self.timed_images and span > 0 else None
@@ -90,6 +116,10 @@ def _serve_lane(program, lane: Comm) -> None:
             return
         if status == REFUSED:
             raise DiscoError("rank 0 refused the input (see its error); stopping")
+        if status == COUNTERS:
+            gather_counters(lane)
+        if status in (COUNTERS, KEEPALIVE):
+            continue
         with torch.no_grad():  # grad mode is per thread
             run_batch(program, lane, None, batch)
 

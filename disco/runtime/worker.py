@@ -31,8 +31,15 @@ from disco.runtime.program import load_program
 from disco.runtime.profiling import gather_profiles, pace_table, write_tables
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
+from disco.runtime.serving import answer_requests
+from disco.serve.link import connect_from_environment
 from disco.runtime.summary import print_summary, summarise
 from disco.tasks.registry import get_task
+
+
+# the largest message rank 0 accepts from `disco serve` (a batch of inputs): the front end bounds its batches far
+# below this; it only keeps a broken front end from making rank 0 allocate without limit
+LINK_MAX_BYTES = 1 << 31
 
 
 def _batches(manifest: Manifest, options: RunOptions):
@@ -67,15 +74,21 @@ def run_rank(options: RunOptions) -> dict | None:
         raise DiscoError(f"the deployment is split across {manifest.nodes} nodes but {world} ranks were started")
     backend, device = choose_backend(options.backend)
     program = load_program(manifest, folder, rank, device, options.model_code)  # shard verified before any talk
-    batches = _batches(manifest, options) if rank == 0 else None
+    batches = _batches(manifest, options) if rank == 0 and not options.serve else None
+    link = connect_from_environment(LINK_MAX_BYTES) if rank == 0 and options.serve else None
     comm = DistComm.start(timeout=options.timeout, backend=backend, device=device)
     comm.agree_on(sha256_of(folder / MANIFEST_NAME), "manifest")
-    comm.agree_on(hashlib.sha256(f"inflight={options.inflight}".encode()).hexdigest(), "--inflight")
+    mode = f"inflight={options.inflight} serve={options.serve}"
+    comm.agree_on(hashlib.sha256(mode.encode()).hexdigest(), "--inflight and --serve")
     if rank == 0 and not options.quiet:
         print(f"ready: {world} ranks joined ({backend}), shards and manifest verified", flush=True)
     with _profiled(program, options.profile, rank, device), torch.no_grad():
-        result = coordinate(Coordinator(program, comm, options.inflight), manifest, options, batches) if rank == 0 \
-            else serve(program, comm, options.inflight)
+        if rank != 0:
+            result = serve(program, comm, options.inflight)
+        elif link is not None:
+            result = answer_requests(Coordinator(program, comm, options.inflight), manifest, link, backend)
+        else:
+            result = coordinate(Coordinator(program, comm, options.inflight), manifest, options, batches)
     counters = gather_counters(comm)
     pace = _gather_pace(program, comm) if options.profile else None
     comm.close()
@@ -120,14 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(rank: str, error: Exception, verbose: bool) -> None:
+def _fail(rank: str, error: Exception, verbose: bool, command: str = "disco run") -> None:
     """One line naming the rank and the cause (the traceback too with --verbose), then leave at once: tearing
     down a broken process group could wait on the dead peer. Exit 2: bad input or a peer; 1: anything else."""
     if verbose:
         traceback.print_exc()
     cause = str(error) if isinstance(error, DiscoError) else f"{type(error).__name__}: {error}"
     hint = "" if verbose or isinstance(error, DiscoError) else " (--verbose shows the traceback)"
-    print(f"disco run: rank {rank}: error: {cause.splitlines()[0] if cause else type(error).__name__}{hint}",
+    print(f"{command}: rank {rank}: error: {cause.splitlines()[0] if cause else type(error).__name__}{hint}",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2 if isinstance(error, (DiscoError, FileNotFoundError)) else 1)
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_rank(from_args(RunOptions, args))
     except Exception as error:  # noqa: BLE001 - every failure ends the rank with one line naming it
-        _fail(rank, error, args.verbose)
+        _fail(rank, error, args.verbose, "disco serve" if args.serve else "disco run")
     if summary is not None:
         if args.summary:
             Path(args.summary).write_text(json.dumps(summary, indent=1))

@@ -19,8 +19,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from disco.data.annotated import coco_data
-from disco.data.scenes import collate_scenes, detection_targets, scenes_data
+from disco.data.scenes import collate_scenes, detection_targets
 from disco.errors import DiscoError
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import class_label

@@ -11,8 +11,8 @@ from torchvision.models import resnet18
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.fcn import FCNHead
 
-from disco.data.annotated import VOC_IGNORE, voc_data
-from disco.data.scenes import collate_scenes, scenes_data
+from disco.data.annotated import VOC_IGNORE
+from disco.data.scenes import collate_scenes
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import class_label
 

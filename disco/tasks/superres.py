@@ -9,7 +9,6 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from disco.data.superres import fashion_mnist_pairs, folder_pairs, skimage_pairs
 from disco.tasks.objectives import Objective
 
 

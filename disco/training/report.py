@@ -30,11 +30,38 @@ def write_report(run, simulated, score: float) -> dict:
         "param_bytes_per_node": costs["param_bytes_per_node"],
         "dense_param_bytes_per_node": costs["dense_param_bytes_per_node"],
         "io_bytes": costs["io_bytes"],
+        "training": training_epochs(config),
     }
     write_text_atomically(run.out / "report.json", json.dumps(report, indent=1))
     write_text_atomically(run.out / "report.md", render(report))
     print(render(report))
     return report
+
+
+def training_epochs(config) -> dict:
+    """How much training each side of the comparison had: the dense model's epochs (None: its weights were
+    given), and DISCO's sparsify and fine-tune epochs on top of the dense model."""
+    given = config.weights or (f"{config.dense_run}/dense.safetensors" if config.dense_run else None)
+    return {"dense_epochs": None if given else config.dense_epochs, "dense_weights": given,
+            "sparsify_epochs": config.sparsify_epochs, "finetune_epochs": config.finetune_epochs}
+
+
+def _training_lines(r: dict) -> list[str]:
+    """Which side trained how long, and, when DISCO scores above the dense model after more epochs, that the
+    extra epochs may be where the gain comes from (an old report.json without this says nothing)."""
+    t = r.get("training")
+    if not t:
+        return []
+    extra = t["sparsify_epochs"] + t["finetune_epochs"]
+    dense = f"{t['dense_epochs']} epochs" if t["dense_epochs"] is not None else f"given weights ({t['dense_weights']})"
+    lines = [f"- training: dense model {dense}; DISCO starts from it and trains {t['sparsify_epochs']} sparsify + "
+             f"{t['finetune_epochs']} fine-tune epochs more"]
+    dense_score, disco_score = r.get("dense_score"), r.get("disco_score")
+    if extra and dense_score is not None and disco_score is not None and disco_score > dense_score:
+        lines.append(f"- DISCO had {extra} more epochs of training than the dense model it is compared with: part of "
+                     "its lead may come from that, not from the split (bench/tradeoff.py compares with the dense "
+                     "split trained alike)")
+    return lines
 
 
 def _score_line(r: dict) -> str:
@@ -52,6 +79,7 @@ def render(r: dict) -> str:
         f"# DISCO run: {r['model']} on {r['dataset']}, {nodes} nodes, budget {r['budget']} ({r['method']})",
         "",
         _score_line(r),
+        *_training_lines(r),
         f"- communication: {r['bytes_per_image']:,} of {r['dense_bytes_per_image']:,} bytes per image "
         f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({less:.1f}x less)",
         f"- whole model: {r['model_macs']:,} MACs",

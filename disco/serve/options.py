@@ -1,0 +1,68 @@
+"""Options of `disco serve`, stated once here (the command line is derived from these fields: disco/fields.py);
+the options it shares with `disco run` are RunOptions' own."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from disco.errors import DiscoError
+from disco.fields import option, option_of
+from disco.runtime.options import RunOptions
+
+TOKEN_ENV = "DISCO_SERVE_TOKEN"
+MiB = 1 << 20
+
+
+@dataclass(kw_only=True)
+class ServeOptions:
+    deploy: str = option_of(RunOptions, "deploy")
+    host: str = option("127.0.0.1", help="address to listen on; 0.0.0.0 exposes the service to the network (use "
+                                         "--token then)")
+    port: int = option(8000, help="HTTP port")
+    max_batch: int = option(16, help="requests run together as one batch, at most")
+    max_wait_ms: float = option(5.0, help="how long the first request of a batch waits for others to join it")
+    queue_size: int = option(64, help="requests waiting for a batch, at most; more get 503 with Retry-After")
+    max_body_mb: float = option(10.0, help="largest request body accepted, in MiB (larger: 413)")
+    max_pixels: int = option(40_000_000, help="largest image accepted, in pixels, checked before it is decoded")
+    top_k: int = option(5, help="classes a classification answer lists, unless the request asks ?top_k=")
+    token: str | None = option(None, help=f"require `Authorization: Bearer TOKEN` on /v1/* and /metrics (default: "
+                                          f"${TOKEN_ENV} when set; none otherwise)")
+    restarts: int = option(0, metavar="K", help="restart the ranks (all of them, torchrun's elastic restarts) up to "
+                                                "K times after one dies or hangs; HTTP stays up meanwhile")
+    timeout: float = option(10.0, help="seconds to wait for a peer rank before the batch fails with an error "
+                                       "naming it (the requests get 503)")
+    inflight: int = option_of(RunOptions, "inflight")
+    backend: str = option_of(RunOptions, "backend")
+    threads: int | None = option(None, help="CPU threads per rank (default: cores / local ranks)")
+    nnodes: int = option(1, help="hosts the ranks run on (several: this host runs rank 0; see --rdzv-endpoint)")
+    rdzv_endpoint: str | None = option(None, metavar="HOST:PORT", help="with --nnodes above 1: where the hosts meet "
+                                       "(this host's address and a free port); the other hosts run `torchrun "
+                                       "--nnodes N --node-rank K --nproc-per-node 1 --rdzv-endpoint HOST:PORT "
+                                       "--max-restarts K -m disco.runtime DEPLOY --serve` with the same --timeout "
+                                       "and --inflight")
+    model_code: str | None = option_of(RunOptions, "model_code")
+    verify_key: str | None = option_of(RunOptions, "verify_key")
+    verbose: bool = option_of(RunOptions, "verbose")
+
+    def __post_init__(self) -> None:
+        self.token = self.token or os.environ.get(TOKEN_ENV) or None
+        if not 0 < self.port < 65536:
+            raise DiscoError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_batch < 1 or self.queue_size < 1 or self.inflight < 1 or self.top_k < 1:
+            raise DiscoError("--max-batch, --queue-size, --inflight and --top-k must be at least 1")
+        if self.max_wait_ms < 0 or self.restarts < 0:
+            raise DiscoError("--max-wait-ms and --restarts must not be negative")
+        if self.timeout <= 0 or self.max_body_mb <= 0 or self.max_pixels < 1:
+            raise DiscoError("--timeout, --max-body-mb and --max-pixels must be positive")
+        if self.nnodes < 1 or (self.nnodes > 1) != (self.rdzv_endpoint is not None):
+            raise DiscoError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (and --rdzv-endpoint needs --nnodes)")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * MiB)
+
+    @property
+    def batch_timeout_s(self) -> float:
+        """How long the front end waits for rank 0 to answer a batch before it calls rank 0 hung: rank 0 names a
+        hung peer within --timeout of waiting on it, so twice that and a margin for the batch's compute."""
+        return 2 * self.timeout + 5.0

@@ -38,6 +38,18 @@ def is_torchrun_noise(line: str) -> bool:
     return line.startswith(("*****", "Setting OMP_NUM_THREADS")) or (line[:1] in "WIE" and line[1:5].isdigit())
 
 
+def relay_rank_output(lines, verbose: bool):
+    """Copy torchrun's stderr to ours, holding back its tracebacks and log lines unless `verbose` (each rank says
+    what went wrong in one line of its own); yields every line, shown or not, to the caller."""
+    in_traceback = False
+    for line in lines:
+        from_rank = line.startswith("[rank")  # a rank's own output (torchrun prefixes it): always shown
+        in_traceback = not from_rank and (in_traceback or line.startswith("Traceback") or "ChildFailedError" in line)
+        if verbose or not (in_traceback or is_torchrun_noise(line)):
+            sys.stderr.write(line)
+        yield line
+
+
 def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, threads: int | None = None,
            verbose: bool = False, verify_key: str | None = None, model_code: str | None = None) -> int:
     if verify_key is not None:  # refused here, once, rather than by every rank
@@ -49,13 +61,9 @@ def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, thr
         raise DiscoError(f"{deploy} is split across {manifest.nodes} nodes; --nodes {nodes} does not match")
     process = subprocess.Popen(torchrun_command(deploy, nodes, worker_args), env=rank_environment(nodes, threads),
                                stderr=subprocess.PIPE, text=True, bufsize=1)
-    in_traceback, rank_said_why = False, False
-    for line in process.stderr:
-        from_rank = line.startswith("[rank")  # a rank's own output (torchrun prefixes it): always shown
+    rank_said_why = False
+    for line in relay_rank_output(process.stderr, verbose):
         rank_said_why = rank_said_why or "disco run: rank" in line  # with or without torchrun's prefix
-        in_traceback = not from_rank and (in_traceback or line.startswith("Traceback") or "ChildFailedError" in line)
-        if verbose or not (in_traceback or is_torchrun_noise(line)):
-            sys.stderr.write(line)
     code = process.wait()
     if code and not verbose and not rank_said_why:  # e.g. a rank killed by a signal: it could not say why
         print(f"disco run: a rank failed (exit code {code}) without saying why; run with --verbose for torchrun's "

@@ -23,7 +23,7 @@ import torch
 from multiprocessing import AuthenticationError
 
 from disco.errors import DiscoError
-from disco.runtime.launch import is_torchrun_noise, rank_environment, torchrun_command
+from disco.runtime.launch import rank_environment, relay_rank_output, torchrun_command
 from disco.serve.client import local_children
 from disco.serve.link import Link, LinkClosed, LinkListener
 from disco.serve.metrics import ServiceMetrics
@@ -110,8 +110,7 @@ class Ranks:
         try:
             link.send({"kind": "batch", "batch": batch}, {"input": images})
         except LinkClosed:
-            self._lost(link, "rank 0 ended (its link closed); the ranks are restarting" if self._will_restart()
-                       else "rank 0 ended (its link closed)")
+            self._lost(link, "rank 0 ended (its link closed)")
         return batch, future
 
     def expire(self, batch: int) -> None:
@@ -121,8 +120,7 @@ class Ranks:
             link = self.link
             if batch not in self.pending:
                 return
-        self._lost(link, f"rank 0 did not answer within {self.options.batch_timeout_s:g} s; it is hung"
-                   + ("; restarting the ranks" if self._will_restart() else ""))
+        self._lost(link, f"rank 0 did not answer within {self.options.batch_timeout_s:g} s; it is hung")
 
     # --- what rank 0 says ---------------------------------------------------------------------------------------
     def _accept_forever(self) -> None:
@@ -146,7 +144,7 @@ class Ranks:
                 header, tensors = link.receive()
                 self._handle(link, header, tensors)
         except LinkClosed:
-            self._lost(link, self._ended_reason())
+            self._lost(link, self.last_error or "rank 0 ended (its link closed; it probably died)")
         except Exception as error:  # noqa: BLE001 - a malformed message: treat rank 0 as failed
             self._lost(link, f"rank 0 sent a malformed message ({type(error).__name__}: {error})")
             link.close()
@@ -179,12 +177,10 @@ class Ranks:
                 _settle(future, error=RankFailure(message))
             self.last_error = message
 
-    def _ended_reason(self) -> str:
-        why = self.last_error or "rank 0 ended (its link closed; it probably died)"
-        return why + ("; restarting the ranks" if self._will_restart() else "")
-
     def _lost(self, link: Link | None, reason: str) -> None:
-        """Rank 0 of `link` is gone or hung: not ready, and every batch in flight fails with `reason`."""
+        """Rank 0 of `link` is gone or hung: not ready, and every batch in flight fails with `reason` (and whether
+        the ranks are being restarted)."""
+        reason += "; restarting the ranks" if self._will_restart() else ""
         with self.lock:
             if link is not None and link is not self.link:
                 return  # an earlier rank 0, already replaced
@@ -214,22 +210,16 @@ class Ranks:
 
     # --- torchrun -----------------------------------------------------------------------------------------------
     def _relay_stderr(self) -> None:
-        in_traceback = False
-        for line in self.process.stderr:
+        for line in relay_rank_output(self.process.stderr, self.options.verbose):
             if RANK_ERROR in line:  # any rank's last word: the batches in flight fail with it at once
                 self._rank_failed(line[line.index(RANK_ERROR) + len("disco serve: "):].strip())
-            from_rank = line.startswith("[rank")
-            in_traceback = not from_rank and (in_traceback or line.startswith("Traceback")
-                                              or "ChildFailedError" in line)
-            if self.options.verbose or not (in_traceback or is_torchrun_noise(line)):
-                sys.stderr.write(line)
 
     def _rank_failed(self, message: str) -> None:
         """A rank said why it is ending (rank 1: "no answer from rank 0 within 5 s"): rank 0 may be unable to."""
         with self.lock:
             link, self.last_error = self.link, self.last_error or message
         if link is not None:
-            self._lost(link, message + ("; restarting the ranks" if self._will_restart() else ""))
+            self._lost(link, message)
 
     def _watch_torchrun(self) -> None:
         code = self.process.wait()

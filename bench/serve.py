@@ -38,7 +38,7 @@ from disco.export import ModelSpec, export  # noqa: E402
 from disco.errors import DiscoError  # noqa: E402
 from disco.export.manifest import Manifest  # noqa: E402
 from disco.models import build_for_data  # noqa: E402
-from disco.serve import client  # noqa: E402
+from disco.serve import client, local_ranks  # noqa: E402
 from disco.training.export_run import export_run  # noqa: E402
 
 WORK = ROOT / "runs" / "serve"
@@ -117,8 +117,8 @@ class Service:
             raise RuntimeError(f"{error}: {self.log.read_text()[-2000:]}") from None
 
     def ranks(self) -> list[int]:
-        return sorted(pid for torchrun in client.local_children(self.process.pid)
-                      for pid in client.local_children(torchrun))
+        return sorted(pid for torchrun in local_ranks.local_children(self.process.pid)
+                      for pid in local_ranks.local_children(torchrun))
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) used so far by the front end and by the ranks together."""

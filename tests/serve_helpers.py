@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 
 from disco.errors import DiscoError
-from disco.serve.client import interrupt, local_children, wait_ready
+from disco.serve.client import interrupt, wait_ready
+from disco.serve.local_ranks import local_children
 from runtime_helpers import free_port
 
 

@@ -8,7 +8,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from disco.errors import DiscoError
 
@@ -61,9 +60,3 @@ def interrupt(process: subprocess.Popen, timeout: float = 60.0) -> int:
             process.kill()
             process.wait()
     return process.returncode
-
-
-def local_children(pid: int) -> list[int]:
-    """The child processes of `pid` (Linux /proc; empty elsewhere or when it has ended)."""
-    return [int(child) for path in Path(f"/proc/{pid}/task").glob("*/children")
-            for child in path.read_text().split()]

@@ -24,7 +24,7 @@ from multiprocessing import AuthenticationError
 
 from disco.errors import DiscoError
 from disco.runtime.launch import rank_environment, relay_rank_output, torchrun_command
-from disco.serve.client import local_children
+from disco.serve.local_ranks import first_to_end, local_children, local_ranks
 from disco.serve.link import Link, LinkClosed, LinkListener
 from disco.serve.metrics import ServiceMetrics
 from disco.serve.options import ServeOptions
@@ -156,6 +156,8 @@ class Ranks:
             self.hellos += 1
             restarted = self.hellos > 1
         self.metrics.ready.set(1)
+        threading.Thread(target=self._watch_local_ranks, args=(link,), daemon=True,
+                         name="disco-serve-local-ranks").start()
         if restarted:
             self.metrics.restarts.inc()
         if not self.quiet:
@@ -194,6 +196,17 @@ class Ranks:
             self._end_local_ranks()
             if not self.quiet:
                 print(f"disco serve: not ready: {reason}", file=sys.stderr, flush=True)
+
+    def _watch_local_ranks(self, link: Link) -> None:
+        """While `link`'s ranks serve, the first of this host's ranks to end is named at once (rank 0 reports a
+        dead peer too, but torchrun may stop rank 0 before it can)."""
+        if self.process is None:
+            return
+        ended = first_to_end(local_ranks(self.process.pid), lambda: self.link is link and not self.stopping)
+        if ended is not None and not self.stopping:
+            pid, rank = ended
+            self._lost(link, f"rank {rank} (pid {pid}, on this host) ended; it probably crashed or was killed "
+                             f"(see its own error above)")
 
     def _end_local_ranks(self) -> None:
         """SIGKILL this host's ranks: the group is broken, and torchrun restarts at once only when none is left

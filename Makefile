@@ -32,7 +32,7 @@ demo: install data
 	$(BIN)/disco inspect --model torchvision:resnet50 --nodes 4 --input-size 3,224,224
 	rm -rf $(DEMO_RUN)
 	$(BIN)/disco train --model torchvision:mobilenet_v2 --model-kwargs width_mult=0.5 --stem-stride 1 \
-	  --nodes 2 --budget 0.1 --epochs 1 --train-subset 10000 --test-subset 2000 --out $(DEMO_RUN)
+	  --nodes 2 --budget 0.1 --dense-epochs 3 --epochs 1 --train-subset 10000 --test-subset 2000 --out $(DEMO_RUN)
 	rm -rf $(DEMO_DEPLOY)
 	$(BIN)/disco export $(DEMO_RUN) --out $(DEMO_DEPLOY)
 	$(BIN)/disco run $(DEMO_DEPLOY) --eval

@@ -25,7 +25,7 @@ from tests_helpers import tiny_model_spec
 DRIVER = Path(__file__).with_name("crash_driver.py")
 # 120 images in batches of 16: 8 steps an epoch; checkpoints 0001-0002 dense, 0003-0004 sparsify, 0005 finetune
 SETTINGS = dict(model=tiny_model_spec(), nodes=2, budget=0.2, dense_epochs=2, sparsify_epochs=2, finetune_epochs=1,
-                batch_size=16, lr=1e-2, seed=0)
+                batch_size=16, lr=1e-2, seed=0, min_phase_steps=0)
 
 
 def _before(call, label, nth=1):

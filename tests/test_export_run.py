@@ -19,7 +19,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     images = make_image_folder(root / "images")
     config = TrainConfig(model=tiny_model_spec(), data=str(images), out=str(root / "run"), nodes=2, budget=0.3,
-                         dense_epochs=2, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0)
+                         dense_epochs=2, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0,
+                         min_phase_steps=0)
     report = pipeline.train(config)
     return root, images, report
 
@@ -95,7 +96,7 @@ def test_a_run_trained_for_int8_counts_and_sends_int8_bytes(tmp_path):
     images = make_image_folder(tmp_path / "images")
     config = TrainConfig(model=tiny_model_spec(), data=str(images), out=str(tmp_path / "run"), nodes=2, budget=0.3,
                          dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0,
-                         transport_dtype="int8")
+                         transport_dtype="int8", min_phase_steps=0)
     report = pipeline.train(config)
     exported = disco_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy"))
     assert exported.returncode == 0 and "warning" not in exported.stderr, exported.stderr

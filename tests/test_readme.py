@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NOT_RUN = {("make", "demo"), ("make", "test")}
 TINY = {  # appended to a command (later options win in argparse): small, but every phase and path still runs
-    "train": ["--train-subset", "48", "--test-subset", "24", "--epochs", "1", "--batch-size", "16"],
+    "train": ["--train-subset", "48", "--test-subset", "24", "--epochs", "1", "--batch-size", "16",
+              "--min-phase-steps", "0"],
     "run --eval": ["--limit", "8"],
 }
 ALL_BLOCKS = blocks(README)

@@ -76,6 +76,64 @@ def test_frozen_sparsifier_ignores_steps():
         assert torch.equal(layer.group_mask, before[name])
 
 
+def test_a_cut_restarts_batch_norm_statistics_as_an_average_since_the_cut():
+    """After a cut that changes the masks, each BatchNorm's running mean is the plain average of the batch
+    means it saw since (read by a forward hook, the reference); freezing restores its momentum."""
+    simulated, sparsifier, x, y = _setup(budget=0.3)
+    norm = next(m for m in simulated.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().mean((0, 2, 3))))
+    simulated.train()
+    before = norm.running_mean.clone()
+    sparsifier.cut_to(0.5)
+    assert torch.equal(norm.running_mean, before)  # no batch yet: the old statistics stand (not zeros)
+    seen.clear()
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        for batch in batches:
+            simulated(batch)
+    assert norm.momentum is None
+    assert torch.allclose(norm.running_mean, torch.stack(seen).mean(0), atol=1e-6)
+    before = norm.running_mean.clone()
+    sparsifier.cut_to(0.5)  # the same groups: nothing changed, the statistics are kept
+    assert torch.equal(norm.running_mean, before)
+    sparsifier.freeze()
+    assert norm.momentum == 0.1
+
+
+def test_nested_budgets_are_each_met_and_never_regrown():
+    """Budgets 0.5 > 0.2 > 0.1 from one schedule: after each is recorded, no later mask holds a group it dropped;
+    each level's masks meet its budget by the accounting; fine-tuning then cycles through them."""
+    model = torchvision.models.resnet18(num_classes=4)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    simulated = disco.partition(model, nodes=3, example_inputs=x[:1])
+    sparsifier = Sparsifier(simulated, x[:1], SparsifyOptions(budget=0.1, nested=(0.2, 0.5), total_steps=20))
+    layers = disco.disco_layers(simulated)
+    recorded = 0
+    for _ in range(20):
+        _train(simulated, sparsifier, 1, x, y)
+        if sparsifier.nested.passed:
+            allowed = sparsifier.nested.masks_at(sparsifier.nested.passed - 1)
+            assert all(bool((layer.group_mask[~allowed[name]] == 0).all()) for name, layer in layers.items())
+        recorded = max(recorded, sparsifier.nested.passed)
+    assert recorded == 3 and sparsifier.nested.budgets == (0.5, 0.2, 0.1)
+    ratios = []
+    for index, budget in enumerate((0.5, 0.2, 0.1)):
+        sparsifier.use_budget(index)
+        ratio = disco.cost_report(simulated, x[:1])["ratio"]
+        assert 0.95 * budget <= ratio <= budget + 1e-9
+        ratios.append(ratio)
+    sparsifier.freeze()
+    seen = []
+    for _ in range(6):
+        sparsifier.before_step()
+        seen.append(round(sparsifier.ratio, 6))
+        sparsifier.step()
+    assert seen == [round(r, 6) for r in ratios] * 2
+    sparsifier.after_epoch()
+    assert sparsifier.ratio == pytest.approx(ratios[-1])
+
+
 def test_learned_selection_prefers_important_groups():
     """Groups whose channels carry the signal are kept; groups of dead channels are dropped first."""
     torch.manual_seed(0)

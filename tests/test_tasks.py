@@ -115,7 +115,7 @@ def test_short_training_lowers_the_loss_and_meets_the_budget(tmp_path, task):
     spec = MODELS[task][0]
     config = TrainConfig(model=spec, task=task, out=str(tmp_path / "run"), nodes=2, budget=0.2, dense_epochs=2,
                          sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=2e-3, train_subset=48,
-                         test_subset=16)
+                         test_subset=16, min_phase_steps=0)
     report = pipeline.train(config)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     dense = [m["train_loss"] for m in metrics if m["phase"] == "dense"]
@@ -141,7 +141,7 @@ def test_trained_task_run_exports_and_scores_the_same_distributed(tmp_path):
     """disco train -> disco export -> disco run --eval: the 2-process PSNR equals the run's report."""
     config = TrainConfig(model="disco:edsr", task="superres", out=str(tmp_path / "run"), nodes=2, budget=0.2,
                          dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, train_subset=48,
-                         test_subset=24)
+                         test_subset=24, min_phase_steps=0)
     report = pipeline.train(config)
     exported = disco_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy"))
     assert exported.returncode == 0, exported.stderr

@@ -23,7 +23,8 @@ def folder(tmp_path_factory):
 
 def _config(folder, out, **overrides):
     values = dict(model=tiny_model_spec(), data=str(folder), out=str(out), nodes=2, budget=0.2, dense_epochs=2,
-                  sparsify_epochs=2, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0)
+                  sparsify_epochs=2, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0,
+                  min_phase_steps=0)  # tiny data: the phases as asked
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -63,8 +64,8 @@ def test_full_run_meets_budget_lowers_loss_and_writes_reports(folder, tmp_path):
     text = (out / "report.md").read_text()
     assert "accuracy: dense" in text
     # each side's training, as the metrics saw it: 2 dense epochs, then 2 sparsify + 1 fine-tune for DISCO
-    assert report["training"] == {"dense_epochs": 2, "dense_weights": None, "sparsify_epochs": 2,
-                                  "finetune_epochs": 1}
+    epochs = {k: report["training"][k] for k in ("dense_epochs", "dense_weights", "sparsify_epochs", "finetune_epochs")}
+    assert epochs == {"dense_epochs": 2, "dense_weights": None, "sparsify_epochs": 2, "finetune_epochs": 1}
     assert "dense model 2 epochs; DISCO starts from it and trains 2 sparsify + 1 fine-tune epochs more" in text
     assert ("DISCO had 3 more epochs" in text) == (report["disco_accuracy"] > report["dense_accuracy"])
 
@@ -197,7 +198,60 @@ def test_cli_train_on_fashion_mnist_subset(tmp_path):
     out = tmp_path / "fm"
     result = subprocess.run([sys.executable, "-m", "disco", "train", "--model", tiny_model_spec(), "--nodes", "2",
                              "--budget", "0.2", "--epochs", "1", "--train-subset", "300", "--test-subset", "200",
+                             "--min-phase-steps", "0",
                              "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "fashion-mnist" and report["ratio"] <= 0.2
+
+
+def test_small_data_is_repeated_until_each_sparse_phase_has_its_steps(folder, tmp_path):
+    """120 images at batch 16 are 8 steps per epoch: with at least 20 steps a phase, 1 asked epoch becomes 3,
+    and metrics.jsonl says what schedule ran and every cut (the sparsifier's own count of the ratio)."""
+    out = tmp_path / "run"
+    report = pipeline.train(_config(folder, out, dense_epochs=1, sparsify_epochs=1, finetune_epochs=1,
+                                    min_phase_steps=20))
+    metrics = _metrics(out)
+    assert [m["phase"] for m in metrics] == ["dense"] + ["sparsify"] * 3 + ["finetune"] * 3
+    sparsify = [m for m in metrics if m["phase"] == "sparsify"]
+    assert sparsify[0]["schedule"] == {"phase": "sparsify", "epochs": 3, "asked_epochs": 1, "steps_per_epoch": 8,
+                                       "steps": 24, "lr": 1e-2, "warmup_steps": 1}
+    cuts = [cut for m in sparsify for cut in m["cuts"]]
+    assert cuts and all(cut["step"] > 2 for cut in cuts)  # none before the first cut step (10% of 24)
+    assert [cut["step"] for cut in cuts] == sorted({cut["step"] for cut in cuts})  # each logged once, in order
+    assert cuts[-1]["target"] == 0.2 and cuts[-1]["ratio"] == pytest.approx(report["ratio"], abs=1e-6)
+    assert report["training"]["sparsify_epochs"] == report["training"]["finetune_epochs"] == 3
+    assert "24 + 24 steps; 1 + 1 epochs were asked: the data is small" in (out / "report.md").read_text()
+
+
+def test_nested_budgets_give_one_model_for_each_budget_and_export_any(folder, tmp_path):
+    """--nested 0.5,0.2 with --budget 0.1: the report scores each budget; nested.safetensors holds the nested
+    order, whose masks at the run's budget are disco.safetensors'; `export --budget` writes a deployment whose
+    bytes are that budget's (the manifest's own accounting)."""
+    from disco.sparsify.nested import NESTED, load_levels
+    from disco.training.export_run import export_run
+
+    out = tmp_path / "run"
+    report = pipeline.train(_config(folder, out, budget=0.1, nested=[0.2, 0.5], dense_epochs=1, sparsify_epochs=2))
+    assert [n["budget"] for n in report["nested"]] == [0.5, 0.2, 0.1]
+    assert all(n["ratio"] <= n["budget"] + 1e-9 for n in report["nested"])
+    assert report["nested"][-1]["score"] == pytest.approx(report["disco_accuracy"])
+    budgets, levels, norms = load_levels(out / NESTED)
+    masks = _masks(out / "disco.safetensors")
+    assert budgets == (0.5, 0.2, 0.1)
+    assert all(torch.equal(levels[key[:-len(".group_mask")]] > 2, masks[key] > 0) for key in masks)
+    assert "nested budget 0.2:" in (out / "report.md").read_text()
+    saved = safetensors.torch.load_file(str(out / "disco.safetensors"))
+    assert len(norms) == 3 and set(norms[0]) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
+    assert all(torch.equal(saved[name], value) for name, value in norms[-1].items())  # the run's own budget's
+    manifest = export_run(out, tmp_path / "deploy-0.2", budget=0.2)
+    assert manifest.expected["bytes"] == report["nested"][1]["bytes_per_image"]
+    with pytest.raises(DiscoError, match="not one of them"):
+        export_run(out, tmp_path / "deploy-0.3", budget=0.3)
+
+
+def test_nested_budgets_are_checked(folder, tmp_path):
+    with pytest.raises(DiscoError, match="nested budgets"):
+        _config(folder, tmp_path / "run", budget=0.2, nested=[0.1])
+    with pytest.raises(DiscoError, match="--method learned"):
+        _config(folder, tmp_path / "run", budget=0.2, nested=[0.5], method="random")

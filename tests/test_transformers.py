@@ -213,7 +213,7 @@ def test_swin_t_distributed_equals_simulation(tmp_path):
 def test_vit_trains_to_a_budget_through_the_same_pipeline(tmp_path):
     images = make_image_folder(tmp_path / "images")
     config = TrainConfig(model="disco:vit_small", data=str(images), out=str(tmp_path / "run"), nodes=2, budget=0.2,
-                         dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-3,
+                         dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-3, min_phase_steps=0,
                          model_kwargs={"image_size": 16, "num_layers": 1, "hidden_dim": 32, "num_heads": 4,
                                        "mlp_dim": 64})
     report = pipeline.train(config)

@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=tuple(TRANSPORT_DTYPES),
                         help="transport dtype of activations between nodes (default: the run's, which it was trained "
                              "for; another one is measured on the run's test images and the change printed)")
+    parser.add_argument("--budget", type=float, metavar="B",
+                        help="a run trained with --nested: export the masks of this one of its budgets (default: "
+                             "the run's --budget, the smallest)")
     parser.add_argument("--sign-key", metavar="PRIVATE_KEY",
                         help="sign the deployment with this Ed25519 private key (`disco keygen`): `disco run "
                              "--verify-key PUBLIC_KEY` then refuses any folder not signed by its owner")
@@ -28,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from disco.export.signing import SIGNATURE_NAME
     from disco.training.export_run import export_run  # the training stack: only when exporting
 
-    manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key)
+    manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key,
+                          budget=args.budget)
     expected = manifest.expected
     print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "
           f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "

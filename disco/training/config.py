@@ -10,6 +10,7 @@ from disco.fields import option
 from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError
 from disco.options import MAX_NODES
+from disco.sparsify.budgets import check_nested
 from disco.sparsify.methods import METHODS
 from disco.tasks.registry import get_task, task_names
 from disco.transport import TRANSPORT_DTYPES
@@ -43,6 +44,13 @@ def _data_help() -> str:
     return f"your own data, used instead of --dataset: {listed}"
 
 
+def _budget_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DiscoError(f"expected budgets separated by commas, e.g. 0.2,0.1,0.05; got {text!r}") from None
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """All options of a training run, validated in one place (saved as config.json in the run folder). Each
@@ -68,6 +76,10 @@ class TrainConfig:
                                      "communication, 0.2 = 5x less")
     method: str = option("learned", choices=METHODS, help="how groups are chosen: learned (DISCO) or random "
                                                           "(baseline)")
+    nested: list = option(default_factory=list, type=lambda text: _budget_list(text), metavar="B,B,...",
+                          help="larger budgets whose masks contain --budget's, e.g. 0.2,0.1,0.05 with --budget 0.02: "
+                               "one model for all of them (fine-tuning trains each in turn; the report scores each; "
+                               "`disco export --budget B` exports one)")
     epochs: int = option(2, help="epochs of each phase unless set below")
     dense_epochs: int | None = option(None, help="epochs training the dense model (default: --epochs)")
     sparsify_epochs: int | None = option(None, help="epochs driving masks to the budget (default: --epochs)")
@@ -84,6 +96,11 @@ class TrainConfig:
     # at budget 0.1 on 2 nodes), hence 1
     sparse_lr_scale: float = option(1.0, help="learning rate of the sparsify and fine-tune phases, as a "
                                               "fraction of --lr")
+    min_phase_steps: int = option(300, help="fewest optimiser steps of each sparse phase (sparsify, fine-tune): "
+                                            "small data is repeated for more epochs than asked, so masks are never "
+                                            "cut faster than the model can follow (docs/method.md 4)")
+    lr_warmup: float = option(0.05, help="fraction of each sparse phase's steps over which its learning rate "
+                                         "warms up linearly (its optimiser restarts on a trained model)")
     weight_decay: float = option(1e-4, help="AdamW weight decay")
     regularization: float = option(1e-4, help="bytes-weighted group lasso strength")
     train_subset: int | None = option(None, help="train on only this many images (quick runs)")
@@ -117,6 +134,13 @@ class TrainConfig:
             raise DiscoError("a budget below 1 needs at least one --sparsify-epochs to reach it")
         if self.batch_size < 1 or self.lr <= 0 or self.sparse_lr_scale <= 0:
             raise DiscoError("--batch-size must be at least 1, --lr and --sparse-lr-scale positive")
+        self.nested = sorted((float(b) for b in self.nested), reverse=True)
+        if self.nested:
+            check_nested(tuple(self.nested), self.budget)
+            if self.method == "random" or self.budget == 0.0:
+                raise DiscoError("--nested needs --method learned and a --budget above 0")
+        if self.min_phase_steps < 0 or not 0.0 <= self.lr_warmup < 1.0:
+            raise DiscoError("--min-phase-steps must not be negative and --lr-warmup must be in [0, 1)")
         if self.transport_dtype not in TRANSPORT_DTYPES:
             raise DiscoError(f"unknown transport dtype {self.transport_dtype!r}")
         if self.data is not None and not Path(self.data).exists():

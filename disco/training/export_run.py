@@ -11,14 +11,15 @@ from disco.errors import DiscoError
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
 from disco.models import build_for_data
-from disco.split.partitioner import partition, set_transport
+from disco.sparsify.nested import NESTED, load_levels, load_norm_statistics
+from disco.split.partitioner import disco_layers, partition, set_transport
 from disco.tasks.registry import get_task
 from disco.training import checkpoint
 from disco.training.config import TrainConfig
 
 
 def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None = None,
-               sign_key: str | Path | None = None) -> Manifest:
+               sign_key: str | Path | None = None, budget: float | None = None) -> Manifest:
     run = Path(run)
     weights = run / "disco.safetensors"
     if not weights.is_file():
@@ -32,6 +33,8 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     example = data.test[0][0][None]
     simulated = partition(model, nodes=config.nodes, example_inputs=example, transport_dtype=config.transport_dtype)
     checkpoint.load_model_state(simulated, weights)
+    if budget is not None:
+        _use_nested_budget(simulated, run, budget)
     dtype = transport_dtype or config.transport_dtype
     if dtype != config.transport_dtype:
         _warn_dtype_change(simulated, config, data, dtype)
@@ -43,12 +46,29 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     if report.is_file():
         results = json.loads(report.read_text())
         metric = results.get("metric", "accuracy")
-        reference = {metric: results.get("disco_score", results.get("disco_accuracy")),
-                     "test_subset": config.test_subset}
+        score = results.get("disco_score", results.get("disco_accuracy"))
+        if budget is not None:  # the chosen nested budget's own score
+            score = next(n["score"] for n in results.get("nested", []) if abs(n["budget"] - budget) < 1e-9)
+        reference = {metric: score, "test_subset": config.test_subset}
     with torch.no_grad():
         return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
                       preprocess=preprocess, dataset=dataset, class_names=data.class_names,
                       reference=reference, task=config.task, sign_key=sign_key)
+
+
+def _use_nested_budget(simulated, run: Path, budget: float) -> None:
+    """Set the masks of one of the run's nested budgets (disco/sparsify/nested.py)."""
+    budgets, levels, norms = load_levels(run / NESTED)
+    index = next((i for i, b in enumerate(budgets) if abs(b - budget) < 1e-9), None)
+    if index is None:
+        raise DiscoError(f"{run} was trained for the nested budgets {', '.join(map(str, budgets))}; --budget {budget} "
+                         "is not one of them")
+    layers = disco_layers(simulated)
+    if set(levels) != set(layers):
+        raise DiscoError(f"{run / NESTED} does not belong to this run's model (its layers differ)")
+    for name, layer in layers.items():
+        layer.set_group_mask(levels[name] > index)
+    load_norm_statistics(simulated, norms[index])  # the statistics measured at that budget
 
 
 def _warn_dtype_change(simulated, config: TrainConfig, data, dtype: str) -> None:

@@ -34,6 +34,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     bar = _bar(loader, desc)
     for inputs, targets in bar:
         inputs, targets = inputs.to(device), objective.to_device(targets, device)
+        if sparsifier is not None:
+            sparsifier.before_step()
         outputs = model(inputs)
         loss = loss_fn(outputs, targets, inputs)
         if sparsifier is not None:
@@ -53,12 +55,36 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         if sparsifier is not None:
             postfix["ratio"] = f"{sparsifier.ratio:.4f}"
         bar.set_postfix(postfix)
+    if sparsifier is not None:
+        sparsifier.after_epoch()
     metrics = {"train_loss": total_loss / max(seen, 1)}
     if classifying:
         metrics["train_accuracy"] = correct / max(seen, 1)
     if sparsifier is not None:
         metrics["ratio"] = sparsifier.ratio
     return metrics
+
+
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, loader: DataLoader, *, device: torch.device, batches: int = 20) -> None:
+    """BatchNorm running statistics measured afresh (a plain average over `batches` training batches, weights
+    untouched): what evaluation needs after the masks changed (a nested model's other budget)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()  # dropout and the rest as in evaluation: only the norms measure
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    for index, (inputs, _) in enumerate(loader):
+        if index == batches:
+            break
+        model(inputs.to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
 
 
 @torch.no_grad()

@@ -33,8 +33,11 @@ from disco.training.checkpoint import Checkpoint
 from disco.training.config import PHASES, TrainConfig
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import get_task
-from disco.training.loops import DistillationLoss, TaskLoss, evaluate, train_epoch
+from disco.training.loops import DistillationLoss, TaskLoss, evaluate, recalibrate_norms, train_epoch
+from disco.accounting import cost_report
+from disco.sparsify.nested import NESTED, load_norm_statistics, norm_statistics, save_levels
 from disco.training.report import write_report
+from disco.training.schedule import PhasePlan, plan_phases
 
 CONFIG, METRICS = "config.json", "metrics.jsonl"
 
@@ -60,6 +63,11 @@ class RunState:
     stop_after_epochs: int | None = None
     dense_score: float | None = None  # the task's metric (accuracy, mIoU, mAP, PSNR) of the dense model
 
+    @property
+    def plans(self) -> dict[str, PhasePlan]:
+        """Each phase's epochs, steps and learning rate (disco.training.schedule)."""
+        return plan_phases(self.config, len(self.train_loader))
+
     def saved_in(self, phase: str) -> Checkpoint | None:
         """The checkpoint to continue `phase` from, if the run stopped inside it."""
         return self.saved if self.saved is not None and self.saved.phase == phase else None
@@ -79,7 +87,8 @@ def _loaders(config: TrainConfig, data: DataSpec, collate) -> tuple[DataLoader, 
 def _log(run: RunState, record: dict) -> None:
     checkpoint.append_line(run.out / METRICS, json.dumps(record))
     run.metrics_lines += 1
-    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    shown = ", ".join(f"{k}={v:.4g}" if k == "lr" else f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in record.items() if not isinstance(v, (dict, list)))
     print(shown, flush=True)
 
 
@@ -87,11 +96,10 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
     """Train `model` for the phase's epochs, checkpointing after each. Resuming inside the phase, the caller
     has loaded the model (and sparsifier) from the checkpoint; the optimiser and scheduler are loaded here.
     Each epoch reseeds the RNG and the loader from (seed, phase, epoch), so nothing else needs saving."""
-    config, epochs = run.config, run.config.phase_epochs(phase)
-    steps = max(1, epochs * len(run.train_loader))
-    lr = config.lr if phase == "dense" else config.lr * config.sparse_lr_scale
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    config, plan = run.config, run.plans[phase]
+    epochs = plan.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=config.weight_decay)
+    scheduler = plan.scheduler(optimizer)
     first_epoch = 0
     saved = run.saved_in(phase)
     if saved is not None:
@@ -110,7 +118,12 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
                               desc=f"{phase} {epoch + 1}/{epochs}", objective=run.objective, sparsifier=sparsifier)
         metrics[f"test_{run.objective.metric_name}"] = evaluate(model, run.test_loader, run.objective,
                                                                  device=run.device)
-        _log(run, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began})
+        schedule = {"lr": scheduler.get_last_lr()[0], "schedule": plan.record()}  # the schedule that ran
+        if sparsifier is not None and not sparsifier.frozen:
+            first_step = epoch * plan.steps_per_epoch
+            schedule["cuts"] = [cut for cut in sparsifier.cuts if cut["step"] > first_step]
+        _log(run, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began,
+                   **schedule})
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "sparsifier": sparsifier.state_dict() if sparsifier else None}
         checkpoint.save_checkpoint(run.out, phase=phase, epoch=epoch, metrics_lines=run.metrics_lines, model=model,
@@ -140,14 +153,14 @@ def _dense_phase(run: RunState) -> None:
     run.dense_score = json.loads((run.out / "dense.json").read_text())[f"test_{run.objective.metric_name}"]
 
 
-def _sparse_phases(run: RunState) -> nn.Module:
+def _sparse_phases(run: RunState) -> tuple[nn.Module, Sparsifier]:
     config = run.config
     # sparsify and fine-tune see what the network does to sent channels (int8: rounded, straight-through)
     simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example,
                           transport_dtype=config.transport_dtype)
-    options = SparsifyOptions(budget=config.budget, total_steps=max(1, config.sparsify_epochs * len(run.train_loader)),
+    options = SparsifyOptions(budget=config.budget, total_steps=max(1, run.plans["sparsify"].steps),
                               regularization=config.regularization, method=config.method, seed=config.seed,
-                              transport_dtype=config.transport_dtype)
+                              transport_dtype=config.transport_dtype, nested=tuple(config.nested))
     sparsifier = Sparsifier(simulated, run.example, options)
     saved = run.saved if run.saved is not None and run.saved.phase != "dense" else None
     if saved is not None:
@@ -164,7 +177,7 @@ def _sparse_phases(run: RunState) -> nn.Module:
     loss = (DistillationLoss(teacher, temperature=config.temperature, weight=config.distill_weight,
                              objective=run.objective) if config.distill else TaskLoss(run.objective))
     _run_phase(run, "finetune", simulated, loss, sparsifier)
-    return simulated
+    return simulated, sparsifier
 
 
 def train(config: TrainConfig, *, stop_after_epochs: int | None = None, device: str | None = None) -> dict:
@@ -217,9 +230,30 @@ def _run(config: TrainConfig, saved: Checkpoint | None, *, stop_after_epochs: in
                    metrics_lines=lines, stop_after_epochs=stop_after_epochs)
     try:
         _dense_phase(run)
-        simulated = _sparse_phases(run)
+        simulated, sparsifier = _sparse_phases(run)
     except StopRequested:
         return {"stopped": True, "epochs_run": run.epochs_run}
+    nested = nested_results(run, simulated, sparsifier) if sparsifier.nested is not None else None
     checkpoint.save_model(simulated, out / "disco.safetensors")
     score = evaluate(simulated, test_loader, objective, device=chosen, desc="final eval")
-    return write_report(run, simulated, score)
+    return write_report(run, simulated, score, nested=nested)
+
+
+def nested_results(run: RunState, simulated: nn.Module, sparsifier: Sparsifier) -> list[dict]:
+    """Each nested budget's test score and bytes (the masks are left at the run's own budget), and the nested
+    order saved once as nested.safetensors (disco/sparsify/nested.py)."""
+    results, statistics = [], []
+    run.train_loader.generator.manual_seed(_seed_for(run.config, "finetune", run.plans["finetune"].epochs))
+    for index, budget in enumerate(sparsifier.nested.budgets):
+        sparsifier.use_budget(index)
+        # fine-tuning mixed every budget's statistics: each budget gets its own (saved with the nested order)
+        recalibrate_norms(simulated, run.train_loader, device=run.device)
+        statistics.append(norm_statistics(simulated))
+        score = evaluate(simulated, run.test_loader, run.objective, device=run.device, desc=f"eval at {budget}")
+        costs = cost_report(simulated.cpu(), run.example.cpu(), transport_dtype=run.config.transport_dtype)
+        simulated.to(run.device)
+        results.append({"budget": budget, "score": score, "ratio": costs["ratio"], "bytes_per_image": costs["bytes"]})
+    sparsifier.use_budget(len(sparsifier.nested.budgets) - 1)
+    load_norm_statistics(simulated, statistics[-1])  # the run's own budget: disco.safetensors holds it
+    save_levels(sparsifier.nested, statistics, run.out / NESTED)
+    return results

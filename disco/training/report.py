@@ -11,7 +11,7 @@ def _row(label: str, values: list, fmt) -> str:
     return f"| {label} | " + " | ".join(fmt(v) for v in values) + " |"
 
 
-def write_report(run, simulated, score: float) -> dict:
+def write_report(run, simulated, score: float, *, nested: list[dict] | None = None) -> dict:
     """`score` is the DISCO model's test metric (run.objective.metric_name); classification runs also
     report it as dense_accuracy / disco_accuracy."""
     config = run.config
@@ -30,7 +30,8 @@ def write_report(run, simulated, score: float) -> dict:
         "param_bytes_per_node": costs["param_bytes_per_node"],
         "dense_param_bytes_per_node": costs["dense_param_bytes_per_node"],
         "io_bytes": costs["io_bytes"],
-        "training": training_epochs(config),
+        "training": training_epochs(config, run.plans),
+        **({"nested": nested} if nested else {}),
     }
     write_text_atomically(run.out / "report.json", json.dumps(report, indent=1))
     write_text_atomically(run.out / "report.md", render(report))
@@ -38,12 +39,14 @@ def write_report(run, simulated, score: float) -> dict:
     return report
 
 
-def training_epochs(config) -> dict:
+def training_epochs(config, plans: dict) -> dict:
     """How much training each side of the comparison had: the dense model's epochs (None: its weights were
-    given), and DISCO's sparsify and fine-tune epochs on top of the dense model."""
+    given), and DISCO's sparsify and fine-tune epochs on top of it, as they ran (more than asked on small data;
+    `schedule`: each phase's steps, learning rate and warm-up, disco.training.schedule)."""
     given = config.weights or (f"{config.dense_run}/dense.safetensors" if config.dense_run else None)
     return {"dense_epochs": None if given else config.dense_epochs, "dense_weights": given,
-            "sparsify_epochs": config.sparsify_epochs, "finetune_epochs": config.finetune_epochs}
+            "sparsify_epochs": plans["sparsify"].epochs, "finetune_epochs": plans["finetune"].epochs,
+            "schedule": {phase: plan.record() for phase, plan in plans.items()}}
 
 
 def _training_lines(r: dict) -> list[str]:
@@ -55,13 +58,32 @@ def _training_lines(r: dict) -> list[str]:
     extra = t["sparsify_epochs"] + t["finetune_epochs"]
     dense = f"{t['dense_epochs']} epochs" if t["dense_epochs"] is not None else f"given weights ({t['dense_weights']})"
     lines = [f"- training: dense model {dense}; DISCO starts from it and trains {t['sparsify_epochs']} sparsify + "
-             f"{t['finetune_epochs']} fine-tune epochs more"]
+             f"{t['finetune_epochs']} fine-tune epochs more" + _steps_said(t.get("schedule"))]
     dense_score, disco_score = r.get("dense_score"), r.get("disco_score")
     if extra and dense_score is not None and disco_score is not None and disco_score > dense_score:
         lines.append(f"- DISCO had {extra} more epochs of training than the dense model it is compared with: part of "
                      "its lead may come from that, not from the split (bench/tradeoff.py compares with the dense "
                      "split trained alike)")
     return lines
+
+
+def _steps_said(schedule: dict | None) -> str:
+    """' (N + M steps; ...)': the sparse phases' steps, and whether small data was repeated to reach them."""
+    if not schedule:
+        return ""
+    sparse = [schedule[phase] for phase in ("sparsify", "finetune")]
+    parts = [f"{sparse[0]['steps']} + {sparse[1]['steps']} steps"]
+    if any(plan["epochs"] > plan["asked_epochs"] for plan in sparse):
+        parts.append(f"{sparse[0]['asked_epochs']} + {sparse[1]['asked_epochs']} epochs were asked: the data is "
+                     "small, and was repeated so that each sparse phase has the steps it needs")
+    return " (" + "; ".join(parts) + ")"
+
+
+def _nested_lines(r: dict) -> list[str]:
+    """One line per nested budget of the one model: its score and bytes."""
+    metric = r.get("metric", "accuracy")
+    return [f"- nested budget {n['budget']}: {metric} {n['score']:.4f}, {n['bytes_per_image']:,} bytes per image "
+            f"(ratio {n['ratio']:.4f})" for n in r.get("nested", [])]
 
 
 def _score_line(r: dict) -> str:
@@ -83,6 +105,7 @@ def render(r: dict) -> str:
         f"- communication: {r['bytes_per_image']:,} of {r['dense_bytes_per_image']:,} bytes per image "
         f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({less:.1f}x less)",
         f"- whole model: {r['model_macs']:,} MACs",
+        *_nested_lines(r),
         "",
         head,
         "|---" * (nodes + 1) + "|",

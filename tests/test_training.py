@@ -255,3 +255,17 @@ def test_nested_budgets_are_checked(folder, tmp_path):
         _config(folder, tmp_path / "run", budget=0.2, nested=[0.1])
     with pytest.raises(DiscoError, match="--method learned"):
         _config(folder, tmp_path / "run", budget=0.2, nested=[0.5], method="random")
+
+
+def test_a_nested_run_resumed_inside_fine_tuning_ends_as_one_never_stopped(folder, tmp_path):
+    """The budget cycle (which budget the next fine-tune step trains) and the recorded levels survive a stop."""
+    settings = dict(budget=0.1, nested=[0.3], dense_epochs=1, sparsify_epochs=1, finetune_epochs=2)
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    pipeline.train(_config(folder, whole, **settings))
+    assert pipeline.train(_config(folder, parted, **settings), stop_after_epochs=3)["stopped"]
+    pipeline.resume(parted)
+    assert _without_time(_metrics(parted)) == _without_time(_metrics(whole))
+    for name in ("disco.safetensors", "nested.safetensors"):
+        expected = safetensors.torch.load_file(str(whole / name))
+        got = safetensors.torch.load_file(str(parted / name))
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items()), name

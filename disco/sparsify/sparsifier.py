@@ -46,7 +46,7 @@ class SparsifyOptions:
     regularization: strength of the bytes-weighted group lasso (0 disables it).
     method: "learned" or "random" (baseline: random groups on the same schedule).
     nested: larger budgets whose masks contain the budget's (disco/sparsify/nested.py): the schedule cuts to
-        each exactly as it passes it, and fine-tuning then trains every one of them in turn.
+        each exactly as it passes it, and fine-tuning then trains all of them at every step.
     transport_dtype: the dtype whose bytes the budget counts (the ratio is the same for every dtype)."""
 
     budget: float
@@ -145,7 +145,6 @@ class Sparsifier:
         self._norm_momenta = [m.momentum for m in self._norms]
         self.nested = (NestedLevels(options.budgets, {n: c > 0 for n, c in self.costs.items()})
                        if options.nested else None)
-        self.finetune_steps = 0  # nested: fine-tuning trains budget number (finetune_steps % budgets) next
         self._track_mask_gradients(True)
 
     # --- the training-loop interface ---------------------------------------------------------------
@@ -163,7 +162,6 @@ class Sparsifier:
     def step(self) -> None:
         """Call once per optimiser step, after backward: gathers importance, cuts masks on schedule."""
         if self.frozen:
-            self.finetune_steps += 1
             return
         self._gather_importance()
         self.steps_done += 1
@@ -175,11 +173,14 @@ class Sparsifier:
             if last is None or last > target:
                 self.cut_to(target)
 
-    def before_step(self) -> None:
-        """Call before each forward of training: with nested budgets, fine-tuning trains them in turn (the masks
-        of the next one are set). Otherwise nothing."""
+    def step_budgets(self) -> list[int | None]:
+        """Which budgets one optimiser step trains: with nested budgets, fine-tuning trains every one of them at
+        each step (the training loop sets each with use_budget, accumulates its gradients, then steps once; the
+        run's own budget last); otherwise [None]: the masks as they are. Measured: fine-tuning one budget per
+        step in turn left each budget 2-3 points below a model trained for it alone (4,000 images, 4 nodes)."""
         if self.frozen and self.nested is not None:
-            self.use_budget(self.finetune_steps % len(self.nested.budgets))
+            return list(range(len(self.nested.budgets)))
+        return [None]
 
     def after_epoch(self) -> None:
         """Call after each training epoch: nested fine-tuning leaves the masks of the run's own budget set (the
@@ -270,14 +271,13 @@ class Sparsifier:
     # --- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done, "frozen": self.frozen, "generator": self._generator.get_state(),
-                "cuts": list(self.cuts), "finetune_steps": self.finetune_steps,
+                "cuts": list(self.cuts),
                 "nested": self.nested.state_dict() if self.nested is not None else None,
                 "importance": {n: t.cpu() for n, t in self.importance.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
         self.cuts = list(state.get("cuts", []))
-        self.finetune_steps = int(state.get("finetune_steps", 0))
         if self.nested is not None and state.get("nested") is not None:
             self.nested.load_state_dict(state["nested"])
         if self.cuts and not state["frozen"]:  # the statistics in the checkpoint are an average since the last cut

@@ -34,14 +34,16 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     bar = _bar(loader, desc)
     for inputs, targets in bar:
         inputs, targets = inputs.to(device), objective.to_device(targets, device)
-        if sparsifier is not None:
-            sparsifier.before_step()
-        outputs = model(inputs)
-        loss = loss_fn(outputs, targets, inputs)
-        if sparsifier is not None:
-            loss = loss + sparsifier.regularizer()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        budgets = sparsifier.step_budgets() if sparsifier is not None else [None]
+        for budget in budgets:  # one, except for nested fine-tuning: every budget's gradients, then one step
+            if budget is not None:
+                sparsifier.use_budget(budget)
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets, inputs)
+            if sparsifier is not None:
+                loss = loss + sparsifier.regularizer()
+            (loss / len(budgets)).backward()
         optimizer.step()
         scheduler.step()
         if sparsifier is not None:

@@ -11,8 +11,15 @@ import pytest
 
 from disco.serve.local_ranks import first_to_end, local_ranks
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open") or not os.path.isdir("/proc/self/task"),
-                                reason="needs Linux /proc and pidfds")
+def _pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return os.path.isdir("/proc/self/task")
+    except (AttributeError, OSError):  # not Linux, or a kernel/sandbox without pidfds
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _pidfds_work(), reason="needs Linux /proc and pidfds (Linux 5.3+)")
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ MOBILENET = dict(model="torchvision:mobilenet_v2", model_kwargs={"width_mult": 0
 # (docs/method.md 4)
 SMALL = "mobilenet_v2_w0.5-4k"
 NESTED_LABEL = "DISCO nested (one model)"
+GATES_LABEL = "DISCO (gates)"  # learned gate scores (issue 17, item 2), against "DISCO (learned)"
 MOBILENET_4K = dict(MOBILENET, train_subset=4000, dense_subset=4000, dense_epochs=6, sparsify_epochs=2,
                     finetune_epochs=2)
 # its rows train on 20k images: a 60k-image epoch takes ~7 min on one CPU thread (2.4x mobilenet's), which
@@ -73,7 +74,8 @@ def plan(quick: bool) -> tuple[dict, list[Job]]:
     for seed in (0, 1):  # small data first: its rows are short
         for budget, method, label in ((1.0, "learned", "DISCO (learned)"), (0.1, "learned", "DISCO (learned)"),
                                       (0.05, "learned", "DISCO (learned)"), (0.0, "learned", "no communication"),
-                                      (0.1, "random", "random groups"), (0.05, "random", "random groups")):
+                                      (0.1, "random", "random groups"), (0.05, "random", "random groups"),
+                                      (0.1, "gates", GATES_LABEL), (0.05, "gates", GATES_LABEL)):
             kind = "nocomm" if budget == 0.0 else method
             jobs.append(Job(f"{SMALL}-n4-{kind}-{budget}-s{seed}".replace("-nocomm-0.0", "-nocomm"), SMALL, 4, budget,
                             method, seed, label))
@@ -86,6 +88,8 @@ def plan(quick: bool) -> tuple[dict, list[Job]]:
             jobs.append(Job(f"{f}-n{nodes}-learned-{budget}-s0", f, nodes, budget, "learned", 0, "DISCO (learned)"))
         if nodes == 4:  # 50x less (issue 17)
             jobs.append(Job(f"{f}-n{nodes}-learned-0.02-s0", f, nodes, 0.02, "learned", 0, "DISCO (learned)"))
+        for budget in (0.1, 0.05, 0.02) if nodes == 4 else (0.1,):  # learned gates (issue 17, item 2)
+            jobs.append(Job(f"{f}-n{nodes}-gates-{budget}-s0", f, nodes, budget, "gates", 0, GATES_LABEL))
         # second seeds where the issues set targets: 0.1 on both node counts, 0.05 and 0.02 on 4 nodes
         second_seeds = (0.1, 0.05, 0.02) if nodes == 4 else (0.1,)
         for budget in second_seeds:
@@ -345,7 +349,25 @@ def accuracy_targets(table: list[dict]) -> list[str]:
                 marks = "" if learned["step_schedule"] and chance["step_schedule"] else " (†)"
                 lines.append(f"| {family}, {nodes} nodes, budget {budget}: learned above random by more than the "
                              f"seed spread | {lead:+.2f} points, spread ±{spread:.2f}{marks} | {verdict} |")
-    return lines + nested_targets(table)
+    return lines + gates_against_importance(table) + nested_targets(table)
+
+
+def gates_against_importance(table: list[dict]) -> list[str]:
+    """Learned gates (straight-through scores) against gradient importance, wherever both ran."""
+    lines = []
+    for gates in (r for r in table if r["method"] == GATES_LABEL):
+        learned = _row_of(table, gates["family"], gates["nodes"], "DISCO (learned)", gates["budget"])
+        if learned is None:
+            continue
+        lead = (gates["accuracy"] - learned["accuracy"]) * 100
+        spread = max(gates["spread"] or 0.0, learned["spread"] or 0.0) * 100
+        verdict = ("gates better" if lead > spread else "importance better" if -lead > spread
+                   else "no difference beyond the spread")
+        lines.append(f"| {gates['family']}, {gates['nodes']} nodes, budget {gates['budget']}: learned gates vs "
+                     f"gradient importance | {gates['accuracy'] * 100:.2f}% vs {learned['accuracy'] * 100:.2f}%: "
+                     f"{lead:+.2f} points, spread ±{spread:.2f} ({gates['seeds']} and {learned['seeds']} seeds) "
+                     f"| {verdict} |")
+    return lines
 
 
 def nested_targets(table: list[dict]) -> list[str]:
@@ -424,7 +446,8 @@ def plot(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(grid_rows, columns, figsize=(6 * columns, 4.2 * grid_rows), squeeze=False)
     for ax in axes.flatten()[len(panels):]:
         ax.set_visible(False)
-    styles = (("DISCO (learned)", "o-", "tab:blue"), ("random groups", "s--", "tab:orange"),
+    styles = (("DISCO (learned)", "o-", "tab:blue"), (GATES_LABEL, "D:", "tab:purple"),
+              ("random groups", "s--", "tab:orange"),
               ("no communication", "^", "tab:green"))
     for ax, (family, nodes) in zip(axes.flatten(), panels):
         rows = [r for r in table if r["family"] == family and r["nodes"] == nodes]

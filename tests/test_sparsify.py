@@ -31,7 +31,7 @@ def _setup(nodes=3, budget=0.2, method="learned", steps=12):
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.2, 0.1, 0.0])
-@pytest.mark.parametrize("method", ["learned", "random"])
+@pytest.mark.parametrize("method", ["learned", "gates", "random"])
 def test_budget_is_met_exactly(budget, method):
     simulated, sparsifier, x, y = _setup(budget=budget, method=method)
     _train(simulated, sparsifier, 12, x, y)
@@ -148,6 +148,66 @@ def test_learned_selection_prefers_important_groups():
     _train(simulated, sparsifier, 4, x, y)
     mask = disco.disco_layers(simulated)["1"].group_mask
     assert bool((mask[1, 0:4] > 0).all()) and not bool((mask[0, 4:8] > 0).any())
+
+
+def _signal_model():
+    """Two nodes, one 1x1 conv mixing them: output 1 (node 1) reads channels 0..3 (node 0), output 0 (node 0)
+    barely reads channels 4..7 (node 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 1), nn.Conv2d(8, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[1, 0:4] = 1.0
+        model[1].weight[0, 4:8] = 0.001
+    x = torch.randn(32, 1, 4, 4)
+    return model, x, (x.mean((1, 2, 3)) > 0).long()
+
+
+def test_gate_scores_sum_minus_the_gradient_of_each_group():
+    """A gate's straight-through gradient is the mask's: after a few steps (before any cut) each group's score is
+    minus the sum over steps of sum(W * dL/dW) over the group's weight slice (from the weights' own gradients)."""
+    model, x, y = _signal_model()
+    simulated = disco.partition(model, nodes=2, example_inputs=x[:1])
+    sparsifier = Sparsifier(simulated, x[:1], SparsifyOptions(budget=0.5, total_steps=100, method="gates",
+                                                              regularization=0))
+    layer = disco.disco_layers(simulated)["1"]
+    optimizer = torch.optim.SGD(simulated.parameters(), lr=0.05)
+    expected = torch.zeros(2, 8)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(simulated(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        contribution = (layer.weight * layer.weight.grad).flatten(1).detach()  # [outputs, in_channels]
+        rows = torch.nn.functional.one_hot(layer.out_assign, 2).T.float()  # node of each output row
+        expected -= rows @ contribution
+        optimizer.step()
+        sparsifier.step()
+    remote = ~layer.plan.held()  # groups that cross the network (a node's own channels are no group)
+    assert sparsifier.cuts == []
+    torch.testing.assert_close(sparsifier.gate_scores["1"][remote], expected[remote], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["learned", "gates"])
+def test_only_gates_bring_a_dropped_group_back(method):
+    """The same budget, a dropped group now scoring best: gates swap it in for the worst kept group, the
+    gradient-importance method keeps masks shrinking (dropped groups only fill what capacity is left)."""
+    model, x, y = _signal_model()
+    simulated = disco.partition(model, nodes=2, example_inputs=x[:1])
+    sparsifier = Sparsifier(simulated, x[:1], SparsifyOptions(budget=0.5, total_steps=10, method=method))
+    layer = disco.disco_layers(simulated)["1"]
+    mask = layer.group_mask.clone()
+    mask[1, 0] = 0  # drop one group of the signal...
+    layer.set_group_mask(mask)
+    ratio = sparsifier.ratio
+    value = torch.where(layer.group_mask > 0, 1.0, 0.0)
+    value[1, 0], value[0, 4] = 5.0, 0.5  # ...which now scores best; group (0, 4) the worst kept
+    sparsifier.gate_scores["1"].copy_(value)
+    sparsifier.importance["1"].copy_(value)
+    sparsifier.cut_to(ratio)
+    back = bool(layer.group_mask[1, 0] > 0)
+    assert back == (method == "gates")
+    assert bool(layer.group_mask[0, 4] > 0) == (method != "gates")
+    assert sparsifier.ratio == pytest.approx(ratio)
 
 
 def test_knapsack_respects_capacity_and_leaves_nothing_that_fits():

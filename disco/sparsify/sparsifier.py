@@ -11,8 +11,11 @@ Method (docs/method.md 4): a group lasso over communication groups, each weighte
 pushes expensive groups towards zero; every `prune_every` steps the masks are cut to a cubic schedule
 that reaches the byte budget exactly at `end_fraction` of the steps. Groups are ranked by first-order
 importance (d loss / d mask, squared and summed since the last cut: what removing the group would cost)
-per byte, and kept by a greedy knapsack, so the global budget goes where it buys accuracy. The "random"
-method keeps random groups on the same schedule (a baseline).
+per byte, and kept by a greedy knapsack, so the global budget goes where it buys accuracy. The "gates"
+method gives every group a learned gate score trained jointly with the weights by a straight-through estimator
+(the hard 0/1 mask in the forward pass, its gradient into the score), and each cut keeps the best scores per byte
+among all groups, so a group dropped earlier can come back. The "random" method keeps random groups on the same
+schedule (a baseline).
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ class SparsifyOptions:
     min_cut_interval: fewest steps between two cuts when prune_every is 0: a cut ranks groups by the importance
         gathered since the last one, and a few steps' worth is noise (and the model needs steps to follow).
     regularization: strength of the bytes-weighted group lasso (0 disables it).
-    method: "learned" or "random" (baseline: random groups on the same schedule).
+    method: "learned" (gradient importance), "gates" (learned gate scores) or "random" (baseline: random groups
+        on the same schedule).
     nested: larger budgets whose masks contain the budget's (disco/sparsify/nested.py): the schedule cuts to
         each exactly as it passes it, and fine-tuning then trains all of them at every step.
     transport_dtype: the dtype whose bytes the budget counts (the ratio is the same for every dtype)."""
@@ -135,6 +139,7 @@ class Sparsifier:
         existing = torch.cat([c[c > 0] for c in self.costs.values()])
         self._mean_cost = float(existing.mean()) if existing.numel() else 1.0
         self.importance = {name: torch.zeros_like(c) for name, c in self.costs.items()}
+        self.gate_scores = {name: torch.zeros_like(c) for name, c in self.costs.items()}  # method "gates"
         self.steps_done = 0
         self.cuts: list[dict] = []  # every cut: after which step, to what target, the ratio reached
         self.frozen = False
@@ -237,11 +242,15 @@ class Sparsifier:
         was_kept = torch.cat([(self.layers[n].group_mask.detach() > 0)[e] for n, e in zip(names, existing)]).cpu()
         if self.options.method == "random":
             value = torch.rand(costs.shape, generator=self._generator)
+        elif self.options.method == "gates":
+            scores = torch.cat([self.gate_scores[n][e] for n, e in zip(names, existing)]).cpu()
+            value = scores / costs
         else:
             importance = torch.cat([self.importance[n][e] for n, e in zip(names, existing)]).cpu()
             value = importance / costs
             value = value / (value.max() + 1e-30)
-        value = torch.where(was_kept, value + 2.0, value)  # values lie in [0, 1]: kept groups come first
+        if self.options.method != "gates":  # values lie in [0, 1]: kept groups come first, masks only shrink
+            value = torch.where(was_kept, value + 2.0, value)
         keep = keep_within_budget(value, costs, target_ratio * self.dense_bytes)
         offset, changed = 0, False
         for name, mask in zip(names, existing):
@@ -258,9 +267,16 @@ class Sparsifier:
             self._restart_norm_statistics()
 
     def _gather_importance(self) -> None:
+        """"learned": the squared mask gradient summed since the last cut (what removing a group costs, either
+        sign). "gates": each group's gate score takes a plain gradient step with the mask's gradient as its own
+        (straight-through: the forward pass uses the hard 0/1 mask), i.e. it sums -d loss / d mask over the whole
+        phase: a kept group scores what dropping it would cost, a dropped one (its gradient taken at 0) what
+        bringing it back would gain, and noise averages out instead of adding up. Scores carry across cuts."""
         for name, layer in self.layers.items():
             if layer.group_mask.grad is not None:
-                self.importance[name] += layer.group_mask.grad.detach().pow(2)
+                gradient = layer.group_mask.grad.detach()
+                self.importance[name] += gradient.pow(2)
+                self.gate_scores[name] -= gradient
                 layer.group_mask.grad = None
 
     def _track_mask_gradients(self, enabled: bool) -> None:
@@ -273,7 +289,8 @@ class Sparsifier:
         return {"steps_done": self.steps_done, "frozen": self.frozen, "generator": self._generator.get_state(),
                 "cuts": list(self.cuts),
                 "nested": self.nested.state_dict() if self.nested is not None else None,
-                "importance": {n: t.cpu() for n, t in self.importance.items()}}
+                "importance": {n: t.cpu() for n, t in self.importance.items()},
+                "gate_scores": {n: t.cpu() for n, t in self.gate_scores.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
@@ -286,5 +303,7 @@ class Sparsifier:
         self._generator.set_state(state["generator"])
         for name, value in state["importance"].items():
             self.importance[name].copy_(value)
+        for name, value in state.get("gate_scores", {}).items():
+            self.gate_scores[name].copy_(value)
         if state["frozen"]:
             self.freeze()

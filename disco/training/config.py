@@ -74,8 +74,8 @@ class TrainConfig:
     nodes: int = option(2, help="devices to split across")
     budget: float = option(0.2, help="bytes allowed, as a fraction of the dense split's: 0..1, 0 = no "
                                      "communication, 0.2 = 5x less")
-    method: str = option("learned", choices=METHODS, help="how groups are chosen: learned (DISCO) or random "
-                                                          "(baseline)")
+    method: str = option("learned", choices=METHODS, help="how groups are chosen: learned (DISCO: gradient "
+                         "importance per byte), gates (learned gate scores, straight-through) or random (baseline)")
     nested: list = option(default_factory=list, type=lambda text: _budget_list(text), metavar="B,B,...",
                           help="larger budgets whose masks contain --budget's, e.g. 0.2,0.1,0.05 with --budget 0.02: "
                                "one model for all of them (fine-tuning trains each in turn; the report scores each; "
@@ -138,7 +138,7 @@ class TrainConfig:
         if self.nested:
             check_nested(tuple(self.nested), self.budget)
             if self.method == "random" or self.budget == 0.0:
-                raise DiscoError("--nested needs --method learned and a --budget above 0")
+                raise DiscoError("--nested needs --method learned or gates and a --budget above 0")
         if self.min_phase_steps < 0 or not 0.0 <= self.lr_warmup < 1.0:
             raise DiscoError("--min-phase-steps must not be negative and --lr-warmup must be in [0, 1)")
         if self.transport_dtype not in TRANSPORT_DTYPES:

@@ -236,6 +236,10 @@ def test_nested_budgets_give_one_model_for_each_budget_and_export_any(folder, tm
     assert [n["budget"] for n in report["nested"]] == [0.5, 0.2, 0.1]
     assert all(n["ratio"] <= n["budget"] + 1e-9 for n in report["nested"])
     assert report["nested"][-1]["score"] == pytest.approx(report["disco_accuracy"])
+    # each fine-tune epoch is scored with the run's own budget's statistics (not those mixed over every budget
+    # by nested fine-tuning): on data of fewer than 20 batches, the same statistics as the final score's
+    assert _metrics(out)[-1]["phase"] == "finetune"
+    assert _metrics(out)[-1]["test_accuracy"] == pytest.approx(report["disco_accuracy"])
     budgets, levels, norms = load_levels(out / NESTED)
     masks = _masks(out / "disco.safetensors")
     assert budgets == (0.5, 0.2, 0.1)
@@ -248,6 +252,35 @@ def test_nested_budgets_give_one_model_for_each_budget_and_export_any(folder, tm
     assert manifest.expected["bytes"] == report["nested"][1]["bytes_per_image"]
     with pytest.raises(DiscoError, match="not one of them"):
         export_run(out, tmp_path / "deploy-0.3", budget=0.3)
+    _one_deployment_serves_every_budget(out, tmp_path, report)
+
+
+def _one_deployment_serves_every_budget(out, tmp_path, report):
+    """`export --budgets all`: one deployment whose run at each budget gives what the deployment of that budget
+    alone gives (`export --budget B`: its own masks and statistics, BatchNorm folded), with that budget's bytes,
+    also when consecutive batches switch budget; its default is the run's own budget."""
+    from disco.runtime.inprocess import run_in_process
+    from disco.training.export_run import export_run
+
+    manifest = export_run(out, tmp_path / "all", budgets=[])
+    assert manifest.budgets().budgets == [0.5, 0.2, 0.1] and manifest.level_of(None) == 2
+    code = tiny_model_spec().rpartition(":")[0]  # the model's file, as `disco run --model-code`
+    test_images = TrainConfig.load(out / "config.json").load_data().test
+    x = torch.stack([test_images[i][0] for i in range(3)])
+    alone = {}
+    for level, entry in enumerate(report["nested"]):
+        single = tmp_path / f"alone-{entry['budget']}"
+        export_run(out, single, budget=entry["budget"])
+        alone[entry["budget"]], _ = run_in_process(single, x, model_code=code)
+        outputs, sent = run_in_process(tmp_path / "all", x, budget=entry["budget"], model_code=code)
+        torch.testing.assert_close(outputs, alone[entry["budget"]], atol=1e-4, rtol=1e-4)
+        assert sum(map(sum, sent["activations"])) == entry["bytes_per_image"] * len(x)
+        assert manifest.reference_at(level)["accuracy"] == pytest.approx(entry["score"])
+    switched, _ = run_in_process(tmp_path / "all", x, batch_size=1, budgets=[0.1, 0.5, 0.2], model_code=code)
+    for index, budget in enumerate([0.1, 0.5, 0.2]):
+        torch.testing.assert_close(switched[index], alone[budget][index], atol=1e-4, rtol=1e-4)
+    with pytest.raises(DiscoError, match="at least two"):
+        export_run(out, tmp_path / "one", budgets=[0.2])
 
 
 def test_nested_budgets_are_checked(folder, tmp_path):

@@ -21,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", type=float, metavar="B",
                         help="a run trained with --nested: export the masks of this one of its budgets (default: "
                              "the run's --budget, the smallest)")
+    parser.add_argument("--budgets", metavar="B,B,...|all",
+                        help="a run trained with --nested: one deployment carrying several of its budgets (all: "
+                             "every one); `disco run --budget B` and `disco serve` (?budget=B per request) switch "
+                             "between them with no reloading. Default budget: the run's own --budget")
     parser.add_argument("--sign-key", metavar="PRIVATE_KEY",
                         help="sign the deployment with this Ed25519 private key (`disco keygen`): `disco run "
                              "--verify-key PUBLIC_KEY` then refuses any folder not signed by its owner")
@@ -31,12 +35,24 @@ def run(args: argparse.Namespace) -> int:
     from disco.export.signing import SIGNATURE_NAME
     from disco.training.export_run import export_run  # the training stack: only when exporting
 
+    from disco.errors import DiscoError
+
+    budgets = None
+    if args.budgets is not None:
+        try:
+            budgets = [] if args.budgets.strip() == "all" else [float(b) for b in args.budgets.split(",")]
+        except ValueError:
+            raise DiscoError(f"--budgets takes budgets like 0.2,0.1 or 'all', got {args.budgets!r}") from None
     manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key,
-                          budget=args.budget)
-    expected = manifest.expected
-    print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "
-          f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "
-          f"ratio {expected['ratio']:.3f} of the dense split)")
+                          budget=args.budget, budgets=budgets)
+    nested = manifest.budgets()
+    for level in range(len(nested.budgets) if nested else 1):
+        expected = manifest.expected_at(level)
+        which = (f"budget {nested.budgets[level]}{' (default)' if level == nested.default else ''}: "
+                 if nested else "")
+        print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: {which}"
+              f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "
+              f"ratio {expected['ratio']:.3f} of the dense split)")
     for node, shard in enumerate(manifest.shards):
         print(f"  node {node}: {shard['file']}  sha256 {shard['sha256'][:16]}...")
     if args.sign_key:

@@ -50,4 +50,4 @@ def run(args: argparse.Namespace) -> int:
         raise DiscoError("--serve is for the ranks `disco serve` starts: run `disco serve DEPLOY` instead")
     RunOptions(**options)  # validate here, before starting any process
     return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose,
-                  verify_key=args.verify_key, model_code=args.model_code)
+                  verify_key=args.verify_key, model_code=args.model_code, budget=args.budget)

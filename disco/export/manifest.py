@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from disco.errors import DiscoError
+from disco.export.budgets import NestedBudgets
 from disco.models import REGISTERED_SOURCES, split_spec
 from disco.options import MAX_NODES
 from disco.split.plan import SplitPlan
@@ -26,7 +27,8 @@ from disco.transport import check_scheme
 FORMAT = "disco-deployment"
 # 2: layers hold each layer's SplitPlan; 3: model spec registered or bound to a file hash, shards carry the digest;
 # 4: transport_scheme names how messages are encoded (integer dtypes), input and output travel as fp32
-FORMAT_VERSION = 4
+# 5: `nested`: several nested budgets in one deployment (disco/export/budgets.py)
+FORMAT_VERSION = 5
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.safetensors")  # a plain file name: no folder, no ".."
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -67,13 +69,14 @@ class Manifest:
     transport_dtype: str
     layers: dict[str, SplitPlan]  # the split plan of every channel-mixing layer
     shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ...}] in node order
-    expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...)
+    expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...); nested: the default's
     preprocess: dict | None = None  # {"channels", "size", "mean", "std"} for reading image files
     dataset: dict | None = None  # {"dataset", "data", "image_size", "test_subset", "seed", "skip_bad_data"}: --eval
     class_names: list[str] | None = None
     reference: dict | None = None  # the simulation's result to compare with, e.g. {"accuracy": ...}
     task: str = "classification"  # how node 0 reads the output: classification, segmentation, detection, superres
     transport_scheme: str = ""  # how transport_dtype's messages are laid out (disco/transport.py: TransportDtype.scheme)
+    nested: dict | None = None  # several nested budgets (disco/export/budgets.py): `layers` plan the largest
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -126,6 +129,36 @@ class Manifest:
         for name, plan in self.layers.items():
             if plan.nodes != self.nodes:
                 raise DiscoError(f"layer {name!r} is planned for {plan.nodes} nodes, the deployment for {self.nodes}")
+        self.budgets()
+
+    def budgets(self) -> NestedBudgets | None:
+        """The nested budgets the deployment carries (checked against its plans), or None: it carries one."""
+        if self.nested is None:
+            return None
+        cached = self.__dict__.get("_budgets")  # parsed once per `nested` value: a check reads every channel
+        if cached is None or cached[0] is not self.nested:
+            cached = self.__dict__["_budgets"] = (self.nested, NestedBudgets.from_json(self.nested, self.layers))
+        return cached[1]
+
+    def level_of(self, budget: float | None) -> int:
+        """The level a run at `budget` uses (None: the deployment's default); a deployment of one budget has
+        level 0 only, and names it when asked for another."""
+        nested = self.budgets()
+        if nested is not None:
+            return nested.level_of(budget)
+        ratio = self.expected.get("ratio")
+        if budget is not None and (ratio is None or abs(budget - ratio) > 0.01):
+            raise DiscoError(f"the deployment carries one budget (ratio {ratio:.4f} of the dense bytes); export the "
+                             "run with --budgets to carry several, or leave out --budget")
+        return 0
+
+    def expected_at(self, level: int) -> dict:
+        """The simulation's cost report per image at `level`."""
+        return self.expected if self.nested is None else self.nested["expected"][level]
+
+    def reference_at(self, level: int) -> dict | None:
+        """The simulation's score at `level`."""
+        return self.reference if self.nested is None else self.nested["reference"][level]
 
     def _validate_shards(self) -> None:
         """Before any file is opened: every shard a plain, distinct file name in the folder, with a sha256."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from disco.accounting import cost_report
+from disco.export.budgets import NestedBudgets, NestedExport, level_prefix, levels_table
 from disco.errors import DiscoError
 from disco.export.manifest import DIGEST_KEY, NODE_KEY, Manifest, ModelSpec, sha256_of
 from disco.export.signing import SIGNATURE_NAME, read_private_key, sign_deployment
@@ -25,8 +26,11 @@ from disco.split.layers import DiscoLayer
 from disco.split.partitioner import analyse, as_input_tuple, disco_layers, eval_mode, transport_of
 from disco.split.placement import placements
 from disco.split.propagate import GraphAnalysis
+from disco.sparsify.nested import load_norm_statistics
 
 PLAN_BUFFERS = ("in_assign", "out_assign", "group_mask")
+EXPECTED_KEYS = ("bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes", "norm_bytes", "norm_bytes_matrix",
+                 "macs_per_node", "param_bytes_per_node")  # the cost report's figures a deployment is checked by
 
 
 def mixing_tensors(name: str, layer: DiscoLayer, node: int) -> dict[str, torch.Tensor]:
@@ -62,14 +66,16 @@ def check_spec(model: nn.Module, spec: ModelSpec) -> None:
 def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelSpec, transport_dtype: str | None = None,
            preprocess: dict | None = None, dataset: dict | None = None,
            class_names: list[str] | None = None, reference: dict | None = None, task: str | None = None,
-           sign_key: str | Path | None = None) -> Manifest:
+           sign_key: str | Path | None = None, nested: NestedExport | None = None) -> Manifest:
     """Write `node{k}.safetensors` for every node and `manifest.json` into `folder` (see module doc).
 
     `model` is a partitioned model (disco.partition, masks set); `example_inputs` one input like the
     ones it will run on; `spec` rebuilds its architecture on every node. `transport_dtype`: what channels cross
     the network in (default: the one the model simulates, disco.set_transport). `task` tells node 0 how to read
     the output (default: the model's `disco_task` attribute, as on the disco.tasks models, else
-    classification). `sign_key`: an Ed25519 private key file (`disco keygen`) to sign the deployment with."""
+    classification). `sign_key`: an Ed25519 private key file (`disco keygen`) to sign the deployment with.
+    `nested`: the budgets of a model trained with nested budgets, all carried by the one deployment
+    (disco/export/budgets.py; the model is left at the largest, and `reference` is taken from `nested`)."""
     layers = disco_layers(model)
     if not layers:
         raise DiscoError("export needs a partitioned model: call disco.partition(model, nodes=N, example_inputs=x)")
@@ -86,21 +92,24 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     nodes = next(iter(layers.values())).nodes
     with eval_mode(model):
         analysis = analyse(model, (example,), nodes)
-    costs = cost_report(model, example, transport_dtype=dtype.name)
-    expected = {key: costs[key] for key in ("bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes",
-                                            "norm_bytes", "norm_bytes_matrix", "macs_per_node",
-                                            "param_bytes_per_node")}
+    nested_field, level_tensors = None, [{} for _ in range(nodes)]
+    if nested is not None:
+        nested_field, level_tensors = _levels(model, analysis, example, dtype.name, nested)
+        expected, reference = nested_field["expected"][nested.default], nested.reference[nested.default]
+    else:
+        costs = cost_report(model, example, transport_dtype=dtype.name)
+        expected = {key: costs[key] for key in EXPECTED_KEYS}
     manifest = Manifest(model=replace(spec, model=recorded, code_sha256=code_sha256), nodes=nodes,
                         input_shape=list(example.shape[1:]), transport_dtype=dtype.name, transport_scheme=dtype.scheme,
                         layers={name: layer.plan for name, layer in layers.items()}, shards=[], expected=expected,
                         preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
-                        task=task or getattr(model, "disco_task", "classification"))
+                        task=task or getattr(model, "disco_task", "classification"), nested=nested_field)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = manifest.digest()  # of everything but the shard list: bound into every shard
     for node in range(nodes):
         path = folder / f"node{node}.safetensors"
-        safetensors.torch.save_file(node_tensors(model, analysis, node), str(path),
+        safetensors.torch.save_file({**node_tensors(model, analysis, node), **level_tensors[node]}, str(path),
                                     metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
         manifest.shards.append({"file": path.name, "sha256": sha256_of(path)})
     manifest.validate()
@@ -109,3 +118,28 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     if sign_key is not None:
         sign_deployment(folder, sign_key)
     return manifest
+
+
+def _levels(model: nn.Module, analysis: GraphAnalysis, example: torch.Tensor, dtype: str,
+            nested: NestedExport) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """The manifest's `nested` field and each node's tensors of levels >= 1 (their BatchNorm statistics): every
+    level's masks and statistics set in turn, smallest first, so the model is left at level 0, the largest."""
+    layers, nodes = disco_layers(model), next(iter(disco_layers(model).values())).nodes
+    if set(nested.group_levels) != set(layers):
+        raise DiscoError("the nested levels do not name this model's layers: they belong to another run")
+    parts = placements(model, analysis)
+    expected: list[dict] = []
+    per_node: list[dict[str, torch.Tensor]] = [{} for _ in range(nodes)]
+    for level in reversed(range(len(nested.budgets))):
+        for name, layer in layers.items():
+            layer.set_group_mask(nested.group_levels[name] > level)
+        load_norm_statistics(model, nested.norms[level])
+        costs = cost_report(model, example, transport_dtype=dtype)
+        expected.insert(0, {key: costs[key] for key in EXPECTED_KEYS})
+        for node in range(nodes) if level else ():
+            per_node[node].update({level_prefix(level) + key: parts[key].part(node).detach().cpu().contiguous().clone()
+                                   for key in nested.norms[level] if key in parts})
+    table = {name: levels_table(layer.plan, nested.group_levels[name]) for name, layer in layers.items()}
+    field = NestedBudgets(budgets=list(nested.budgets), levels=table, expected=expected,
+                          reference=list(nested.reference), default=nested.default)
+    return field.to_json(), per_node

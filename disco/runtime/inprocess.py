@@ -11,29 +11,36 @@ import torch
 from disco.export.manifest import Manifest
 from disco.runtime.comm import PeerFailure, memory_group
 from disco.runtime.evaluation import join_batches
-from disco.runtime.program import load_program
+from disco.runtime.levels import load_programs
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
 
 
 def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int | None = None,
-                   timeout: float = 60.0, model_code: str | Path | None = None, inflight: int = 1
+                   timeout: float = 60.0, model_code: str | Path | None = None, inflight: int = 1,
+                   budget: float | None = None, budgets: list[float | None] | None = None
                    ) -> tuple[object, dict[str, list[list[int]]]]:
     """(outputs of the whole batch, bytes sent per category as [src][dst]) of the deployment in `folder`.
     `inputs` are split into batches of `batch_size` (default: one batch); outputs are concatenated.
     `inflight`: batches in flight at once (each rank runs that many lanes, as `disco run --inflight`).
-    `model_code`: the model file of a deployment whose model is not registered (as `disco run --model-code`)."""
+    `model_code`: the model file of a deployment whose model is not registered (as `disco run --model-code`).
+    `budget`: a deployment carrying several budgets: the one to run at (as `disco run --budget`); `budgets`: one
+    per batch instead (switching between batches, as `disco serve` does per request)."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    programs = [load_program(manifest, folder, rank, torch.device("cpu"), model_code)
+    programs = [load_programs(manifest, folder, rank, torch.device("cpu"), model_code, budget)
                 for rank in range(manifest.nodes)]
+    chunks = inputs.split(batch_size or len(inputs))
+    if budgets is not None and len(budgets) != len(chunks):
+        raise ValueError(f"{len(chunks)} batches but {len(budgets)} budgets")
+    levels = [None if b is None else manifest.level_of(b) for b in budgets] if budgets else [None] * len(chunks)
     comms = memory_group(manifest.nodes, timeout)
     results: dict = {}
     errors: dict[int, BaseException] = {}
 
     def coordinate() -> None:
         coordinator = Coordinator(programs[0], comms[0], inflight)
-        futures = [coordinator.submit(chunk) for chunk in inputs.split(batch_size or len(inputs))]
+        futures = [coordinator.submit(chunk, level=level) for chunk, level in zip(chunks, levels)]
         results["outputs"] = [future.result() for future in futures]
         coordinator.stop()
         results["counters"] = gather_counters(comms[0])

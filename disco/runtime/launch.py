@@ -51,10 +51,12 @@ def relay_rank_output(lines, verbose: bool):
 
 
 def launch(deploy: str, worker_args: list[str], *, nodes: int | None = None, threads: int | None = None,
-           verbose: bool = False, verify_key: str | None = None, model_code: str | None = None) -> int:
+           verbose: bool = False, verify_key: str | None = None, model_code: str | None = None,
+           budget: float | None = None) -> int:
     if verify_key is not None:  # refused here, once, rather than by every rank
         verify_deployment(deploy, verify_key)
     manifest = Manifest.load(deploy)
+    manifest.level_of(budget)  # a budget the deployment lacks: refused before any rank starts
     model_to_build(manifest.model, model_code)  # the model file is hashed, never imported, here
     nodes = nodes or manifest.nodes
     if nodes != manifest.nodes:

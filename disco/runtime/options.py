@@ -24,6 +24,9 @@ class RunOptions:
     inflight: int = option(1, metavar="K", help="batches in flight at once: while one waits for a peer's "
                            "channels, a rank computes another (images per second up, each image's latency "
                            "about the same or longer); every rank must be given the same K")
+    budget: float | None = option(None, help="a deployment carrying several nested budgets (`disco export RUN "
+                                  "--budgets ...`): the one to run at (default: the one it was trained for; `disco "
+                                  "export` lists them)")
     timeout: float = option(60.0, help="seconds to wait for a peer before failing with an error naming it")
     backend: str = option("auto", choices=("auto", "gloo", "nccl"),
                           help="auto: NCCL if every rank has a GPU, else gloo")

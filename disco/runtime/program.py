@@ -42,9 +42,9 @@ def _meta_model(manifest: Manifest, model_code: str | Path | None) -> nn.Module:
     return replace_attention(model).eval()
 
 
-def _chooser(manifest: Manifest):
+def _chooser(layers: dict):
     def choose(name: str, module: nn.Module, in_assign: torch.Tensor) -> torch.Tensor:
-        plan = manifest.layers.get(name)
+        plan = layers.get(name)
         if plan is None:
             raise DiscoError(f"the model spec has a layer {name!r} that the manifest does not plan")
         if not torch.equal(plan.in_assign, in_assign.cpu()):
@@ -70,25 +70,32 @@ def _to_device(step, device: torch.device):
 
 
 class LocalProgram:
-    """Runs this rank's part of the model; `forward(x, comm)` returns the rank's local outputs."""
+    """Runs this rank's part of the model; `forward(x, comm)` returns the rank's local outputs.
+
+    `layers`: the plans to run (default: the manifest's; a deployment with nested budgets has one program per
+    budget, disco/runtime/levels.py). `fold`: fold BatchNorms into their convs (a program per budget does not:
+    each budget has its own statistics, and folded weights would be stored once per budget)."""
 
     def __init__(self, manifest: Manifest, tensors: dict[str, torch.Tensor], rank: int,
-                 device: torch.device = torch.device("cpu"), model_code: str | Path | None = None):
+                 device: torch.device = torch.device("cpu"), model_code: str | Path | None = None,
+                 layers: dict | None = None, fold: bool = True):
         self.manifest, self.rank, self.device = manifest, rank, device
+        self.layers = manifest.layers if layers is None else layers
         self.tensors = {k: v.to(device) for k, v in tensors.items()}
         self.graph_module = trace(_meta_model(manifest, model_code))
         with eval_mode(self.graph_module):
             example = (torch.empty((1, *manifest.input_shape), device="meta"),)
-            propagator = propagate(self.graph_module, example, manifest.nodes, _chooser(manifest))
+            propagator = propagate(self.graph_module, example, manifest.nodes, _chooser(self.layers))
         self.owners = propagator.owners
         self.norms = propagator.analysis.norms
         planned = {call.module for call in propagator.analysis.mixing}
-        if planned != set(manifest.layers):
+        if planned != set(self.layers):
             raise DiscoError(f"the manifest plans layers the model spec does not call: "
-                             f"{sorted(set(manifest.layers) - planned)[:4]}")
+                             f"{sorted(set(self.layers) - planned)[:4]}")
         self.transport = get_transport_dtype(manifest.transport_dtype)
         steps = [step for step in map(self._step, self.graph_module.graph.nodes) if step is not None]
-        self.steps = fold_batch_norms(steps)  # a conv's BatchNorm scales its weight rows: one pass less per layer
+        # a conv's BatchNorm scales its weight rows: one pass less per layer
+        self.steps = fold_batch_norms(steps) if fold else steps
         self.output_node = next(n for n in self.graph_module.graph.nodes if n.op == "output")
         self.profile: StepProfile | None = None
         self._output_layout()
@@ -107,7 +114,7 @@ class LocalProgram:
         kind = self._kind(node, module)
         if kind is OpKind.MIXING:
             out_shape = local_shape(self.owners[node], self.rank, node.name)
-            step = mixing_step(node.target, module, self.manifest.layers[node.target], self.tensors, self.rank,
+            step = mixing_step(node.target, module, self.layers[node.target], self.tensors, self.rank,
                                out_shape, self.transport)
             return Exchanging(node, _to_device(step, self.device))
         if kind is OpKind.MOVE:
@@ -223,13 +230,19 @@ def _tensor_leaves(value) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
-def load_program(manifest: Manifest, folder: Path, rank: int, device: torch.device,
-                 model_code: str | Path | None = None) -> LocalProgram:
-    """Verify the rank's shard against the manifest (before any communication), load it, build the program.
-    `model_code`: the user's model file, for deployments of a model that is not registered (export/trust.py)."""
+def load_shard(manifest: Manifest, folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    """The rank's shard, verified against the manifest (before any communication)."""
     path = verify_shard(manifest, folder, rank)
     try:
-        tensors = safetensors.torch.load_file(str(path))
+        return safetensors.torch.load_file(str(path))
     except Exception as error:  # a damaged file that still matched its hash cannot happen; report anyway
         raise DiscoError(f"could not read shard {path}: {error}") from error
-    return LocalProgram(manifest, tensors, rank, device, model_code)
+
+
+def load_program(manifest: Manifest, folder: Path, rank: int, device: torch.device,
+                 model_code: str | Path | None = None) -> LocalProgram:
+    """Verify the rank's shard, load it, build the program of the deployment's plans (its largest budget, when it
+    carries several: disco/runtime/levels.py builds one per budget).
+    `model_code`: the user's model file, for deployments of a model that is not registered (export/trust.py)."""
+    return LocalProgram(manifest, load_shard(manifest, folder, rank), rank, device, model_code,
+                        fold=manifest.nested is None)

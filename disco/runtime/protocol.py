@@ -1,7 +1,8 @@
 """The runtime's wire protocol: every message of a batch, in one place (docs/method.md 8).
 
 Each function is called by every rank; rank 0 and the other ranks play the two sides of one message:
-1. `share_status`: rank 0 tells every rank what comes next (RUN a batch of n images, STOP, REFUSED input, or,
+1. `share_status`: rank 0 tells every rank what comes next (RUN a batch of n images at budget level k, STOP,
+   REFUSED input, or,
    under `disco serve`, COUNTERS: `gather_counters` now, or KEEPALIVE: nothing yet, rank 0 is still there: an
    idle service is not a hung rank 0);
 2. `scatter_input`: rank 0 sends the batch to every rank as float32 (whatever the activations' transport dtype:
@@ -28,14 +29,15 @@ def _others(comm: Comm) -> list[int]:
     return [k for k in range(comm.world) if k != comm.rank]
 
 
-def share_status(comm: Comm, status: int = RUN, batch: int = 0) -> tuple[int, int]:
-    """(status, batch size) as rank 0 sets it; the arguments are read on rank 0 only."""
+def share_status(comm: Comm, status: int = RUN, batch: int = 0, level: int = 0) -> tuple[int, int, int]:
+    """(status, batch size, budget level) as rank 0 sets it; the arguments are read on rank 0 only. The level
+    picks the program of a deployment carrying several budgets (disco/runtime/levels.py; 0 otherwise)."""
     if comm.rank == 0:
-        header = torch.tensor([status, batch], dtype=torch.int64)
+        header = torch.tensor([status, batch, level], dtype=torch.int64)
         comm.exchange({k: header for k in _others(comm)}, {}, category="control", what="sending work").wait()
-        return status, batch
-    status, batch = comm.receive((2,), torch.int64, 0, what="waiting for work from rank 0").tolist()
-    return status, batch
+        return status, batch, level
+    status, batch, level = comm.receive((3,), torch.int64, 0, what="waiting for work from rank 0").tolist()
+    return status, batch, level
 
 
 def scatter_input(comm: Comm, x: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[torch.Tensor, Exchange | None]:

@@ -16,15 +16,18 @@ import torch
 
 from disco.errors import DiscoError
 from disco.runtime.comm import Comm
+from disco.runtime.levels import as_programs
 from disco.runtime.protocol import (COUNTERS, KEEPALIVE, REFUSED, RUN, STOP, gather_counters, run_batch,
                                     share_status)
 
 
 class Coordinator:
-    """Rank 0: starts each batch on a free lane, runs its part, assembles the output, times each forward."""
+    """Rank 0: starts each batch on a free lane, runs its part, assembles the output, times each forward.
+    `programs`: the rank's Programs (one per budget the deployment carries; disco/runtime/levels.py), or one
+    LocalProgram. A batch runs at the programs' default level unless given one."""
 
-    def __init__(self, program, comm: Comm, inflight: int = 1):
-        self.program, self.comm = program, comm
+    def __init__(self, programs, comm: Comm, inflight: int = 1):
+        self.programs, self.comm = as_programs(programs), comm
         self.lanes = comm.lanes(inflight)
         self.free: queue.Queue = queue.Queue()
         for lane in self.lanes:
@@ -36,29 +39,31 @@ class Coordinator:
         self.timed_images = 0
         self._lock = threading.Lock()
 
-    def forward(self, x: torch.Tensor, timed: bool = True):
+    def forward(self, x: torch.Tensor, timed: bool = True, level: int | None = None):
         """One batch, waited for (the output on rank 0)."""
-        return self.submit(x, timed).result()
+        return self.submit(x, timed, level).result()
 
-    def submit(self, x: torch.Tensor, timed: bool = True) -> Future:
+    def submit(self, x: torch.Tensor, timed: bool = True, level: int | None = None) -> Future:
         """One batch, run on the next free lane; the future holds its output. Sequential when inflight is 1."""
+        level = self.programs.default if level is None else level
+        self.programs.at(level)  # a level the deployment lacks is refused before anything is sent
         if self.pool is not None:
-            return self.pool.submit(self._run, x, timed)
+            return self.pool.submit(self._run, x, timed, level)
         future: Future = Future()
         try:
-            future.set_result(self._run(x, timed))
+            future.set_result(self._run(x, timed, level))
         except BaseException as error:  # noqa: BLE001 - the caller sees it from future.result(), as with lanes
             future.set_exception(error)
         return future
 
-    def _run(self, x: torch.Tensor, timed: bool):
+    def _run(self, x: torch.Tensor, timed: bool, level: int):
         lane = self.free.get()
         try:
             start = time.perf_counter()
             with torch.no_grad():  # grad mode is per thread
                 x = x.to(lane.device)
-                share_status(lane, RUN, x.shape[0])
-                output = run_batch(self.program, lane, x, x.shape[0])
+                share_status(lane, RUN, x.shape[0], level)
+                output = run_batch(self.programs.at(level), lane, x, x.shape[0])
             if lane.device.type == "cuda":
                 torch.cuda.synchronize()
             end = time.perf_counter()
@@ -109,9 +114,9 @@ class Coordinator:
             share_status(lane, status, 0)
 
 
-def _serve_lane(program, lane: Comm) -> None:
+def _serve_lane(programs, lane: Comm) -> None:
     while True:
-        status, batch = share_status(lane)
+        status, batch, level = share_status(lane)
         if status == STOP:
             return
         if status == REFUSED:
@@ -121,17 +126,19 @@ def _serve_lane(program, lane: Comm) -> None:
         if status in (COUNTERS, KEEPALIVE):
             continue
         with torch.no_grad():  # grad mode is per thread
-            run_batch(program, lane, None, batch)
+            run_batch(programs.at(level), lane, None, batch)
 
 
-def serve(program, comm: Comm, inflight: int = 1) -> None:
-    """Ranks other than 0: run every batch rank 0 starts, on every lane, until it says stop."""
+def serve(programs, comm: Comm, inflight: int = 1) -> None:
+    """Ranks other than 0: run every batch rank 0 starts, on every lane, at the level it names, until it says
+    stop. `programs`: as the Coordinator's."""
+    programs = as_programs(programs)
     lanes = comm.lanes(inflight)
     if len(lanes) == 1:
-        _serve_lane(program, comm)
+        _serve_lane(programs, comm)
         return
     pool = ThreadPoolExecutor(len(lanes), thread_name_prefix="disco-lane")
-    futures = [pool.submit(_serve_lane, program, lane) for lane in lanes]
+    futures = [pool.submit(_serve_lane, programs, lane) for lane in lanes]
     done, _ = wait(futures, return_when=FIRST_EXCEPTION)
     pool.shutdown(wait=False)  # on a failure, lanes still waiting on a peer end by their own timeout
     for future in done:

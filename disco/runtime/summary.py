@@ -7,8 +7,11 @@ from disco.export.manifest import Manifest
 from disco.runtime.comm import CATEGORIES
 
 
-def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend: str) -> dict:
-    run = result["images_run"]  # every image of every forward, warm-up included: what the counters saw
+def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend: str, level: int = 0) -> dict:
+    """`level`: the budget level the run used (a deployment carrying several: its simulation is that level's)."""
+    run = result["images_run"]
+    expected = manifest.expected_at(level)
+    nested = manifest.budgets()  # every image of every forward, warm-up included: what the counters saw
     forwards = len(result["latencies_s"])
     per_image = {c: sum(map(sum, sent[c])) / run if run else 0.0 for c in CATEGORIES}
     return {
@@ -18,11 +21,11 @@ def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend:
         "latency_s": {"median": statistics.median(result["latencies_s"]) if forwards else None,
                       "all": result["latencies_s"]},
         "accuracy": result["accuracy"], "metric": result["metric"], "score": result["score"],
-        "reference": manifest.reference,
+        "reference": manifest.reference_at(level),
+        "budget": nested.budgets[level] if nested is not None else None,
         "bytes_sent": sent, "bytes_per_image": per_image,
-        "expected_per_image": {"activations": manifest.expected["bytes"],
-                               "norm": manifest.expected.get("norm_bytes", 0),
-                               **manifest.expected["io_bytes"]},
+        "expected_per_image": {"activations": expected["bytes"], "norm": expected.get("norm_bytes", 0),
+                               **expected["io_bytes"]},
         "predictions": result["predictions"],
     }
 
@@ -42,7 +45,8 @@ def print_summary(summary: dict) -> None:
               f"runs ({summary['nodes']} ranks, {summary['backend']}, {summary['inflight']} in flight)"
               + (f"; {rate:.1f} images/s" if rate else ""))
     actual, expected = summary["bytes_per_image"], summary["expected_per_image"]
-    print(f"bytes per image ({summary['transport_dtype']}): activations {actual['activations']:,.0f} "
+    budget = f", budget {summary['budget']}" if summary.get("budget") is not None else ""
+    print(f"bytes per image ({summary['transport_dtype']}{budget}): activations {actual['activations']:,.0f} "
           f"(simulation {expected['activations']:,}), input {actual['input']:,.0f} ({expected['input']:,}), "
           f"output {actual['output']:,.0f} ({expected['output']:,})"
           + (f", norm sums {actual['norm']:,.0f} ({expected['norm']:,})" if expected["norm"] else ""))

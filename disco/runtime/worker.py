@@ -27,7 +27,7 @@ from disco.runtime.comm import DistComm, choose_backend, launch_environment
 from disco.runtime.evaluation import coordinate
 from disco.runtime.inputs import eval_batches, file_batches
 from disco.runtime.options import RunOptions
-from disco.runtime.program import load_program
+from disco.runtime.levels import load_programs
 from disco.runtime.profiling import gather_profiles, pace_table, write_tables
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
@@ -73,7 +73,8 @@ def run_rank(options: RunOptions) -> dict | None:
     if world != manifest.nodes:
         raise DiscoError(f"the deployment is split across {manifest.nodes} nodes but {world} ranks were started")
     backend, device = choose_backend(options.backend)
-    program = load_program(manifest, folder, rank, device, options.model_code)  # shard verified before any talk
+    # shard verified before any talk; one program per budget the deployment carries
+    programs = load_programs(manifest, folder, rank, device, options.model_code, options.budget)
     batches = _batches(manifest, options) if rank == 0 and not options.serve else None
     link = connect_from_environment(LINK_MAX_BYTES) if rank == 0 and options.serve else None
     comm = DistComm.start(timeout=options.timeout, backend=backend, device=device)
@@ -82,19 +83,19 @@ def run_rank(options: RunOptions) -> dict | None:
     comm.agree_on(hashlib.sha256(mode.encode()).hexdigest(), "--inflight and --serve")
     if rank == 0 and not options.quiet:
         print(f"ready: {world} ranks joined ({backend}), shards and manifest verified", flush=True)
-    with _profiled(program, options.profile, rank, device), torch.no_grad():
+    with _profiled(programs, options.profile, rank, device), torch.no_grad():
         if rank != 0:
-            result = serve(program, comm, options.inflight)
+            result = serve(programs, comm, options.inflight)
         elif link is not None:
-            result = answer_requests(Coordinator(program, comm, options.inflight), manifest, link, backend)
+            result = answer_requests(Coordinator(programs, comm, options.inflight), manifest, link, backend)
         else:
-            result = coordinate(Coordinator(program, comm, options.inflight), manifest, options, batches)
+            result = coordinate(Coordinator(programs, comm, options.inflight), manifest, options, batches)
     counters = gather_counters(comm)
-    pace = _gather_pace(program, comm) if options.profile else None
+    pace = _gather_pace(programs, comm) if options.profile else None
     comm.close()
     if rank != 0:
         return None
-    summary = summarise(result, counters, manifest, comm.world, backend)
+    summary = summarise(result, counters, manifest, comm.world, backend, programs.default)
     if pace is not None:
         summary["profile"] = str(write_tables(Path(options.profile), pace, _median_ms(summary)))
     return summary

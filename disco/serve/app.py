@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
 from disco.export.trust import build_deployed_model
+from disco.serve.adapt import BudgetAdapter
 from disco.serve.answers import as_json, as_png, read_image, task_answers, warm_up
 from disco.serve.batching import Batcher, Refused
 from disco.serve.metrics import ServiceMetrics
@@ -45,13 +46,19 @@ class Service:
             raise DiscoError(f"{options.deploy} records no image preprocessing (export it from a training run): "
                              "the service would not know how to read images")
         warm_up(self.manifest)
+        self.default_level = self.manifest.level_of(options.budget)  # a budget it lacks: refused at start
+        self.budgets = self._budget_table()
+        self.adapter = None if options.latency_target_ms is None else BudgetAdapter(
+            levels=len(self.budgets), level=self.default_level, target_s=options.latency_target_ms / 1000)
         self.metrics = ServiceMetrics()
+        self.metrics.budget_level.set(self.default_level)
         self.ranks = Ranks(options, self.manifest.nodes, self.metrics, quiet=quiet)
         # detection answers are decoded on this side (anchors, NMS: weight-free parts of the model)
         self.detector = build_deployed_model(self.manifest.model, options.model_code).eval() \
             if self.task.decodes_with_model else None
         self.batcher = Batcher(self.ranks, options, self.metrics,
-                               functools.partial(task_answers, manifest=self.manifest, detector=self.detector))
+                               functools.partial(task_answers, manifest=self.manifest, detector=self.detector),
+                               self._batch_ran)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -63,14 +70,40 @@ class Service:
             batching.cancel()
             await asyncio.to_thread(self.ranks.stop)
 
+    def level_of(self, budget: float | None) -> int:
+        """The level a request runs at: its ?budget=, or the service's default (or the adapter's, following
+        the link: --latency-target-ms)."""
+        if budget is None:
+            return self.default_level if self.adapter is None else self.adapter.current()
+        try:
+            return self.manifest.level_of(budget)
+        except DiscoError as error:
+            raise Refused(422, "bad_budget", str(error)) from None
+
+    def _batch_ran(self, level: int, seconds: float) -> None:
+        if self.adapter is not None:
+            self.metrics.budget_level.set(self.adapter.observe(level, seconds))
+
+    def _budget_table(self) -> list[dict]:
+        """Every budget the deployment carries: bytes per image, simulated score, which one is the default."""
+        nested = self.manifest.budgets()
+        return [{"budget": nested.budgets[level] if nested else None,
+                 "bytes_per_image": self.manifest.expected_at(level)["bytes"],
+                 "ratio": self.manifest.expected_at(level).get("ratio"),
+                 "reference": self.manifest.reference_at(level), "default": level == self.default_level}
+                for level in range(len(nested.budgets) if nested else 1)]
+
     def model_card(self) -> dict:
-        m, expected = self.manifest, self.manifest.expected
+        m, expected = self.manifest, self.manifest.expected_at(self.default_level)
         return {"model": asdict(m.model), "task": m.task, "nodes": m.nodes, "transport_dtype": m.transport_dtype,
                 "input_shape": m.input_shape, "class_names": m.class_names,
                 "bytes_per_image": expected["bytes"], "dense_bytes_per_image": expected.get("dense_bytes"),
-                "ratio": expected.get("ratio"), "cost_report": expected, "reference": m.reference,
+                "ratio": expected.get("ratio"), "cost_report": expected,
+                "reference": m.reference_at(self.default_level), "budgets": self.budgets,
                 "serving": {"max_batch": self.options.max_batch, "max_wait_ms": self.options.max_wait_ms,
-                            "queue_size": self.options.queue_size, "inflight": self.options.inflight}}
+                            "queue_size": self.options.queue_size, "inflight": self.options.inflight,
+                            "latency_target_ms": self.options.latency_target_ms,
+                            "budget_now": self.budgets[self.level_of(None)]["budget"]}}
 
 
 def _error(status: int, kind: str, message: str, retry_after: int | None = None) -> JSONResponse:
@@ -173,18 +206,24 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/predict")
     async def predict(request: Request, top_k: int = Query(options.top_k, ge=1, le=1000),
                       mask: bool = Query(False, description="include masks / images as base64 PNG in the JSON"),
-                      format: str = Query("json", pattern="^(json|png)$")):
+                      format: str = Query("json", pattern="^(json|png)$"),
+                      budget: float | None = Query(None, gt=0, le=1, description="a deployment carrying several "
+                                                   "nested budgets: the one to run at (GET /v1/model lists them)")):
         began = time.perf_counter()
+        level = service.level_of(budget)
         body = await _body(request, options.max_body_bytes)
         image, read = await run_in_threadpool(read_image, await _image_bytes(request, body, options.max_body_bytes),
                                               service.manifest, options.max_pixels)
-        answer = await service.batcher.infer(image, top_k)
+        answer = await service.batcher.infer(image, top_k, level)
+        budget = service.budgets[level]["budget"]
+        service.metrics.images_by_budget.labels(budget="deployed" if budget is None else str(budget)).inc()
         service.metrics.latency.observe(time.perf_counter() - began)
         if format == "png":
             return Response(await run_in_threadpool(as_png, answer), media_type=PNG_TYPE)
+        ran_at = {} if budget is None else {"budget": budget}
         if mask:  # PNG encoding: off the event loop
-            return JSONResponse(await run_in_threadpool(as_json, answer, read, mask))
-        return JSONResponse(as_json(answer, read, mask))
+            return JSONResponse({**await run_in_threadpool(as_json, answer, read, mask), **ran_at})
+        return JSONResponse({**as_json(answer, read, mask), **ran_at})
 
     KNOWN_PATHS = {route.path for route in app.routes}
     return app

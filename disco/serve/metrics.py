@@ -44,6 +44,10 @@ class ServiceMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("disco_batch_size", "images per batch sent to the ranks", buckets=BATCH_BUCKETS,
                                     registry=self.registry)
+        self.images_by_budget = Counter("disco_images_by_budget", "images run, by the budget they ran at (a "
+                                        "deployment carrying several: ?budget=)", ["budget"], registry=self.registry)
+        self.budget_level = Gauge("disco_budget_level", "the budget level of requests that name none (0: the "
+                                  "largest; --latency-target-ms moves it)", registry=self.registry)
         self.queue_depth = Gauge("disco_queue_depth", "requests waiting for a batch", registry=self.registry)
         self.ready = Gauge("disco_ready", "1 when every rank has joined and verified its shard", registry=self.registry)
         self.restarts = Counter("disco_rank_restarts", "times the ranks were started again after a failure",

@@ -31,6 +31,12 @@ class ServeOptions:
                                                 "K times after one dies or hangs; HTTP stays up meanwhile")
     timeout: float = option(10.0, help="seconds to wait for a peer rank before the batch fails with an error "
                                        "naming it (the requests get 503)")
+    budget: float | None = option(None, help="a deployment carrying several nested budgets: the one a request runs "
+                                  "at unless it asks ?budget=B (default: the one the model was trained for)")
+    latency_target_ms: float | None = option(None, metavar="MS", help="a deployment carrying several budgets: "
+                                             "requests that name no budget step to a smaller one while batches "
+                                             "take longer than this at the ranks (the link slowed), and back up "
+                                             "when they take under half of it (disco/serve/adapt.py)")
     inflight: int = option_of(RunOptions, "inflight")
     backend: str = option_of(RunOptions, "backend")
     threads: int | None = option(None, help="CPU threads per rank (default: cores / local ranks)")
@@ -52,6 +58,8 @@ class ServeOptions:
             raise DiscoError("--max-batch, --queue-size, --inflight and --top-k must be at least 1")
         if self.max_wait_ms < 0 or self.restarts < 0:
             raise DiscoError("--max-wait-ms and --restarts must not be negative")
+        if self.latency_target_ms is not None and self.latency_target_ms <= 0:
+            raise DiscoError("--latency-target-ms must be positive")
         if self.timeout <= 0 or self.max_body_mb <= 0 or self.max_pixels < 1:
             raise DiscoError("--timeout, --max-body-mb and --max-pixels must be positive")
         if self.nnodes < 1 or (self.nnodes > 1) != (self.rdzv_endpoint is not None):

@@ -99,8 +99,9 @@ class Ranks:
         self.listener.close()
 
     # --- batches ------------------------------------------------------------------------------------------------
-    def submit(self, images: torch.Tensor) -> tuple[int, Future]:
-        """Send a batch to rank 0; the future gets the output's tensors (pytree leaves) or a RankFailure."""
+    def submit(self, images: torch.Tensor, level: int = 0) -> tuple[int, Future]:
+        """Send a batch to rank 0, to run at budget level `level`; the future gets the output's tensors (pytree
+        leaves) or a RankFailure."""
         future: Future = Future()
         with self.lock:
             if not self.ready:
@@ -108,7 +109,7 @@ class Ranks:
             batch, link = next(self.ids), self.link
             self.pending[batch] = future
         try:
-            link.send({"kind": "batch", "batch": batch}, {"input": images})
+            link.send({"kind": "batch", "batch": batch, "level": level}, {"input": images})
         except LinkClosed:
             self._lost(link, "rank 0 ended (its link closed)")
         return batch, future

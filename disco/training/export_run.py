@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from disco.errors import DiscoError
+from disco.export.budgets import NestedExport
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
 from disco.models import build_for_data
@@ -19,8 +20,13 @@ from disco.training.config import TrainConfig
 
 
 def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None = None,
-               sign_key: str | Path | None = None, budget: float | None = None) -> Manifest:
+               sign_key: str | Path | None = None, budget: float | None = None,
+               budgets: list[float] | None = None) -> Manifest:
+    """`budget`: a run trained with nested budgets: deploy the masks of this one; `budgets`: deploy several of
+    them in one deployment (an empty list: all), the run's own budget the default one."""
     run = Path(run)
+    if budget is not None and budgets is not None:
+        raise DiscoError("give --budget (one of a nested run's budgets) or --budgets (several), not both")
     weights = run / "disco.safetensors"
     if not weights.is_file():
         raise DiscoError(f"{run} has no disco.safetensors: finish (or --resume) its training first")
@@ -35,6 +41,7 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     checkpoint.load_model_state(simulated, weights)
     if budget is not None:
         _use_nested_budget(simulated, run, budget)
+    nested = _nested_export(run, config, budgets) if budgets is not None else None
     dtype = transport_dtype or config.transport_dtype
     if dtype != config.transport_dtype:
         _warn_dtype_change(simulated, config, data, dtype)
@@ -50,10 +57,13 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
         if budget is not None:  # the chosen nested budget's own score
             score = next(n["score"] for n in results.get("nested", []) if abs(n["budget"] - budget) < 1e-9)
         reference = {metric: score, "test_subset": config.test_subset}
+        if nested is not None:
+            scores = {n["budget"]: n["score"] for n in results.get("nested", [])}
+            nested.reference = [{metric: scores.get(b), "test_subset": config.test_subset} for b in nested.budgets]
     with torch.no_grad():
         return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
                       preprocess=preprocess, dataset=dataset, class_names=data.class_names,
-                      reference=reference, task=config.task, sign_key=sign_key)
+                      reference=reference, task=config.task, sign_key=sign_key, nested=nested)
 
 
 def _use_nested_budget(simulated, run: Path, budget: float) -> None:
@@ -69,6 +79,26 @@ def _use_nested_budget(simulated, run: Path, budget: float) -> None:
     for name, layer in layers.items():
         layer.set_group_mask(levels[name] > index)
     load_norm_statistics(simulated, norms[index])  # the statistics measured at that budget
+
+
+def _nested_export(run: Path, config: TrainConfig, wanted: list[float]) -> NestedExport:
+    """Several of a nested run's budgets for one deployment (`wanted`; empty: all of them)."""
+    budgets, levels, norms = load_levels(run / NESTED)
+    chosen = []
+    for budget in wanted or budgets:
+        index = next((i for i, b in enumerate(budgets) if abs(b - budget) < 1e-9), None)
+        if index is None:
+            raise DiscoError(f"{run} was trained for the nested budgets {', '.join(map(str, budgets))}; --budgets "
+                             f"{budget} is not one of them")
+        chosen.append(index)
+    chosen = sorted(set(chosen))  # largest budget first, as trained
+    if len(chosen) < 2:
+        raise DiscoError("--budgets needs at least two of the run's budgets (one budget: --budget B)")
+    # a group's level in the deployment: how many of the chosen budgets keep it
+    group_levels = {name: sum((level > index).to(torch.uint8) for index in chosen) for name, level in levels.items()}
+    own = next((k for k, index in enumerate(chosen) if abs(budgets[index] - config.budget) < 1e-9), len(chosen) - 1)
+    return NestedExport(budgets=[budgets[i] for i in chosen], group_levels=group_levels,
+                        norms=[norms[i] for i in chosen], reference=[None] * len(chosen), default=own)
 
 
 def _warn_dtype_change(simulated, config: TrainConfig, data, dtype: str) -> None:

@@ -248,7 +248,7 @@ def render(table: list[dict], args, elapsed: float) -> str:
     lines = ["# Accuracy vs communication (Fashion-MNIST)", "",
              "Produced by `python bench/tradeoff.py" + (" --quick" if args.quick else "") +
              (f" --only {args.only}" if args.only else "") + (f" --rows {args.rows}" if args.rows else "")
-             + "`. The table's runs trained for "
+             + _non_default_paths(args) + "`. The table's runs trained for "
              + ", ".join(f"{family} {minutes:.0f} min" for family, minutes in args.training_minutes.items())
              + f" (see below); this invocation took {elapsed / 60:.0f} min, reusing the runs it found. "
              f"Dense model trained once ({args.dense_epochs} epochs on "
@@ -287,6 +287,13 @@ def render(table: list[dict], args, elapsed: float) -> str:
     lines += render_tasks([r for r in table if r["task"] != "classification"])
     lines += ["![accuracy vs bytes](tradeoff.png)", ""]
     return "\n".join(lines)
+
+
+def _non_default_paths(args) -> str:
+    """--runs and --out as given, when they are not the defaults (so the header's command reproduces the table)."""
+    paths = ((" --runs", args.runs, ROOT / "runs" / "tradeoff"), (" --out", args.out, ROOT / "docs" / "results"))
+    return "".join(f"{flag} {path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path}"
+                   for flag, path, default in paths if path.resolve() != default)
 
 
 def _percent(value: float | None) -> str:

@@ -198,8 +198,33 @@ def test_disco_serve_runs_each_request_at_the_budget_it_asks(tmp_path):
         metrics = service.client.get("/metrics").text
         assert 'disco_images_by_budget_total{budget="0.2"} 2.0' in metrics
         assert 'disco_images_by_budget_total{budget="0.05"} 1.0' in metrics
+        _the_page_picks_a_budget(service, picture, tmp_path, expected[0.05])
     finally:
         service.stop()
+
+
+def _the_page_picks_a_budget(service, picture, tmp_path, probabilities) -> None:
+    """The page lists the budgets and runs an upload at the one picked (skipped without chromium)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from serve_helpers import browser
+
+    driver = browser()
+    if driver is None:
+        return  # tests/test_serve.py says why the page tests skip
+    try:
+        driver.get(service.url)
+        Select(driver.find_element(By.ID, "budget")).select_by_value("0.05")
+        picture.save(tmp_path / "picture.png")
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "picture.png"))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "error").text or d.find_elements(By.ID, "text"))
+        assert driver.find_element(By.ID, "error").text == ""
+        assert "(ran at budget 0.05)" in driver.find_element(By.ID, "text").text
+        bar = driver.find_elements(By.CSS_SELECTOR, ".bar")[0]
+        assert float(bar.get_attribute("data-probability")) == pytest.approx(float(probabilities.max()), rel=1e-4)
+    finally:
+        driver.quit()
 
 
 def test_the_budget_follows_the_link():

@@ -116,10 +116,7 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
         began = time.perf_counter()
         metrics = train_epoch(model, run.train_loader, optimizer, scheduler, loss_fn, device=run.device,
                               desc=f"{phase} {epoch + 1}/{epochs}", objective=run.objective, sparsifier=sparsifier)
-        if sparsifier is not None and sparsifier.frozen and sparsifier.nested is not None:
-            # nested fine-tuning runs every budget at each step, so the running statistics mix them all (scored
-            # ~10% on 4,000 images): the epoch is scored at the run's own budget with its own statistics, as the
-            # report's final score is (training normalises with batch statistics: it is unaffected)
+        if _statistics_are_stale(sparsifier):
             recalibrate_norms(model, run.train_loader, device=run.device)
         metrics[f"test_{run.objective.metric_name}"] = evaluate(model, run.test_loader, run.objective,
                                                                  device=run.device)
@@ -134,6 +131,17 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
         checkpoint.save_checkpoint(run.out, phase=phase, epoch=epoch, metrics_lines=run.metrics_lines, model=model,
                                    training_state=training_state)
         run.epochs_run += 1
+
+
+def _statistics_are_stale(sparsifier: Sparsifier | None) -> bool:
+    """Whether BatchNorm's running statistics must be measured afresh before an epoch is scored (training
+    normalises with batch statistics: it is unaffected). While masks are cut, they are an average since the last
+    cut, which may be a few batches old. In nested fine-tuning every step runs every budget, so they mix them all
+    (scored ~10% on 4,000 images): the epoch is scored at the run's own budget with its own statistics, as the
+    report's final score is."""
+    if sparsifier is None:
+        return False
+    return not sparsifier.frozen or sparsifier.nested is not None
 
 
 def _dense_phase(run: RunState) -> None:

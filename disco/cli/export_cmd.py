@@ -46,13 +46,19 @@ def run(args: argparse.Namespace) -> int:
     manifest = export_run(args.run_folder, args.out, transport_dtype=args.dtype, sign_key=args.sign_key,
                           budget=args.budget, budgets=budgets)
     nested = manifest.budgets()
-    for level in range(len(nested.budgets) if nested else 1):
-        expected = manifest.expected_at(level)
-        which = (f"budget {nested.budgets[level]}{' (default)' if level == nested.default else ''}: "
-                 if nested else "")
-        print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: {which}"
+    if nested is None:
+        expected = manifest.expected
+        print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "
               f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "
               f"ratio {expected['ratio']:.3f} of the dense split)")
+    else:
+        print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}, carrying "
+              f"{len(nested.budgets)} budgets (`disco run --budget B`, `disco serve` ?budget=B):")
+        for level, budget in enumerate(nested.budgets):
+            expected = manifest.expected_at(level)
+            print(f"  budget {budget}{' (default)' if level == nested.default else ''}: {expected['bytes']:,} bytes "
+                  f"per image between nodes ({manifest.transport_dtype}, ratio {expected['ratio']:.3f} of the dense "
+                  "split)")
     for node, shard in enumerate(manifest.shards):
         print(f"  node {node}: {shard['file']}  sha256 {shard['sha256'][:16]}...")
     if args.sign_key:

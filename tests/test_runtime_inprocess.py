@@ -215,7 +215,7 @@ def test_batches_in_flight_together_give_the_simulation_outputs_in_order(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(streamed, simulated(x), atol=1e-4, rtol=1e-4)
     assert {k: v for k, v in sent.items() if k != "control"} == {k: v for k, v in sent_alone.items() if k != "control"}
-    header = 2 * 8  # each extra lane gets its own STOP header (status, batch: two int64) from rank 0
+    header = 3 * 8  # each extra lane gets its own STOP header (status, batch, budget level: three int64) from rank 0
     assert sum(sent["control"][0]) == sum(sent_alone["control"][0]) + 2 * header * (nodes - 1)
 
 

@@ -368,8 +368,8 @@ def gates_against_importance(table: list[dict]) -> list[str]:
             continue
         lead = (gates["accuracy"] - learned["accuracy"]) * 100
         spread = max(gates["spread"] or 0.0, learned["spread"] or 0.0) * 100
-        verdict = ("gates better" if lead > spread else "importance better" if -lead > spread
-                   else "no difference beyond the spread")
+        verdict = ("one seed: not judged" if min(gates["seeds"], learned["seeds"]) < 2 else "gates better"
+                   if lead > spread else "importance better" if -lead > spread else "no difference beyond the spread")
         lines.append(f"| {gates['family']}, {gates['nodes']} nodes, budget {gates['budget']}: learned gates vs "
                      f"gradient importance | {gates['accuracy'] * 100:.2f}% vs {learned['accuracy'] * 100:.2f}%: "
                      f"{lead:+.2f} points, spread ±{spread:.2f} ({gates['seeds']} and {learned['seeds']} seeds) "

@@ -63,7 +63,7 @@ def _deploy_nested(folder, name: str, nodes: int):
     return original, simulated, levels, norms, x
 
 
-@pytest.mark.parametrize("name, nodes", [("resnet18", 3), ("mobilenet_v2", 2), ("vit_small", 4)])
+@pytest.mark.parametrize("name, nodes", [("mobilenet_v2", 3), ("vit_small", 4)])  # resnet18: the tests below
 def test_every_budget_of_one_deployment_equals_its_simulation_and_hook_count(tmp_path, name, nodes):
     original, simulated, levels, norms, x = _deploy_nested(tmp_path, name, nodes)
     manifest = Manifest.load(tmp_path)
@@ -116,13 +116,13 @@ def test_budgets_the_deployment_lacks_are_refused(tmp_path):
 
 
 def test_disco_run_runs_at_the_budget_asked_on_real_processes(tmp_path):
-    """`disco run --budget B` (torchrun, 3 ranks): the in-process runtime's outputs at B, that budget's bytes in the
+    """`disco run --budget B` (torchrun, 2 ranks): the in-process runtime's outputs at B, that budget's bytes in the
     summary; a budget the deployment lacks is refused before any rank starts."""
     import safetensors.torch
 
     from runtime_helpers import disco_cli
 
-    _, _, _, _, x = _deploy_nested(tmp_path, "resnet18", 3)
+    _, _, _, _, x = _deploy_nested(tmp_path, "resnet18", 2)
     safetensors.torch.save_file({"input": x}, str(tmp_path / "inputs.safetensors"))
     result = disco_cli("run", str(tmp_path), "--input", str(tmp_path / "inputs.safetensors"), "--budget", "0.05",
                        "--batch-size", "2", "--save-output", str(tmp_path / "out.safetensors"),

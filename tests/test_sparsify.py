@@ -237,3 +237,26 @@ def test_distillation_loss_matches_hand_computation():
     kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / 2, 1))).sum(1).mean()
     expected = 0.75 * nn.functional.cross_entropy(student, y) + 0.25 * 4 * kl
     torch.testing.assert_close(loss, expected.detach())
+
+
+def test_loss_scaled_gradients_add_the_unscaled_importance_and_skipped_steps_none():
+    """fp16 training scales the loss: a step's mask gradients carry the scale (divided out), and a step the scaler
+    skipped for non-finite gradients adds nothing."""
+    model, x, y = _signal_model()
+    simulated = disco.partition(model, nodes=2, example_inputs=x[:1])
+    plain = Sparsifier(simulated, x[:1], SparsifyOptions(budget=0.5, total_steps=100, regularization=0))
+    layer = disco.disco_layers(simulated)["1"]
+    for scale, skipped in ((1.0, False), (1024.0, False), (1024.0, True)):
+        simulated.zero_grad()
+        (nn.functional.cross_entropy(simulated(x), y) * scale).backward()
+        if skipped:
+            layer.group_mask.grad[0, 0] = float("inf")
+        before = plain.importance["1"].clone()
+        plain.step(gradient_scale=scale, skipped=skipped)
+        added = plain.importance["1"] - before
+        if scale == 1.0:
+            reference = added
+        elif not skipped:
+            torch.testing.assert_close(added, reference, rtol=1e-4, atol=1e-12)
+        else:
+            assert torch.equal(added, torch.zeros_like(added))

@@ -302,3 +302,64 @@ def test_a_nested_run_resumed_inside_fine_tuning_ends_as_one_never_stopped(folde
         expected = safetensors.torch.load_file(str(whole / name))
         got = safetensors.torch.load_file(str(parted / name))
         assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items()), name
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_meets_the_budget_and_deploys_as_simulated(folder, tmp_path, precision):
+    """--precision bf16/fp16 (autocast; fp16 with loss scaling): the loss falls, the budget is met, the forward
+    pass really ran in that dtype (a forward hook sees it), and the exported deployment gives the fp32 simulation's
+    outputs (weights and masks stay fp32)."""
+    from disco.models import build_for_data
+    from disco.runtime.inprocess import run_in_process
+    from disco.split.partitioner import partition
+    from disco.training.export_run import export_run
+    from disco.training.loops import train_epoch
+
+    seen = []
+    original = train_epoch
+
+    def spying(model, *args, **kwargs):
+        handle = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(
+            lambda module, args, output: seen.append(output.dtype))
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "train_epoch", spying)
+        report = pipeline.train(_config(folder, out, precision=precision, dense_epochs=3))
+    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen and set(seen) == {wanted}
+    losses = [m["train_loss"] for m in _metrics(out) if m["phase"] == "dense"]
+    assert losses[-1] < losses[0]
+    assert report["ratio"] <= 0.2 + 1e-9
+    export_run(out, tmp_path / "deploy")
+    config = TrainConfig.load(out / "config.json")
+    data = config.load_data()
+    x = torch.stack([data.test[i][0] for i in range(4)])
+    model = build_for_data(config.model, channels=data.channels, classes=data.classes)
+    simulated = partition(model, nodes=2, example_inputs=x[:1]).eval()
+    checkpoint.load_model_state(simulated, out / "disco.safetensors")
+    deployed, _ = run_in_process(tmp_path / "deploy", x, model_code=tiny_model_spec().rpartition(":")[0])
+    with torch.no_grad():
+        torch.testing.assert_close(deployed, simulated(x), atol=1e-4, rtol=1e-4)
+
+
+def test_an_fp16_run_resumed_ends_as_one_never_stopped(folder, tmp_path):
+    """The loss scaler's state is part of each checkpoint: stopping and resuming changes nothing. (The scaler
+    starts high enough here that its first steps overflow and lower it, so its state differs from a fresh one.)"""
+    import functools
+
+    settings = dict(precision="fp16", dense_epochs=2, sparsify_epochs=1, finetune_epochs=1)
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 30))
+        pipeline.train(_config(folder, whole, **settings))
+        assert pipeline.train(_config(folder, parted, **settings), stop_after_epochs=1)["stopped"]
+        pipeline.resume(parted)
+    assert _without_time(_metrics(parted)) == _without_time(_metrics(whole))
+    expected = safetensors.torch.load_file(str(whole / "disco.safetensors"))
+    got = safetensors.torch.load_file(str(parted / "disco.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

@@ -164,11 +164,13 @@ class Sparsifier:
             total = total + (weight * group_norms(layer)).sum()
         return self.options.regularization * total
 
-    def step(self) -> None:
-        """Call once per optimiser step, after backward: gathers importance, cuts masks on schedule."""
+    def step(self, gradient_scale: float = 1.0, skipped: bool = False) -> None:
+        """Call once per optimiser step, after backward: gathers importance, cuts masks on schedule.
+        `gradient_scale`: what a loss scaler (fp16 training) multiplied the gradients by; `skipped`: the scaler
+        found them non-finite and skipped the optimiser's step (this step then adds no importance)."""
         if self.frozen:
             return
-        self._gather_importance()
+        self._gather_importance(gradient_scale, skipped)
         self.steps_done += 1
         if self.options.is_cut_step(self.steps_done):
             target, last = self.options.target_at(self.steps_done), None
@@ -266,7 +268,7 @@ class Sparsifier:
         if changed:
             self._restart_norm_statistics()
 
-    def _gather_importance(self) -> None:
+    def _gather_importance(self, gradient_scale: float = 1.0, skipped: bool = False) -> None:
         """"learned": the squared mask gradient summed since the last cut (what removing a group costs, either
         sign). "gates": each group's gate score takes a plain gradient step with the mask's gradient as its own
         (straight-through: the forward pass uses the hard 0/1 mask), i.e. it sums -d loss / d mask over the whole
@@ -274,10 +276,12 @@ class Sparsifier:
         bringing it back would gain, and noise averages out instead of adding up. Scores carry across cuts."""
         for name, layer in self.layers.items():
             if layer.group_mask.grad is not None:
-                gradient = layer.group_mask.grad.detach()
+                gradient = layer.group_mask.grad.detach() / gradient_scale
+                layer.group_mask.grad = None
+                if skipped or not bool(torch.isfinite(gradient).all()):
+                    continue
                 self.importance[name] += gradient.pow(2)
                 self.gate_scores[name] -= gradient
-                layer.group_mask.grad = None
 
     def _track_mask_gradients(self, enabled: bool) -> None:
         for layer in self.layers.values():

@@ -12,6 +12,8 @@ from disco.errors import DiscoError
 from disco.options import MAX_NODES
 from disco.sparsify.budgets import check_nested
 from disco.sparsify.methods import METHODS
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # disco/training/precision.py
 from disco.tasks.registry import get_task, task_names
 from disco.transport import TRANSPORT_DTYPES
 
@@ -78,8 +80,9 @@ class TrainConfig:
                          "importance per byte), gates (learned gate scores, straight-through) or random (baseline)")
     nested: list = option(default_factory=list, type=lambda text: _budget_list(text), metavar="B,B,...",
                           help="larger budgets whose masks contain --budget's, e.g. 0.2,0.1,0.05 with --budget 0.02: "
-                               "one model for all of them (fine-tuning trains each in turn; the report scores each; "
-                               "`disco export --budget B` exports one)")
+                               "one model for all of them (fine-tuning trains every one at each step; the report "
+                               "scores each; `disco export --budget B` exports one, `--budgets all` all in one "
+                               "deployment)")
     epochs: int = option(2, help="epochs of each phase unless set below")
     dense_epochs: int | None = option(None, help="epochs training the dense model (default: --epochs)")
     sparsify_epochs: int | None = option(None, help="epochs driving masks to the budget (default: --epochs)")
@@ -91,6 +94,9 @@ class TrainConfig:
     distill_weight: float = option(0.7, help="weight of distillation in the fine-tuning loss (the task's loss "
                                              "gets the rest)")
     batch_size: int = option(128, help="images per step")
+    precision: str = option("fp32", choices=PRECISIONS, help="arithmetic of the training forward pass: fp32, or "
+                            "bf16 / fp16 under autocast (fp16 with loss scaling); weights, masks and evaluation "
+                            "stay fp32")
     lr: float = option(2e-3, help="AdamW learning rate of the dense phase, cosine-decayed per phase")
     # measured on Fashion-MNIST/mobilenet_v2: 0.25 left the pruned model too little room to adapt (-4.8 points
     # at budget 0.1 on 2 nodes), hence 1
@@ -127,6 +133,8 @@ class TrainConfig:
                              "nodes send each other, and one node sends nothing (train and run the plain model)")
         if self.method not in METHODS:
             raise DiscoError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise DiscoError(f"unknown --precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         for name in ("epochs", "dense_epochs", "sparsify_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise DiscoError(f"--{name.replace('_', '-')} must not be negative")

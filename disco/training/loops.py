@@ -5,6 +5,8 @@ gives the loss, the distillation term and the test metric.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Callable
 
 import torch
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from disco.progress import Progress
 from disco.sparsify import Sparsifier
+from disco.training.precision import MixedPrecision
 from disco.tasks.classification import ClassificationObjective
 from disco.tasks.objectives import Objective
 
@@ -26,8 +29,11 @@ def _bar(loader: DataLoader, desc: str):
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: LossFn, *, device: torch.device,
-                desc: str, objective: Objective, sparsifier: Sparsifier | None = None) -> dict:
-    """Returns the epoch's mean training loss (and accuracy, for classification; and the ratio reached)."""
+                desc: str, objective: Objective, sparsifier: Sparsifier | None = None,
+                precision: MixedPrecision | None = None) -> dict:
+    """Returns the epoch's mean training loss (and accuracy, for classification; and the ratio reached).
+    `precision`: autocast and loss scaling (disco/training/precision.py; default fp32)."""
+    precision = precision or MixedPrecision("fp32", device)
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     classifying = objective.metric_name == "accuracy"
@@ -39,16 +45,20 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         for budget in budgets:  # one, except for nested fine-tuning: every budget's gradients, then one step
             if budget is not None:
                 sparsifier.use_budget(budget)
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets, inputs)
+            with precision.autocast():
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets, inputs)
             if sparsifier is not None:
                 loss = loss + sparsifier.regularizer()
-            (loss / len(budgets)).backward()
-        optimizer.step()
-        scheduler.step()
+            precision.backward(loss / len(budgets))
+        scale = precision.gradient_scale  # the one this step's gradients carry (the step may change it)
+        stepped = precision.step(optimizer)
+        with warnings.catch_warnings():  # a step the fp16 scaler skipped still counts, as for the mask schedule
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            scheduler.step()
         if sparsifier is not None:
-            sparsifier.step()
-        total_loss += float(loss.detach()) * len(inputs)
+            sparsifier.step(gradient_scale=scale, skipped=not stepped)
+        total_loss += float(loss.detach().float()) * len(inputs)
         seen += len(inputs)
         postfix = {"loss": f"{total_loss / seen:.4f}"}
         if classifying:

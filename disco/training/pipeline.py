@@ -33,6 +33,7 @@ from disco.training.checkpoint import Checkpoint
 from disco.training.config import PHASES, TrainConfig
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import get_task
+from disco.training.precision import MixedPrecision
 from disco.training.loops import DistillationLoss, TaskLoss, evaluate, recalibrate_norms, train_epoch
 from disco.accounting import cost_report
 from disco.sparsify.nested import NESTED, load_norm_statistics, norm_statistics, save_levels
@@ -100,12 +101,14 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
     epochs = plan.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=config.weight_decay)
     scheduler = plan.scheduler(optimizer)
+    precision = MixedPrecision(config.precision, run.device)
     first_epoch = 0
     saved = run.saved_in(phase)
     if saved is not None:
         state = saved.training_state()
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("precision", {}))
         first_epoch = saved.epoch + 1
     for epoch in range(first_epoch, epochs):
         if run.stop_after_epochs is not None and run.epochs_run >= run.stop_after_epochs:
@@ -115,7 +118,8 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
         run.train_loader.generator.manual_seed(seed)
         began = time.perf_counter()
         metrics = train_epoch(model, run.train_loader, optimizer, scheduler, loss_fn, device=run.device,
-                              desc=f"{phase} {epoch + 1}/{epochs}", objective=run.objective, sparsifier=sparsifier)
+                              desc=f"{phase} {epoch + 1}/{epochs}", objective=run.objective, sparsifier=sparsifier,
+                              precision=precision)
         if _statistics_are_stale(sparsifier):
             recalibrate_norms(model, run.train_loader, device=run.device)
         metrics[f"test_{run.objective.metric_name}"] = evaluate(model, run.test_loader, run.objective,
@@ -127,6 +131,7 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, loss_fn, sparsifier:
         _log(run, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began,
                    **schedule})
         training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "precision": precision.state_dict(),
                           "sparsifier": sparsifier.state_dict() if sparsifier else None}
         checkpoint.save_checkpoint(run.out, phase=phase, epoch=epoch, metrics_lines=run.metrics_lines, model=model,
                                    training_state=training_state)

@@ -363,3 +363,14 @@ def test_an_fp16_run_resumed_ends_as_one_never_stopped(folder, tmp_path):
     expected = safetensors.torch.load_file(str(whole / "disco.safetensors"))
     got = safetensors.torch.load_file(str(parted / "disco.safetensors"))
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_data_workers_change_nothing_but_who_reads_the_data(folder, tmp_path):
+    """--workers 2: the same metrics and weights as reading the data in the training process."""
+    settings = dict(dense_epochs=1, sparsify_epochs=1, finetune_epochs=1)
+    pipeline.train(_config(folder, tmp_path / "inline", **settings))
+    pipeline.train(_config(folder, tmp_path / "workers", workers=2, **settings))
+    assert _without_time(_metrics(tmp_path / "workers")) == _without_time(_metrics(tmp_path / "inline"))
+    expected = safetensors.torch.load_file(str(tmp_path / "inline" / "disco.safetensors"))
+    got = safetensors.torch.load_file(str(tmp_path / "workers" / "disco.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

@@ -94,6 +94,8 @@ class TrainConfig:
     distill_weight: float = option(0.7, help="weight of distillation in the fine-tuning loss (the task's loss "
                                              "gets the rest)")
     batch_size: int = option(128, help="images per step")
+    workers: int = option(0, help="processes reading and transforming the data while the model trains (0: in the "
+                                   "training process); the result does not depend on it")
     precision: str = option("fp32", choices=PRECISIONS, help="arithmetic of the training forward pass: fp32, or "
                             "bf16 / fp16 under autocast (fp16 with loss scaling); weights, masks and evaluation "
                             "stay fp32")
@@ -133,6 +135,8 @@ class TrainConfig:
                              "nodes send each other, and one node sends nothing (train and run the plain model)")
         if self.method not in METHODS:
             raise DiscoError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.workers < 0:
+            raise DiscoError(f"--workers must not be negative, got {self.workers}")
         if self.precision not in PRECISIONS:
             raise DiscoError(f"unknown --precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         for name in ("epochs", "dense_epochs", "sparsify_epochs", "finetune_epochs"):

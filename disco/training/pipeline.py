@@ -78,11 +78,14 @@ def _seed_for(config: TrainConfig, phase: str, epoch: int) -> int:
     return config.seed * 10_000 + PHASES.index(phase) * 1_000 + epoch
 
 
-def _loaders(config: TrainConfig, data: DataSpec, collate) -> tuple[DataLoader, DataLoader]:
-    """data comes already cut to the run's subsets (TrainConfig.load_data)."""
+def _loaders(config: TrainConfig, data: DataSpec, collate, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """data comes already cut to the run's subsets (TrainConfig.load_data). With --workers, worker processes
+    read and transform the images; they are started afresh for each pass, so each pass draws their seeds from the
+    loader's generator, which every epoch reseeds: the data and its order do not depend on the worker count."""
+    loading = dict(num_workers=config.workers, pin_memory=device.type == "cuda", collate_fn=collate)
     train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator(),
-                              collate_fn=collate)
-    return train_loader, DataLoader(data.test, batch_size=256, collate_fn=collate)
+                              **loading)
+    return train_loader, DataLoader(data.test, batch_size=256, **loading)
 
 
 def _log(run: RunState, record: dict) -> None:
@@ -234,7 +237,7 @@ def _run(config: TrainConfig, saved: Checkpoint | None, *, stop_after_epochs: in
     # of mobilenet_v2 on one CPU thread (and the layout tensor cores want on a GPU); values are unchanged
     dense = dense.to(chosen, memory_format=torch.channels_last)
     objective = get_task(config.task).objective(classes=data.classes, model=dense, image_size=data.image_size)
-    train_loader, test_loader = _loaders(config, data, objective.collate)
+    train_loader, test_loader = _loaders(config, data, objective.collate, chosen)
     example = train_loader.dataset[0][0][None].to(chosen)
     # written only now that model and data load, so a mistyped option leaves no run behind; resumed, it
     # records where the run now lives

@@ -18,6 +18,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 from disco.data.checks import CheckedSplit, ImageFile, check_samples, decode_image, two_sizes
+from disco.data.recipes import (CROP_FRACTION, IMAGENET_GREY_MEAN, IMAGENET_GREY_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                PHOTO_SIDE, PHOTO_SIZE, RECIPES)
 from disco.errors import DiscoError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -45,6 +47,7 @@ class DataSpec:
     mean: list[float]  # the normalisation applied to every image (needed to read new images the same way)
     std: list[float]
     task: str = "classification"  # a task of disco.tasks.registry: what the targets hold
+    crop: bool = False  # test images are resized (shorter side) then centre-cropped to image_size (photo recipe)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class DataRequest:
     test_size: int | None = None
     image_size: int | None = None
     skip_bad_data: bool = False  # leave out the user's files that cannot be decoded (else they are an error)
+    recipe: str = "auto"  # how a user's images are read (disco/data/recipes.py)
 
 
 def image_channels(image: Image.Image | ImageFile) -> int:
@@ -109,19 +113,34 @@ def fashion_mnist(cache: Path | None = None) -> DataSpec:
                     mean=[FASHION_MNIST_MEAN], std=[FASHION_MNIST_STD])
 
 
-def image_transform(channels: int, size: tuple[int, int] | None, mean: list[float], std: list[float]):
-    """RGB PIL image -> normalised tensor with `channels` channels (resized to `size` when given)."""
+def image_transform(channels: int, size: tuple[int, int] | None, mean: list[float], std: list[float],
+                    crop: bool = False):
+    """RGB PIL image -> normalised tensor with `channels` channels (resized to `size` when given; with `crop`, the
+    shorter side resized to size / CROP_FRACTION and the centre cropped to `size`)."""
     steps = [transforms.Grayscale(1)] if channels == 1 else []
-    if size:
+    if size and crop:
+        steps += [transforms.Resize(round(min(size) / CROP_FRACTION)), transforms.CenterCrop(tuple(size))]
+    elif size:
         steps.append(transforms.Resize(tuple(size)))
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def image_folder(path: Path, image_size: int | None = None, *, skip_bad_data: bool = False) -> DataSpec:
+def training_transform(channels: int, size: tuple[int, int], mean: list[float], std: list[float]):
+    """The photo recipe's training images: a random resized crop to `size` and a random horizontal flip."""
+    steps = [transforms.Grayscale(1)] if channels == 1 else []
+    steps += [transforms.RandomResizedCrop(tuple(size)), transforms.RandomHorizontalFlip()]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def image_folder(path: Path, image_size: int | None = None, *, skip_bad_data: bool = False,
+                 recipe: str = "auto") -> DataSpec:
     """`path/train/<class>/*.png` and `path/val/<class>/*.png` (torchvision ImageFolder layout). Every file is
-    decoded first (disco.data.checks: a bad one is an error, or left out with skip_bad_data). Images are
-    resized to image_size x image_size when given; else to the first training image's size when sizes differ
-    (one line on stderr says so), so that batches stack."""
+    decoded first (disco.data.checks: a bad one is an error, or left out with skip_bad_data). The "small" recipe
+    (RECIPES) resizes images to image_size x image_size when given, else to the first training image's size when
+    sizes differ (one line on stderr says so), so that batches stack; the "photo" recipe crops them to
+    image_size (default 224) as ImageNet training does."""
+    if recipe not in RECIPES:
+        raise DiscoError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     path = Path(path)
     for split in ("train", "val"):
         if not (path / split).is_dir():
@@ -136,12 +155,24 @@ def image_folder(path: Path, image_size: int | None = None, *, skip_bad_data: bo
                             lambda sample: decode_image(Path(sample[0])), skip_bad=skip_bad_data, source=str(path))
     first = checked["train"].images[0]  # ImageFolder's loader makes everything RGB: the file says grey or not
     channels = image_channels(first)
+    if recipe == "photo" or (recipe == "auto" and min(first.size) >= PHOTO_SIDE):
+        return _photo_folder(path, found, checked, channels, image_size or PHOTO_SIZE)
     size = (image_size, image_size) if image_size else first.size
     resize = image_size is not None or _resize_mixed_sizes(path, checked)
     transform = image_transform(channels, size if resize else None, [0.5] * channels, [0.5] * channels)
     train, test = (_usable_image_folder(found[split].root, checked[split], transform) for split in ("train", "val"))
     return DataSpec(path.name, train, test, channels=channels, classes=len(train.classes), image_size=size,
                     class_names=train.classes, mean=[0.5] * channels, std=[0.5] * channels)
+
+
+def _photo_folder(path: Path, found: dict, checked: dict[str, CheckedSplit], channels: int, side: int) -> DataSpec:
+    """The photo recipe (see RECIPES)."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (IMAGENET_GREY_MEAN, IMAGENET_GREY_STD)
+    size = (side, side)
+    train = _usable_image_folder(found["train"].root, checked["train"], training_transform(channels, size, mean, std))
+    test = _usable_image_folder(found["val"].root, checked["val"], image_transform(channels, size, mean, std, True))
+    return DataSpec(path.name, train, test, channels=channels, classes=len(train.classes), image_size=size,
+                    class_names=train.classes, mean=mean, std=std, crop=True)
 
 
 def _resize_mixed_sizes(path: Path, checked: dict[str, CheckedSplit]) -> bool:
@@ -163,10 +194,10 @@ def _usable_image_folder(root: str, checked: CheckedSplit, transform) -> dataset
 
 
 def load_dataset(dataset: str | None = "fashion-mnist", data: Path | None = None, *, cache: Path | None = None,
-                 image_size: int | None = None, skip_bad_data: bool = False) -> DataSpec:
+                 image_size: int | None = None, skip_bad_data: bool = False, recipe: str = "auto") -> DataSpec:
     """The named dataset, or the user's ImageFolder at `data` (which takes precedence)."""
     if data is not None:
-        return image_folder(Path(data), image_size, skip_bad_data=skip_bad_data)
+        return image_folder(Path(data), image_size, skip_bad_data=skip_bad_data, recipe=recipe)
     if dataset == "fashion-mnist":
         return fashion_mnist(cache)
     raise DiscoError(f"unknown dataset {dataset!r}; known: fashion-mnist (or give --data PATH)")

@@ -15,7 +15,7 @@ from disco.tasks.registry import get_task
 
 def load_task_data(task: str, dataset: str | None = None, data: str | Path | None = None, *, cache: Path | None = None,
                    seed: int = 0, train_size: int | None = None, test_size: int | None = None,
-                   image_size: int | None = None, skip_bad_data: bool = False) -> DataSpec:
+                   image_size: int | None = None, skip_bad_data: bool = False, recipe: str = "auto") -> DataSpec:
     """Train/test data of `task`: the built-in `dataset` (None: the task's default), or the user's folder `data`
     (which takes precedence). See each task's module in disco.tasks for its sources.
 
@@ -23,10 +23,11 @@ def load_task_data(task: str, dataset: str | None = None, data: str | Path | Non
     their samples (the Fashion-MNIST scenes) make only that many. image_size: the side images are resized to
     (classification's ImageFolder) or the scenes' canvas side (default 96). Every file of a user's folder is
     decoded before this returns (disco.data.checks): a bad one is an error, or with skip_bad_data left out.
+    recipe: how a user's photographs are read (disco.data.datasets.RECIPES).
     """
     chosen = get_task(task)
     request = DataRequest(cache=cache, seed=seed, train_size=train_size, test_size=test_size, image_size=image_size,
-                          skip_bad_data=skip_bad_data)
+                          skip_bad_data=skip_bad_data, recipe=recipe)
     if data is not None:
         spec = chosen.load_folder(Path(data), request)
     else:

@@ -46,7 +46,8 @@ def image_tensor(image: Image.Image, manifest: Manifest) -> torch.Tensor:
         raise DiscoError("this deployment has no image preprocessing recorded (it was not exported from a "
                          "training run); give a .safetensors tensor file")
     p = manifest.preprocess
-    return image_transform(p["channels"], p["size"], p["mean"], p["std"])(image.convert("RGB"))
+    return image_transform(p["channels"], p["size"], p["mean"], p["std"], bool(p.get("crop", False)))(
+        image.convert("RGB"))
 
 
 def _read_image(path: Path, manifest: Manifest) -> torch.Tensor:
@@ -98,7 +99,7 @@ def eval_batches(manifest: Manifest, batch_size: int, limit: int | None, collate
     # the same test_subset and seed give the images the report scored (scenes are generated per index)
     data = load_task_data(manifest.task, d["dataset"], d["data"], seed=d.get("seed", 0),
                           test_size=d.get("test_subset"), image_size=d["image_size"],
-                          skip_bad_data=d.get("skip_bad_data", False))
+                          skip_bad_data=d.get("skip_bad_data", False), recipe=d.get("recipe", "auto"))
     test = subset(data.test, limit, d.get("seed", 0))
     for images, targets in DataLoader(test, batch_size=batch_size, collate_fn=collate):
         check_input(images, manifest)

@@ -58,5 +58,5 @@ def fashion_mnist_data(request: DataRequest) -> DataSpec:
 
 def image_folder_data(path: Path, request: DataRequest) -> DataSpec:
     """image_size: the side every image is resized to (default: the first training image's size)."""
-    return image_folder(path, request.image_size, skip_bad_data=request.skip_bad_data)
+    return image_folder(path, request.image_size, skip_bad_data=request.skip_bad_data, recipe=request.recipe)
 

@@ -11,6 +11,7 @@ from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError
 from disco.options import MAX_NODES
 from disco.sparsify.budgets import check_nested
+from disco.data.recipes import RECIPES
 from disco.sparsify.methods import METHODS
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # disco/training/precision.py
@@ -66,10 +67,15 @@ class TrainConfig:
     task: str = option("classification", choices=task_names, help=_task_help)
     dataset: str | None = option(None, help=_dataset_help)  # None: resolved to the task's default
     data: str | None = option(None, metavar="PATH", help=_data_help)
-    image_size: int | None = option(None, help="resize --data images to this square size (default: an ImageFolder's "
+    image_size: int | None = option(None, help="resize --data images to this square size (the photo recipe: crop to "
+                                               "it, default 224; otherwise, default: an ImageFolder's "
                                                "images keep the first training image's size, and are resized to it "
                                                "when sizes differ; fashion-scenes: the canvas side, default "
                                                f"{SceneOptions.canvas})")
+    recipe: str = option("auto", choices=RECIPES, help="how --data images are read: small (resized, nothing more), "
+                         "photo (ImageNet's: random resized crop and flip in training, resize and centre crop in "
+                         "evaluation and deployment, ImageNet mean/std; --image-size default 224), auto (photo when "
+                         "the first training image's shorter side is at least 128 pixels)")
     skip_bad_data: bool = option(False, help="leave out the --data files that cannot be used (corrupt, truncated, "
                                              "not an image, an unreadable mask) and say how many; by default the "
                                              "first one stops the run before training, named")
@@ -137,6 +143,8 @@ class TrainConfig:
             raise DiscoError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
         if self.workers < 0:
             raise DiscoError(f"--workers must not be negative, got {self.workers}")
+        if self.recipe not in RECIPES:
+            raise DiscoError(f"unknown --recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
         if self.precision not in PRECISIONS:
             raise DiscoError(f"unknown --precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
         for name in ("epochs", "dense_epochs", "sparsify_epochs", "finetune_epochs"):
@@ -167,7 +175,7 @@ class TrainConfig:
 
         return load_task_data(self.task, self.dataset, self.data, seed=self.seed, train_size=self.train_subset,
                               test_size=self.test_subset, image_size=self.image_size,
-                              skip_bad_data=self.skip_bad_data)
+                              skip_bad_data=self.skip_bad_data, recipe=self.recipe)
 
     def phase_epochs(self, phase: str) -> int:
         return getattr(self, f"{phase}_epochs")

@@ -45,9 +45,11 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     dtype = transport_dtype or config.transport_dtype
     if dtype != config.transport_dtype:
         _warn_dtype_change(simulated, config, data, dtype)
-    preprocess = {"channels": data.channels, "size": list(data.image_size), "mean": data.mean, "std": data.std}
+    preprocess = {"channels": data.channels, "size": list(data.image_size), "mean": data.mean, "std": data.std,
+                  **({"crop": True} if data.crop else {})}  # resize the shorter side, crop the centre (photos)
     dataset = {"dataset": config.dataset, "data": config.data, "image_size": config.image_size,
-               "test_subset": config.test_subset, "seed": config.seed, "skip_bad_data": config.skip_bad_data}
+               "test_subset": config.test_subset, "seed": config.seed, "skip_bad_data": config.skip_bad_data,
+               "recipe": config.recipe}
     report = run / "report.json"
     reference = None
     if report.is_file():

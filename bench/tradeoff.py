@@ -21,6 +21,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,8 +345,9 @@ def accuracy_targets(table: list[dict]) -> list[str]:
                      % _within(_row_of(table, full, 4, "DISCO (learned)", budget), split60k, points))
     for family in (small, full):
         for nodes in (2, 4):
-            for budget in (0.1, 0.05, 0.02):
-                learned = _row_of(table, family, nodes, "DISCO (learned)", budget)
+            for budget, (label, name) in product((0.1, 0.05, 0.02), (("DISCO (learned)", "learned"),
+                                                                       (GATES_LABEL, "learned gates"))):
+                learned = _row_of(table, family, nodes, label, budget)
                 chance = _row_of(table, family, nodes, "random groups", budget)
                 if learned is None or chance is None:
                     continue
@@ -354,7 +356,7 @@ def accuracy_targets(table: list[dict]) -> list[str]:
                 seeds = min(learned["seeds"], chance["seeds"])
                 verdict = ("met" if lead > spread else "missed") if seeds > 1 else "one seed: not judged"
                 marks = "" if learned["step_schedule"] and chance["step_schedule"] else " (†)"
-                lines.append(f"| {family}, {nodes} nodes, budget {budget}: learned above random by more than the "
+                lines.append(f"| {family}, {nodes} nodes, budget {budget}: {name} above random by more than the "
                              f"seed spread | {lead:+.2f} points, spread ±{spread:.2f}{marks} | {verdict} |")
     return lines + gates_against_importance(table) + nested_targets(table)
 

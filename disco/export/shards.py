@@ -46,8 +46,12 @@ def node_tensors(model: nn.Module, analysis: GraphAnalysis, node: int) -> dict[s
     tensors = {name: placement.part(node) for name, placement in placements(model, analysis).items()}
     for name, layer in disco_layers(model).items():
         tensors.update(mixing_tensors(name, layer, node))
-    # safetensors wants contiguous tensors that share no memory
-    return {key: t.detach().cpu().contiguous().clone() for key, t in tensors.items()}
+    return {key: _storable(t) for key, t in tensors.items()}
+
+
+def _storable(tensor: torch.Tensor) -> torch.Tensor:
+    """safetensors wants contiguous CPU tensors that share no memory."""
+    return tensor.detach().cpu().contiguous().clone()
 
 
 def check_spec(model: nn.Module, spec: ModelSpec) -> None:
@@ -137,7 +141,7 @@ def _levels(model: nn.Module, analysis: GraphAnalysis, example: torch.Tensor, dt
         costs = cost_report(model, example, transport_dtype=dtype)
         expected.insert(0, {key: costs[key] for key in EXPECTED_KEYS})
         for node in range(nodes) if level else ():
-            per_node[node].update({level_prefix(level) + key: parts[key].part(node).detach().cpu().contiguous().clone()
+            per_node[node].update({level_prefix(level) + key: _storable(parts[key].part(node))
                                    for key in nested.norms[level] if key in parts})
     table = {name: levels_table(layer.plan, nested.group_levels[name]) for name, layer in layers.items()}
     field = NestedBudgets(budgets=list(nested.budgets), levels=table, expected=expected,

@@ -23,11 +23,10 @@ from disco.split.plan import WEIGHT_REMOTE
 class Programs:
     """The programs by level; `default` is the level a batch runs at unless rank 0 names another."""
 
-    def __init__(self, programs: list[LocalProgram], default: int = 0, budgets: list[float] | None = None):
+    def __init__(self, programs: list[LocalProgram], default: int = 0):
         if not 0 <= default < len(programs):
             raise DiscoError(f"no level {default}: the deployment carries {len(programs)}")
         self.programs, self.default = programs, default
-        self.budgets = budgets  # None: the deployment carries one budget
 
     def at(self, level: int | None = None) -> LocalProgram:
         if level is None:
@@ -80,7 +79,7 @@ def build_programs(manifest: Manifest, tensors: dict[str, torch.Tensor], rank: i
         plans = nested.plans_at(level, manifest.layers)
         programs.append(LocalProgram(manifest, level_tensors(tensors, manifest.layers, plans, rank, level), rank,
                                      device, model_code, layers=plans, fold=False))
-    return Programs(programs, default, nested.budgets)
+    return Programs(programs, default)
 
 
 def load_programs(manifest: Manifest, folder: Path, rank: int, device: torch.device,

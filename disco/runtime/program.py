@@ -244,5 +244,4 @@ def load_program(manifest: Manifest, folder: Path, rank: int, device: torch.devi
     """Verify the rank's shard, load it, build the program of the deployment's plans (its largest budget, when it
     carries several: disco/runtime/levels.py builds one per budget).
     `model_code`: the user's model file, for deployments of a model that is not registered (export/trust.py)."""
-    return LocalProgram(manifest, load_shard(manifest, folder, rank), rank, device, model_code,
-                        fold=manifest.nested is None)
+    return LocalProgram(manifest, load_shard(manifest, folder, rank), rank, device, model_code)

@@ -88,14 +88,13 @@ def answer_requests(coordinator: Coordinator, manifest: Manifest, link: Link, ba
         try:  # the front end checked it already; rank 0 trusts nothing it did not check itself
             images = tensors.get("input")
             check_input(images, manifest)
-            level = header.get("level", coordinator.programs.default)
-            if not isinstance(level, int) or isinstance(level, bool):
+            level = header.get("level")
+            if level is not None and (not isinstance(level, int) or isinstance(level, bool)):
                 raise DiscoError(f"a batch's budget level must be a whole number, got {level!r}")
-            coordinator.programs.at(level)
+            future = coordinator.submit(images, level=level)  # a level the deployment lacks: refused here
         except DiscoError as error:
             _say_error(link, batch, error)
             continue
-        future = coordinator.submit(images, level=level)
         future.add_done_callback(lambda done, batch=batch: _reply(link, batch, done, failure))
         ran_since, last_word = True, time.monotonic()
     if coordinator.pool is not None:  # the batches in flight are answered before the ranks stop

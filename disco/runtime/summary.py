@@ -9,9 +9,9 @@ from disco.runtime.comm import CATEGORIES
 
 def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend: str, level: int = 0) -> dict:
     """`level`: the budget level the run used (a deployment carrying several: its simulation is that level's)."""
-    run = result["images_run"]
+    run = result["images_run"]  # every image of every forward, warm-up included: what the counters saw
     expected = manifest.expected_at(level)
-    nested = manifest.budgets()  # every image of every forward, warm-up included: what the counters saw
+    nested = manifest.budgets()
     forwards = len(result["latencies_s"])
     per_image = {c: sum(map(sum, sent[c])) / run if run else 0.0 for c in CATEGORIES}
     return {

@@ -280,8 +280,10 @@ class Sparsifier:
                 layer.group_mask.grad = None
                 if skipped or not bool(torch.isfinite(gradient).all()):
                     continue
-                self.importance[name] += gradient.pow(2)
-                self.gate_scores[name] -= gradient
+                if self.options.method == "gates":
+                    self.gate_scores[name] -= gradient
+                else:
+                    self.importance[name] += gradient.pow(2)
 
     def _track_mask_gradients(self, enabled: bool) -> None:
         for layer in self.layers.values():

@@ -41,7 +41,9 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     checkpoint.load_model_state(simulated, weights)
     if budget is not None:
         _use_nested_budget(simulated, run, budget)
-    nested = _nested_export(run, config, budgets) if budgets is not None else None
+    report = run / "report.json"
+    results = json.loads(report.read_text()) if report.is_file() else None
+    nested = _nested_export(run, config, budgets, results) if budgets is not None else None
     dtype = transport_dtype or config.transport_dtype
     if dtype != config.transport_dtype:
         _warn_dtype_change(simulated, config, data, dtype)
@@ -50,31 +52,37 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     dataset = {"dataset": config.dataset, "data": config.data, "image_size": config.image_size,
                "test_subset": config.test_subset, "seed": config.seed, "skip_bad_data": config.skip_bad_data,
                "recipe": config.recipe}
-    report = run / "report.json"
-    reference = None
-    if report.is_file():
-        results = json.loads(report.read_text())
-        metric = results.get("metric", "accuracy")
-        score = results.get("disco_score", results.get("disco_accuracy"))
-        if budget is not None:  # the chosen nested budget's own score
-            score = next(n["score"] for n in results.get("nested", []) if abs(n["budget"] - budget) < 1e-9)
-        reference = {metric: score, "test_subset": config.test_subset}
-        if nested is not None:
-            scores = {n["budget"]: n["score"] for n in results.get("nested", [])}
-            nested.reference = [{metric: scores.get(b), "test_subset": config.test_subset} for b in nested.budgets]
     with torch.no_grad():
         return export(simulated, out, example_inputs=example, spec=spec, transport_dtype=dtype,
                       preprocess=preprocess, dataset=dataset, class_names=data.class_names,
-                      reference=reference, task=config.task, sign_key=sign_key, nested=nested)
+                      reference=_reference(results, config, budget), task=config.task, sign_key=sign_key,
+                      nested=nested)
+
+
+def _reference(results: dict | None, config: TrainConfig, budget: float | None) -> dict | None:
+    """The simulated test score a deployment is checked against (report.json's): the run's own, or with `budget`
+    that nested budget's; None without a report."""
+    if results is None:
+        return None
+    score = results.get("disco_score", results.get("disco_accuracy"))
+    if budget is not None:
+        score = next((n["score"] for n in results.get("nested", []) if abs(n["budget"] - budget) < 1e-9), None)
+    return {results.get("metric", "accuracy"): score, "test_subset": config.test_subset}
+
+
+def _budget_index(run: Path, budgets: tuple[float, ...], budget: float, flag: str) -> int:
+    """Where `budget` is among a nested run's budgets; one it was not trained for is refused, naming them."""
+    index = next((i for i, b in enumerate(budgets) if abs(b - budget) < 1e-9), None)
+    if index is None:
+        raise DiscoError(f"{run} was trained for the nested budgets {', '.join(map(str, budgets))}; {flag} {budget} "
+                         "is not one of them")
+    return index
 
 
 def _use_nested_budget(simulated, run: Path, budget: float) -> None:
     """Set the masks of one of the run's nested budgets (disco/sparsify/nested.py)."""
     budgets, levels, norms = load_levels(run / NESTED)
-    index = next((i for i, b in enumerate(budgets) if abs(b - budget) < 1e-9), None)
-    if index is None:
-        raise DiscoError(f"{run} was trained for the nested budgets {', '.join(map(str, budgets))}; --budget {budget} "
-                         "is not one of them")
+    index = _budget_index(run, budgets, budget, "--budget")
     layers = disco_layers(simulated)
     if set(levels) != set(layers):
         raise DiscoError(f"{run / NESTED} does not belong to this run's model (its layers differ)")
@@ -83,24 +91,18 @@ def _use_nested_budget(simulated, run: Path, budget: float) -> None:
     load_norm_statistics(simulated, norms[index])  # the statistics measured at that budget
 
 
-def _nested_export(run: Path, config: TrainConfig, wanted: list[float]) -> NestedExport:
+def _nested_export(run: Path, config: TrainConfig, wanted: list[float], results: dict | None) -> NestedExport:
     """Several of a nested run's budgets for one deployment (`wanted`; empty: all of them)."""
     budgets, levels, norms = load_levels(run / NESTED)
-    chosen = []
-    for budget in wanted or budgets:
-        index = next((i for i, b in enumerate(budgets) if abs(b - budget) < 1e-9), None)
-        if index is None:
-            raise DiscoError(f"{run} was trained for the nested budgets {', '.join(map(str, budgets))}; --budgets "
-                             f"{budget} is not one of them")
-        chosen.append(index)
-    chosen = sorted(set(chosen))  # largest budget first, as trained
+    chosen = sorted({_budget_index(run, budgets, budget, "--budgets") for budget in wanted or budgets})  # largest first
     if len(chosen) < 2:
         raise DiscoError("--budgets needs at least two of the run's budgets (one budget: --budget B)")
     # a group's level in the deployment: how many of the chosen budgets keep it
     group_levels = {name: sum((level > index).to(torch.uint8) for index in chosen) for name, level in levels.items()}
     own = next((k for k, index in enumerate(chosen) if abs(budgets[index] - config.budget) < 1e-9), len(chosen) - 1)
     return NestedExport(budgets=[budgets[i] for i in chosen], group_levels=group_levels,
-                        norms=[norms[i] for i in chosen], reference=[None] * len(chosen), default=own)
+                        norms=[norms[i] for i in chosen],
+                        reference=[_reference(results, config, budgets[i]) for i in chosen], default=own)
 
 
 def _warn_dtype_change(simulated, config: TrainConfig, data, dtype: str) -> None:

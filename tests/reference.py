@@ -55,6 +55,18 @@ def input_shapes(original: nn.Module, x: torch.Tensor) -> dict[str, list[torch.S
     return shapes
 
 
+def output_shapes(original: nn.Module, x: torch.Tensor) -> dict[str, torch.Size]:
+    """{conv/linear name: the output shape of its first call} on x, read with forward hooks."""
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda module, inputs, output, name=name: shapes.setdefault(name, output.shape)
+                                     and None) for name, m in plain_layers(original).items()]
+    with torch.no_grad():
+        original(x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
 def _channels_sent(layer, nodes: int) -> list[list[int]]:
     """[src][dst] input channels of `layer` that src must send dst: read off its buffers channel by channel."""
     channels = layer.in_assign.numel()

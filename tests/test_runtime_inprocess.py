@@ -56,11 +56,12 @@ def _randomised(spec: str, channels: int, classes: int, kwargs: dict) -> nn.Modu
     return model
 
 
-def _deploy(folder, name: str, nodes: int, keep: float = 0.3, dtype: str = "fp32"):
+def _deploy(folder, name: str, nodes: int, keep: float = 0.3, dtype: str = "fp32", node_weights=None):
     spec, channels, classes, size, kwargs = MODELS[name]
     original = _randomised(spec, channels, classes, kwargs)
     x = torch.randn(2, channels, size, size)
-    simulated = disco.partition(original, nodes=nodes, example_inputs=x[:1], transport_dtype=dtype).eval()
+    simulated = disco.partition(original, nodes=nodes, example_inputs=x[:1], transport_dtype=dtype,
+                                node_weights=node_weights).eval()
     keep_random_groups(simulated, keep, seed=nodes)
     export(simulated, folder, example_inputs=x[:1],
            spec=ModelSpec(model=spec, channels=channels, classes=classes, kwargs=kwargs))
@@ -86,8 +87,8 @@ def test_nodes_without_channels_of_a_layer_still_match_the_simulation(tmp_path, 
     _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes)
 
 
-def _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes):
-    original, simulated, x = _deploy(tmp_path, name, nodes)
+def _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes, node_weights=None):
+    original, simulated, x = _deploy(tmp_path, name, nodes, node_weights=node_weights)
     output, sent = run_in_process(tmp_path, x, model_code=model_code(name))
     with torch.no_grad():
         expected = simulated(x)
@@ -100,6 +101,7 @@ def _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes):
     assert sum(map(sum, sent["norm"])) == costs["norm_bytes"] * len(x)
     assert sum(map(sum, sent["input"])) == costs["io_bytes"]["input"] * len(x)
     assert sum(map(sum, sent["output"])) == costs["io_bytes"]["output"] * len(x)
+    return simulated, x
 
 
 # every transport dtype, CNNs (channels at dim 1, grouped convs) and the ViT (channels last), N = 2, 3, 4

@@ -25,6 +25,8 @@ class LayerCost:
     channels_matrix: torch.Tensor  # [src, dst] channels sent per image with the current mask
     macs_per_node: list[int]
     dense_macs_per_node: list[int]
+    received_macs_per_node: list[int]  # of macs_per_node: those on received channels (after the wait)
+    conv_groups: int = 1
 
     @property
     def elements_matrix(self) -> torch.Tensor:
@@ -50,6 +52,7 @@ class LayerCost:
             "bytes": int(matrix.sum()),
             "bytes_matrix": matrix.tolist(),
             "macs_per_node": self.macs_per_node, "dense_macs_per_node": self.dense_macs_per_node,
+            "received_macs_per_node": self.received_macs_per_node, "conv_groups": self.conv_groups,
         }
 
 
@@ -77,6 +80,8 @@ def layer_cost(layer: DiscoLayer, call: MixingCall, batch: int) -> LayerCost:
         channels_matrix=plan.sent_channels(kept).cpu(),
         macs_per_node=(plan.weight_pairs_per_node().cpu() * macs_per_pair).tolist(),
         dense_macs_per_node=(plan.weight_pairs_per_node(dense=True).cpu() * macs_per_pair).tolist(),
+        received_macs_per_node=(plan.received_weight_pairs_per_node().cpu() * macs_per_pair).tolist(),
+        conv_groups=plan.conv_groups,
     )
 
 

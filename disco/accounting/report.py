@@ -142,3 +142,11 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
         "norm_bytes_matrix": norms.tolist(),
         "layers": [c.as_dict(dtype) for c in costs],
     }
+
+
+def share_over_weight(per_node: list[float], weights: tuple[float, ...] | None = None) -> list[float]:
+    """Each node's share of a total (MACs, parameter bytes) over its weight's share: 1.0 is exactly its share,
+    1.5 half as much again as it should do (docs/method.md 2, "Node weights")."""
+    weights = weights or (1.0,) * len(per_node)
+    total, weight_total = sum(per_node), sum(weights)
+    return [(value / total) / (weight / weight_total) if total else 1.0 for value, weight in zip(per_node, weights)]

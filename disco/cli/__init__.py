@@ -7,6 +7,8 @@ COMMAND_HELP = {
     "train": "train a model to a communication budget",
     "export": "write per-node shards and a manifest from a trained run",
     "run": "run a deployment on N local processes (torchrun; gloo, or NCCL on GPUs)",
+    "probe": "measure the nodes' compute and links as a deployment uses them; write topology.json",
+    "plan": "predict a split model's latency and images/s on a topology, and where the time goes",
     "serve": "serve a deployment over HTTP (batched predictions, health, metrics, a page to try it)",
     "bench": "run a benchmark (writes docs/results/)",
     "keygen": "make a key pair for signing deployments",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from disco.transport import TRANSPORT_DTYPES
 from disco.cli import COMMAND_HELP
+from disco.cli.arguments import weights_argument
 
 if TYPE_CHECKING:  # rich is imported when a table is drawn, not for --help
     from rich.table import Table
@@ -21,12 +22,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True,
                         help="torchvision:NAME (e.g. torchvision:resnet50) or path/to/file.py:factory_function")
     parser.add_argument("--nodes", type=int, default=2, help="number of devices to split across (default 2)")
+    parser.add_argument("--node-weights", type=weights_argument, metavar="W,W,...",
+                        help="each node's share of the work, e.g. 2,1,1 (default: equal); the summary shows how "
+                             "close each node's MACs and parameters come to its share")
     parser.add_argument("--input-size", default="3,224,224", help="one input's shape C,H,W (default 3,224,224)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(TRANSPORT_DTYPES),
                         help="dtype activations cross the network in (default fp32)")
     parser.add_argument("--keep-random", type=float, metavar="FRACTION",
                         help="keep only a random fraction of communication groups (to see the effect of masks)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --keep-random (default 0)")
+    parser.add_argument("--topology", help="topology.json (disco probe, or by hand): also predict the latency "
+                                           "per image on it and show where the time goes (as disco plan does)")
     parser.add_argument("--json", action="store_true", help="print the full cost report as JSON")
     parser.add_argument("--verbose", action="store_true", help="also print one row per channel-mixing layer")
     parser.set_defaults(handler=run)
@@ -40,8 +46,10 @@ def _gmacs(value: float) -> str:
     return f"{value / 1e9:,.3f} G"
 
 
-def _summary_table(report: dict, title: str) -> "Table":
+def _summary_table(report: dict, title: str, weights: tuple[float, ...] | None) -> "Table":
     from rich.table import Table
+
+    from disco.accounting.report import share_over_weight
 
     table = Table(title=title)
     table.add_column("per image")
@@ -57,6 +65,9 @@ def _summary_table(report: dict, title: str) -> "Table":
     row("parameters", report["param_bytes_per_node"], _mb)
     row("activations (peak)", report["activation_bytes_per_node"], _mb)
     row("memory", report["memory_bytes_per_node"], _mb)
+    table.add_row("MACs / weight share", *(f"{r:.2f}x" for r in share_over_weight(report["macs_per_node"], weights)), "")
+    table.add_row("params / weight share",
+                  *(f"{r:.2f}x" for r in share_over_weight(report["param_bytes_per_node"], weights)), "")
     return table
 
 
@@ -85,7 +96,7 @@ def _print(report: dict, args: argparse.Namespace) -> None:
     if args.verbose:
         console.print(_layer_table(report))
     console.print(_summary_table(report, f"{args.model} on {report['nodes']} nodes, input {args.input_size}, "
-                                         f"{report['transport_dtype']} transport"))
+                                         f"{report['transport_dtype']} transport", args.node_weights))
     model_macs, model_params = report["model_macs"], report["model_param_bytes"]
     console.print(f"communication: {report['bytes']:,} of {report['dense_bytes']:,} dense bytes per image "
                   f"(ratio {report['ratio']:.3f}); groups kept {report['groups_kept']:,}/{report['groups_total']:,}")
@@ -107,12 +118,26 @@ def run(args: argparse.Namespace) -> int:
     size = parse_input_size(args.input_size)
     model = build_model(args.model).eval()
     example = torch.zeros(1, *size)
-    simulated = partition(model, nodes=args.nodes, example_inputs=example)
+    simulated = partition(model, nodes=args.nodes, example_inputs=example, node_weights=args.node_weights)
     if args.keep_random is not None:
         keep_random_groups(simulated, args.keep_random, seed=args.seed)
     report = cost_report(simulated, example, transport_dtype=args.dtype)
+    prediction = _prediction(report, args.topology)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps({**report, **({"prediction": prediction.as_dict()} if prediction else {})}, indent=1))
     else:
         _print(report, args)
+        if prediction is not None:
+            from disco.cli.plan_cmd import print_prediction
+
+            print_prediction(prediction, f"predicted on {args.topology}")
     return 0
+
+
+def _prediction(report: dict, topology: str | None):
+    if topology is None:
+        return None
+    from disco.planning.latency import predict
+    from disco.topology import Topology
+
+    return predict(report, Topology.load(topology))

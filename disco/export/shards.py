@@ -29,8 +29,9 @@ from disco.split.propagate import GraphAnalysis
 from disco.sparsify.nested import load_norm_statistics
 
 PLAN_BUFFERS = ("in_assign", "out_assign", "group_mask")
-EXPECTED_KEYS = ("bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes", "norm_bytes", "norm_bytes_matrix",
-                 "macs_per_node", "param_bytes_per_node")  # the cost report's figures a deployment is checked by
+# the cost report's figures a deployment is checked by, and `disco plan` predicts its latency from
+EXPECTED_KEYS = ("nodes", "bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes", "norm_bytes", "norm_bytes_matrix",
+                 "macs_per_node", "attention_macs_per_node", "param_bytes_per_node", "layers")
 
 
 def mixing_tensors(name: str, layer: DiscoLayer, node: int) -> dict[str, torch.Tensor]:

@@ -284,3 +284,37 @@ def memory_group(world: int, timeout: float = 60.0) -> list[MemoryComm]:
     return [MemoryComm(rank, queues, world, timeout) for rank in range(world)]
 
 
+# --- small collectives over point-to-point messages (disco probe's; category "control") -----------------------
+def tiny_message() -> torch.Tensor:
+    """One float: a signal whose content does not matter (arrived, go, acknowledged)."""
+    return torch.zeros(1)
+
+
+def barrier(comm: Comm, what: str) -> None:
+    """Every rank tells rank 0 it arrived; rank 0 then lets them all go."""
+    others = [k for k in range(comm.world) if k != comm.rank]
+    if comm.rank == 0:
+        comm.exchange({}, {k: ((1,), torch.float32) for k in others}, category="control", what=what).wait()
+        comm.exchange({k: tiny_message() for k in others}, {}, category="control", what=what).wait()
+    else:
+        comm.send(tiny_message(), 0, category="control", what=what)
+        comm.receive((1,), torch.float32, 0, what=what)
+
+
+def gather(comm: Comm, tensor: torch.Tensor, what: str) -> dict[int, torch.Tensor] | None:
+    """Rank 0: every rank's `tensor` (same shape and dtype on all) by rank; the others: None."""
+    if comm.rank != 0:
+        comm.send(tensor, 0, category="control", what=what)
+        return None
+    others = {k: (tuple(tensor.shape), tensor.dtype) for k in range(1, comm.world)}
+    received = comm.exchange({}, others, category="control", what=what).wait()
+    return {0: tensor, **received}
+
+
+def broadcast(comm: Comm, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+              what: str) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank."""
+    if comm.rank == 0:
+        comm.exchange({k: tensor for k in range(1, comm.world)}, {}, category="control", what=what).wait()
+        return tensor
+    return comm.receive(shape, dtype, 0, what=what)

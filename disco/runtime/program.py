@@ -43,7 +43,7 @@ def _meta_model(manifest: Manifest, model_code: str | Path | None) -> nn.Module:
 
 
 def _chooser(layers: dict):
-    def choose(name: str, module: nn.Module, in_assign: torch.Tensor) -> torch.Tensor:
+    def choose(name: str, module: nn.Module, in_assign: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
         plan = layers.get(name)
         if plan is None:
             raise DiscoError(f"the model spec has a layer {name!r} that the manifest does not plan")

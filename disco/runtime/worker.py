@@ -50,7 +50,7 @@ def _batches(manifest: Manifest, options: RunOptions):
     return file_batches(options.input, manifest, options.batch_size)
 
 
-def _pin_to_own_cores() -> None:
+def pin_to_own_cores() -> None:
     """Keep this rank on its share of the host's cores (threads started later inherit it): ranks that migrate
     across cores, or share one, slow each other down (measured: ResNet-50 on 2 ranks, 2 cores, 122 -> 103 ms).
     Nothing is done when the host has fewer cores than local ranks."""
@@ -63,7 +63,7 @@ def _pin_to_own_cores() -> None:
 
 def run_rank(options: RunOptions) -> dict | None:
     if options.pin_cores:
-        _pin_to_own_cores()
+        pin_to_own_cores()
     rank, world = launch_environment()
     folder = Path(options.deploy)
     if options.verify_key is not None:  # before reading anything else of the folder
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(rank: str, error: Exception, verbose: bool, command: str = "disco run") -> None:
+def report_failure(rank: str, error: Exception, verbose: bool, command: str = "disco run") -> None:
     """One line naming the rank and the cause (the traceback too with --verbose), then leave at once: tearing
     down a broken process group could wait on the dead peer. Exit 2: bad input or a peer; 1: anything else."""
     if verbose:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_rank(from_args(RunOptions, args))
     except Exception as error:  # noqa: BLE001 - every failure ends the rank with one line naming it
-        _fail(rank, error, args.verbose, "disco serve" if args.serve else "disco run")
+        report_failure(rank, error, args.verbose, "disco serve" if args.serve else "disco run")
     if summary is not None:
         if args.summary:
             Path(args.summary).write_text(json.dumps(summary, indent=1))

@@ -19,7 +19,7 @@ schedule (a baseline).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from disco.errors import DiscoError
 from disco.split.layers import DiscoLayer
 from disco.split.partitioner import disco_layers
 from disco.sparsify.methods import METHODS
-from disco.sparsify.budgets import check_nested
+from disco.sparsify.budgets import check_nested, link_fractions
 from disco.sparsify.nested import NestedLevels
 from disco.sparsify.selection import cubic_target, keep_within_budget
 
@@ -51,7 +51,10 @@ class SparsifyOptions:
         on the same schedule).
     nested: larger budgets whose masks contain the budget's (disco/sparsify/nested.py): the schedule cuts to
         each exactly as it passes it, and fine-tuning then trains all of them at every step.
-    transport_dtype: the dtype whose bytes the budget counts (the ratio is the same for every dtype)."""
+    transport_dtype: the dtype whose bytes the budget counts (the ratio is the same for every dtype).
+    link_budgets: per-link byte budgets, [(src, dst, fraction)] (dst -1: every link of node src; parsed by
+        disco.sparsify.budgets.parse_link_budgets): each link (src -> dst) keeps at most that fraction of its own
+        dense bytes, reached along the same schedule; links not named keep `budget`."""
 
     budget: float
     total_steps: int
@@ -64,6 +67,7 @@ class SparsifyOptions:
     nested: tuple[float, ...] = ()
     seed: int = 0
     transport_dtype: str = "fp32"
+    link_budgets: tuple = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.budget <= 1.0:
@@ -79,6 +83,8 @@ class SparsifyOptions:
         if self.method not in METHODS:
             raise DiscoError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         check_nested(tuple(self.nested), self.budget)
+        if self.link_budgets and self.nested:
+            raise DiscoError("nested budgets and per-link budgets cannot be combined: give one or the other")
 
     @property
     def budgets(self) -> tuple[float, ...]:
@@ -127,8 +133,13 @@ def group_norms(layer: DiscoLayer) -> torch.Tensor:
 class Sparsifier:
     """Drives a partitioned model's group masks to a byte budget during training (see module doc)."""
 
-    def __init__(self, model: nn.Module, example_inputs, options: SparsifyOptions):
+    def __init__(self, model: nn.Module, example_inputs, options: SparsifyOptions, latency=None):
+        """latency: a disco.planning.prices.LatencyBudget, or None. With one, groups are priced in seconds on its
+        topology instead of bytes (the budget fraction then counts priced seconds), and the last cut keeps as
+        many groups as its predicted latency allows."""
         self.options = options
+        self.model, self.latency = model, latency
+        self._changed = False  # whether the cut in progress changed any mask (then BatchNorm statistics restart)
         self.layers = disco_layers(model)
         if not self.layers:
             raise DiscoError("Sparsifier needs a partitioned model: call disco.partition first")
@@ -136,8 +147,12 @@ class Sparsifier:
                       for (name, c), layer in zip(group_bytes(model, example_inputs, options.transport_dtype).items(),
                                                   self.layers.values())}
         self.dense_bytes = float(sum(c.sum() for c in self.costs.values()))
-        existing = torch.cat([c[c > 0] for c in self.costs.values()])
+        self.prices = self.costs if latency is None else {
+            name: price.to(self.costs[name].device).float() for name, price in latency.prices(model).items()}
+        self.dense_price = float(sum(p.sum() for p in self.prices.values()))
+        existing = torch.cat([p[p > 0] for p in self.prices.values()])
         self._mean_cost = float(existing.mean()) if existing.numel() else 1.0
+        self.link_budget = self._link_budget(options) if options.link_budgets else None
         self.importance = {name: torch.zeros_like(c) for name, c in self.costs.items()}
         self.gate_scores = {name: torch.zeros_like(c) for name, c in self.costs.items()}  # method "gates"
         self.steps_done = 0
@@ -151,6 +166,8 @@ class Sparsifier:
         self.nested = (NestedLevels(options.budgets, {n: c > 0 for n, c in self.costs.items()})
                        if options.nested else None)
         self._track_mask_gradients(True)
+        if latency is not None:  # the schedule aims at the priced fraction that meets the latency budget
+            self.options = replace(options, budget=self.latency_fraction())
 
     # --- the training-loop interface ---------------------------------------------------------------
     def regularizer(self) -> torch.Tensor:
@@ -160,7 +177,7 @@ class Sparsifier:
             return torch.zeros((), device=device)
         total = torch.zeros((), device=device)
         for name, layer in self.layers.items():
-            weight = self.costs[name] / self._mean_cost * (layer.group_mask.detach() > 0)
+            weight = self.prices[name] / self._mean_cost * (layer.group_mask.detach() > 0)
             total = total + (weight * group_norms(layer)).sum()
         return self.options.regularization * total
 
@@ -177,7 +194,9 @@ class Sparsifier:
             for last in self.nested.due(target) if self.nested is not None else ():
                 self.cut_to(last)  # exactly each nested budget the schedule passes, recorded
                 self.nested.record({n: layer.group_mask.detach() for n, layer in self.layers.items()})
-            if last is None or last > target:
+            if self.latency is not None and self.steps_done == self.options.end_step:
+                self.cut_to_latency()
+            elif last is None or last > target:
                 self.cut_to(target)
 
     def step_budgets(self) -> list[int | None]:
@@ -230,43 +249,126 @@ class Sparsifier:
 
     # --- mask selection ----------------------------------------------------------------------------
     def cut_to(self, target_ratio: float) -> None:
-        """Keep the most valuable groups per byte within target_ratio * dense bytes.
+        """Keep the most valuable groups per byte (per priced second with a latency budget) within target_ratio
+        times the dense split's total.
 
         Groups still kept rank first (by importance per byte, or at random); groups dropped earlier rank
         after all of them and only fill capacity left over by the granularity of groups, so the budget is
         met to within the smallest group while masks otherwise only ever shrink."""
+        candidates = self._candidates()
+        if self.link_budget is not None:
+            self._apply_per_link(candidates, target_ratio)
+        else:
+            self._apply(candidates, target_ratio)
+        self._after_cut(target_ratio)
+
+    def _link_budget(self, options: SparsifyOptions) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({layer: [nodes, in_channels] link of each group, src * nodes + dst}, [links] byte fraction each)."""
+        if self.latency is not None:
+            raise DiscoError("a latency budget prices every link already: give it or per-link budgets, not both")
+        nodes = next(iter(self.layers.values())).nodes
+        fractions = torch.tensor(link_fractions(options.link_budgets, nodes, options.budget)).flatten()
+        links = {}
+        for name, layer in self.layers.items():
+            source = layer.in_assign.clamp(min=0).to(self.costs[name].device)
+            links[name] = source[None, :] * nodes + torch.arange(nodes, device=source.device)[:, None]
+        return links, fractions
+
+    def cut_to_latency(self) -> None:
+        """The last cut of a latency-budget run: the largest priced fraction, in the same order of value, whose
+        predicted latency is within the budget (groups dropped earlier come back, by value, if it allows)."""
+        if self.latency is None:
+            raise DiscoError("cut_to_latency needs a Sparsifier made with a latency budget (latency=...)")
+        fraction = self._largest_fraction_within_latency(self._candidates())
+        self._after_cut(fraction)
+
+    def latency_fraction(self) -> float:
+        """Before any cut: the priced fraction at which keeping the cheapest groups meets the latency budget; the
+        schedule aims there, and the last cut meets the budget with the groups training found important."""
+        names, existing, prices, _ = self._candidates()
+        masks = {name: layer.group_mask.detach().clone() for name, layer in self.layers.items()}
+        fraction = self._largest_fraction_within_latency((names, existing, prices, 1.0 / prices))
+        for name, mask in masks.items():
+            self.layers[name].set_group_mask(mask)
+        self._changed = False
+        return fraction
+
+    def _largest_fraction_within_latency(self, candidates: tuple, steps: int = 16) -> float:
+        """Bisection: predicted latency only grows as the priced capacity (a prefix in value order) grows. Leaves
+        the masks of the fraction returned set."""
+        self.latency.check_reachable(self.model)
+        self._apply(candidates, 1.0)
+        if self.latency.latency(self.model) <= self.latency.seconds:
+            return 1.0
+        low, high = 0.0, 1.0
+        for _ in range(steps):
+            middle = (low + high) / 2
+            self._apply(candidates, middle)
+            low, high = (middle, high) if self.latency.latency(self.model) <= self.latency.seconds else (low, middle)
+        self._apply(candidates, low)
+        return low
+
+    def _candidates(self) -> tuple:
         if self.frozen:
-            raise DiscoError("masks are frozen (fine-tuning): cut_to would change what is sent")
+            raise DiscoError("masks are frozen (fine-tuning): cutting would change what is sent")
         names = list(self.layers)
         existing = [(self.costs[n] > 0) & (self.nested.allowed[n] if self.nested is not None else True)
                     for n in names]  # nested: only groups the last recorded budget kept
-        costs = torch.cat([self.costs[n][e] for n, e in zip(names, existing)]).cpu()
+        prices = torch.cat([self.prices[n][e] for n, e in zip(names, existing)]).cpu()
         was_kept = torch.cat([(self.layers[n].group_mask.detach() > 0)[e] for n, e in zip(names, existing)]).cpu()
         if self.options.method == "random":
-            value = torch.rand(costs.shape, generator=self._generator)
+            value = torch.rand(prices.shape, generator=self._generator)
         elif self.options.method == "gates":
             scores = torch.cat([self.gate_scores[n][e] for n, e in zip(names, existing)]).cpu()
-            value = scores / costs
+            value = scores / prices
         else:
             importance = torch.cat([self.importance[n][e] for n, e in zip(names, existing)]).cpu()
-            value = importance / costs
+            value = importance / prices
             value = value / (value.max() + 1e-30)
         if self.options.method != "gates":  # values lie in [0, 1]: kept groups come first, masks only shrink
             value = torch.where(was_kept, value + 2.0, value)
-        keep = keep_within_budget(value, costs, target_ratio * self.dense_bytes)
-        offset, changed = 0, False
+        return names, existing, prices, value
+
+    def _apply_per_link(self, candidates: tuple, target_ratio: float) -> None:
+        """Per-link budgets: every link its own knapsack, its capacity falling from its dense bytes to its own
+        fraction of them as the schedule falls from 1 to the budget (the cubic's remaining share, by step)."""
+        names, existing, prices, value = candidates
+        links = torch.cat([self.link_budget[0][n][e] for n, e in zip(names, existing)]).cpu()
+        options = self.options
+        remaining = cubic_target(max(0, self.steps_done - options.first_cut_step),
+                                 options.end_step - options.first_cut_step, 0.0)
+        if target_ratio <= options.budget:  # the schedule's end, or the exact cut after a phase that ran short
+            remaining = 0.0
+        keep = torch.zeros_like(value, dtype=torch.bool)
+        for link in links.unique().tolist():
+            chosen = links == link
+            fraction = float(self.link_budget[1][link])
+            capacity = (fraction + (1 - fraction) * remaining) * float(prices[chosen].sum())
+            keep[chosen] = keep_within_budget(value[chosen], prices[chosen], capacity)
+        self._set_masks(names, existing, keep)
+
+    def _apply(self, candidates: tuple, target_ratio: float) -> None:
+        names, existing, prices, value = candidates
+        self._set_masks(names, existing, keep_within_budget(value, prices, target_ratio * self.dense_price))
+
+    def _set_masks(self, names: list[str], existing: list[torch.Tensor], keep: torch.Tensor) -> None:
+        offset = 0
         for name, mask in zip(names, existing):
             count = int(mask.sum())
             new_mask = torch.zeros_like(mask)
             new_mask[mask] = keep[offset:offset + count].to(mask.device)
             before = self.layers[name].group_mask.detach() > 0
             self.layers[name].set_group_mask(new_mask)
-            changed = changed or not torch.equal(before, self.layers[name].group_mask.detach() > 0)
-            self.importance[name].zero_()
+            self._changed = self._changed or not torch.equal(before, self.layers[name].group_mask.detach() > 0)
             offset += count
+
+    def _after_cut(self, target_ratio: float) -> None:
+        for importance in self.importance.values():
+            importance.zero_()
         self.cuts.append({"step": self.steps_done, "target": round(target_ratio, 6), "ratio": round(self.ratio, 6)})
-        if changed:
+        if self._changed:
             self._restart_norm_statistics()
+        self._changed = False
 
     def _gather_importance(self, gradient_scale: float = 1.0, skipped: bool = False) -> None:
         """"learned": the squared mask gradient summed since the last cut (what removing a group costs, either

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 
 from disco.errors import DiscoError, UnsupportedOperationError
 from disco.options import PartitionOptions
-from disco.split.assignment import balanced, channel_vector, majority_per_group
+from disco.split.assignment import channel_vector
+from disco.split.balance import Balancer
 from disco.split.layers import DiscoLayer, mixing_kind, to_disco
 from disco.split.modules import replace_submodule
 from disco.split.plan import SplitPlan
@@ -42,33 +44,46 @@ def disco_layers(model: nn.Module) -> dict[str, DiscoLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DiscoLayer)}
 
 
-def _chooser(nodes: int, overrides: dict[str, torch.Tensor]) -> OutputChooser:
-    def choose(name: str, module: nn.Module, in_assign: torch.Tensor) -> torch.Tensor:
+def _chooser(nodes: int, overrides: dict[str, torch.Tensor], weights: tuple[float, ...] | None) -> OutputChooser:
+    balancer = Balancer(nodes, weights)
+
+    def choose(name: str, module: nn.Module, in_assign: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
         if isinstance(module, DiscoLayer):
             if not torch.equal(module.in_assign.cpu(), in_assign):
                 raise DiscoError(f"layer '{name}' now receives channels on other nodes than when it was partitioned; "
                                  "partition the model again")
             return module.out_assign.cpu()
-        if name in overrides:
-            return overrides[name]
-        groups = getattr(module, "groups", 1)
         out_channels = module.weight.shape[0]
-        if groups > 1:
-            return majority_per_group(in_assign, groups, out_channels, nodes)
-        block = getattr(module, "disco_channel_block", 1)  # e.g. attention heads: whole blocks on one node
-        return balanced(out_channels // block, nodes).repeat_interleave(block)
+        macs_per_channel = module.weight[0].numel() * (math.prod(out_shape) // out_channels)
+        if name not in balancer.chosen:
+            balancer.chosen[name] = _output_assignment(balancer, name, module, in_assign, overrides, macs_per_channel)
+            balancer.record(balancer.chosen[name], macs_per_channel)
+        return balancer.chosen[name]
     return choose
 
 
+def _output_assignment(balancer: Balancer, name: str, module: nn.Module, in_assign: torch.Tensor,
+                       overrides: dict[str, torch.Tensor], macs_per_channel: int) -> torch.Tensor:
+    if name in overrides:
+        return overrides[name]
+    groups = getattr(module, "groups", 1)
+    out_channels = module.weight.shape[0]
+    if groups > 1:
+        return balancer.grouped(in_assign, groups, out_channels, macs_per_channel * (out_channels // groups))
+    block = getattr(module, "disco_channel_block", 1)  # e.g. attention heads: whole blocks on one node
+    return balancer.proportional(out_channels // block).repeat_interleave(block)
+
+
 def analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], nodes: int,
-            overrides: dict[str, torch.Tensor] | None = None) -> GraphAnalysis:
-    """Trace and run the model once, following channel ownership (see propagate.py)."""
+            overrides: dict[str, torch.Tensor] | None = None, weights: tuple[float, ...] | None = None) -> GraphAnalysis:
+    """Trace and run the model once, following channel ownership (see propagate.py); layers not yet split get
+    their outputs assigned in proportion to `weights` (balance.py; None: equal)."""
     overrides = {} if overrides is None else overrides
     gm = trace(model)
     while True:  # each conflict fixes one layer's assignment, so this ends after at most #layers rounds
         try:
             with eval_mode(gm):
-                return propagate(gm, inputs, nodes, _chooser(nodes, overrides)).analysis
+                return propagate(gm, inputs, nodes, _chooser(nodes, overrides, weights)).analysis
         except AssignmentConflict as conflict:
             _resolve(conflict, conflict.propagator, model, overrides)
 
@@ -101,7 +116,7 @@ def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.
     opts = PartitionOptions(nodes=nodes, **options)
     inputs = as_input_tuple(example_inputs)
     simulated = replace_attention(copy.deepcopy(model))
-    analysis = analyse(simulated, inputs, opts.nodes)
+    analysis = analyse(simulated, inputs, opts.nodes, weights=opts.node_weights)
     if not analysis.mixing:
         raise DiscoError(f"{type(model).__name__} has no channel-mixing layer (conv or linear) to split")
     plans: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -174,6 +174,11 @@ class SplitPlan:
             self.nodes, self.conv_groups, -1).sum(-1)
         return (self.outputs_per_group() * used).sum(-1)
 
+    def received_weight_pairs_per_node(self) -> torch.Tensor:
+        """[nodes]: the kept weight pairs whose input channel node k receives (computed once it has arrived)."""
+        received = self.kept_groups().reshape(self.nodes, self.conv_groups, -1).sum(-1)
+        return (self.outputs_per_group() * received).sum(-1)
+
     def weight_blocks(self, weight: torch.Tensor, node: int) -> dict[str, torch.Tensor]:
         """Node's part of `weight` by block name (see the module docstring); grouped convs: one block."""
         rows = self.rows(node).to(weight.device)

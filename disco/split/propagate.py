@@ -115,8 +115,8 @@ class AttributeSplit(Exception):
         super().__init__(target)
 
 
-# choose_output(module_name, module, in_assign) -> out_assign for a channel-mixing layer
-OutputChooser = Callable[[str, nn.Module, torch.Tensor], torch.Tensor]
+# choose_output(module_name, module, in_assign, out_shape) -> out_assign for a channel-mixing layer
+OutputChooser = Callable[[str, nn.Module, torch.Tensor, torch.Size], torch.Tensor]
 
 
 def _describe(node: fx.Node) -> str:
@@ -354,7 +354,7 @@ class OwnerPropagator(fx.Interpreter):
     def _mixing(self, n: fx.Node, module: nn.Module, value):
         channel_dim = mixing_kind(module).channel_dim
         in_assign = self._first_channels(n, channel_dim, f"channel-mixing layer {type(module).__name__}")
-        out_assign = self.choose_output(n.target, module, in_assign)
+        out_assign = self.choose_output(n.target, module, in_assign, value.shape)
         x_shape = self._tensor_args(n)[0][1].shape
         self.analysis.mixing.append(MixingCall(n.target, n.name, in_assign, out_assign, x_shape, value.shape,
                                                    self._index[n]))

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from disco.fields import option
 from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError
-from disco.options import MAX_NODES
-from disco.sparsify.budgets import check_nested
+from disco.options import MAX_NODES, check_weights, parse_weights
+from disco.sparsify.budgets import check_nested, link_fractions, parse_link_budgets
 from disco.data.recipes import RECIPES
 from disco.sparsify.methods import METHODS
 
@@ -54,6 +54,10 @@ def _budget_list(text: str) -> list[float]:
         raise DiscoError(f"expected budgets separated by commas, e.g. 0.2,0.1,0.05; got {text!r}") from None
 
 
+TOPOLOGY = "topology.json"  # a latency-budget run's own copy of its topology, in its folder
+UNEVEN_SPEEDS = 1.25  # a topology whose fastest node is this much faster than its slowest weights the split
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """All options of a training run, validated in one place (saved as config.json in the run folder). Each
@@ -80,8 +84,23 @@ class TrainConfig:
                                              "not an image, an unreadable mask) and say how many; by default the "
                                              "first one stops the run before training, named")
     nodes: int = option(2, help="devices to split across")
+    node_weights: list = option(default_factory=list, type=lambda text: list(parse_weights(text)), metavar="W,W,...",
+                                help="each node's share of every layer's work, e.g. 2,1,1 for a first node twice "
+                                     "as fast as the two others (disco probe measures the speeds); default: equal")
     budget: float = option(0.2, help="bytes allowed, as a fraction of the dense split's: 0..1, 0 = no "
                                      "communication, 0.2 = 5x less")
+    latency_budget_ms: float | None = option(None, help="train to a predicted latency per image instead of a byte "
+                                             "budget (needs --topology): groups are priced by their time on the "
+                                             "topology's links and nodes, and the plan's predicted latency "
+                                             "(disco plan) meets this; --budget is then not used")
+    link_budget: list = option(default_factory=list, type=lambda text: parse_link_budgets(text), metavar="S-D=F,K=F",
+                               help="per-link byte budgets: 0-3=0.02 lets the link from node 0 to node 3 carry "
+                                    "2%% of its dense bytes, 3=0.02 every link of node 3; links not named keep "
+                                    "--budget (the simple form of --latency-budget-ms: a slow link gets a smaller "
+                                    "share)")
+    topology: str | None = option(None, help="topology.json (disco probe, or by hand: docs/method.md 11) for "
+                                             "--latency-budget-ms; without --node-weights, nodes are weighted by "
+                                             "its compute rates when they differ by 25%% or more")
     method: str = option("learned", choices=METHODS, help="how groups are chosen: learned (DISCO: gradient "
                          "importance per byte), gates (learned gate scores, straight-through) or random (baseline)")
     nested: list = option(default_factory=list, type=lambda text: _budget_list(text), metavar="B,B,...",
@@ -139,6 +158,12 @@ class TrainConfig:
         if not 2 <= self.nodes <= MAX_NODES:  # one node has no channel to send: nothing to train the masks for
             raise DiscoError(f"--nodes must be between 2 and {MAX_NODES}, got {self.nodes}: DISCO learns what "
                              "nodes send each other, and one node sends nothing (train and run the plain model)")
+        self._check_latency_budget()
+        if self.link_budget:
+            if self.latency_budget_ms is not None or self.nested:
+                raise DiscoError("--link-budget cannot be combined with --latency-budget-ms or --nested")
+            link_fractions(self.link_budget, self.nodes, self.budget)
+        self.node_weights = list(check_weights(self.node_weights or None, self.nodes) or [])
         if self.method not in METHODS:
             raise DiscoError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
         if self.workers < 0:
@@ -168,6 +193,36 @@ class TrainConfig:
         for path in (self.weights, self.dense_run):
             if path is not None and not Path(path).exists():
                 raise DiscoError(f"not found: {path}")
+
+    def _check_latency_budget(self) -> None:
+        if self.latency_budget_ms is None:
+            if self.topology is not None:
+                raise DiscoError("--topology is read with --latency-budget-ms; give both (or neither)")
+            return
+        if self.topology is None:
+            raise DiscoError("--latency-budget-ms needs --topology (topology.json, from disco probe or by hand)")
+        if not self.latency_budget_ms > 0:
+            raise DiscoError(f"--latency-budget-ms must be positive, got {self.latency_budget_ms}")
+        if self.nested:
+            raise DiscoError("--nested budgets are byte budgets: train a latency budget on its own")
+        topology = self.load_topology()
+        topology.check_nodes(self.nodes, f"--nodes {self.nodes}")
+        speeds = topology.speeds()
+        if not self.node_weights and min(speeds) < 1 / UNEVEN_SPEEDS:  # probed rates of equal nodes differ a little
+            self.node_weights = speeds
+
+    def load_topology(self):
+        """The run's topology: the copy its folder keeps (written when the run starts, so a resumed or moved run
+        prices groups as it began), else the file --topology names."""
+        from disco.topology import Topology
+
+        kept = Path(self.out) / TOPOLOGY
+        return Topology.load(kept if kept.is_file() else self.topology)
+
+    def partition_options(self) -> dict:
+        """How the run splits its model (the keyword arguments of disco.partition besides the model and input)."""
+        return {"nodes": self.nodes, "transport_dtype": self.transport_dtype,
+                "node_weights": tuple(self.node_weights) or None}
 
     def load_data(self) -> DataSpec:
         """The run's data, cut to train_subset / test_subset (the same samples in training, export and eval)."""

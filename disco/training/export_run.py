@@ -37,7 +37,7 @@ def export_run(run: str | Path, out: str | Path, *, transport_dtype: str | None 
     model = build_for_data(spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride,
                            **spec.kwargs)
     example = data.test[0][0][None]
-    simulated = partition(model, nodes=config.nodes, example_inputs=example, transport_dtype=config.transport_dtype)
+    simulated = partition(model, example_inputs=example, **config.partition_options())
     checkpoint.load_model_state(simulated, weights)
     if budget is not None:
         _use_nested_budget(simulated, run, budget)

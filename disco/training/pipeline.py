@@ -30,7 +30,7 @@ from disco.split.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.training import checkpoint
 from disco.training.checkpoint import Checkpoint
-from disco.training.config import PHASES, TrainConfig
+from disco.training.config import PHASES, TOPOLOGY, TrainConfig
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import get_task
 from disco.training.precision import MixedPrecision
@@ -174,24 +174,46 @@ def _dense_phase(run: RunState) -> None:
     run.dense_score = json.loads((run.out / "dense.json").read_text())[f"test_{run.objective.metric_name}"]
 
 
+def _latency_budget(config: TrainConfig, example: torch.Tensor):
+    if config.latency_budget_ms is None:
+        return None
+    from disco.planning.prices import LatencyBudget
+
+    return LatencyBudget(config.load_topology(), config.latency_budget_ms / 1e3, example[:1],
+                         config.transport_dtype)
+
+
+def _check_latency_reachable(config: TrainConfig, dense: nn.Module, example: torch.Tensor) -> None:
+    """A latency budget the topology cannot meet even sending nothing: refused before any training."""
+    latency = _latency_budget(config, example.cpu())
+    if latency is not None:
+        latency.check_reachable(partition(copy.deepcopy(dense).cpu(), example_inputs=example[:1].cpu(),
+                                          **config.partition_options()))
+
+
 def _sparse_phases(run: RunState) -> tuple[nn.Module, Sparsifier]:
     config = run.config
     # sparsify and fine-tune see what the network does to sent channels (int8: rounded, straight-through)
-    simulated = partition(run.dense, nodes=config.nodes, example_inputs=run.example,
-                          transport_dtype=config.transport_dtype)
+    simulated = partition(run.dense, example_inputs=run.example, **config.partition_options())
+    latency = _latency_budget(config, run.example)
     options = SparsifyOptions(budget=config.budget, total_steps=max(1, run.plans["sparsify"].steps),
                               regularization=config.regularization, method=config.method, seed=config.seed,
-                              transport_dtype=config.transport_dtype, nested=tuple(config.nested))
-    sparsifier = Sparsifier(simulated, run.example, options)
+                              transport_dtype=config.transport_dtype, nested=tuple(config.nested),
+                              link_budgets=tuple(tuple(entry) for entry in config.link_budget))
     saved = run.saved if run.saved is not None and run.saved.phase != "dense" else None
-    if saved is not None:
+    if saved is not None:  # first: the checkpoint's split plans (a run begun by an older disco keeps its own)
         saved.load_model(simulated)
+    sparsifier = Sparsifier(simulated, run.example, options, latency=latency)
+    if saved is not None:
         sparsifier.load_state_dict(saved.training_state()["sparsifier"])
     if saved is None or saved.phase == "sparsify":
         _run_phase(run, "sparsify", simulated, TaskLoss(run.objective), sparsifier)
         # The last sparsify checkpoint is saved before this cut, with the importance and generator it reads:
         # a run resumed from it cuts the same groups.
-        if config.sparsify_epochs:
+        if config.sparsify_epochs and latency is not None:
+            if sparsifier.steps_done < sparsifier.options.end_step:  # the schedule's last cut did not happen
+                sparsifier.cut_to_latency()
+        elif config.sparsify_epochs:
             sparsifier.cut_to(min(config.budget, sparsifier.ratio))  # exact budget even if steps ran short
     sparsifier.freeze()  # (a finetune checkpoint holds the cut masks and a frozen sparsifier)
     teacher = copy.deepcopy(run.dense).eval()
@@ -239,12 +261,15 @@ def _run(config: TrainConfig, saved: Checkpoint | None, *, stop_after_epochs: in
     objective = get_task(config.task).objective(classes=data.classes, model=dense, image_size=data.image_size)
     train_loader, test_loader = _loaders(config, data, objective.collate, chosen)
     example = train_loader.dataset[0][0][None].to(chosen)
+    _check_latency_reachable(config, dense, example)
     # written only now that model and data load, so a mistyped option leaves no run behind; resumed, it
     # records where the run now lives
     if not out.is_dir():
         out.mkdir(parents=True)
         checkpoint.fsync_path(out.parent)
     checkpoint.write_atomically(out / CONFIG, config.save)
+    if config.latency_budget_ms is not None and not (out / TOPOLOGY).is_file():
+        checkpoint.write_atomically(out / TOPOLOGY, config.load_topology().save)
     lines = saved.metrics_lines if saved is not None else 0
     checkpoint.cut_lines(out / METRICS, lines)  # the lines of epochs after the checkpoint: they are redone
     run = RunState(config, data, train_loader, test_loader, example, chosen, dense, out, objective, saved,

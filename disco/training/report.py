@@ -32,11 +32,27 @@ def write_report(run, simulated, score: float, *, nested: list[dict] | None = No
         "io_bytes": costs["io_bytes"],
         "training": training_epochs(config, run.plans),
         **({"nested": nested} if nested else {}),
+        **_uneven(config, costs),
     }
     write_text_atomically(run.out / "report.json", json.dumps(report, indent=1))
     write_text_atomically(run.out / "report.md", render(report))
     print(render(report))
     return report
+
+
+def _uneven(config, costs: dict) -> dict:
+    """Node weights and per-link budgets when given; a latency-budget run: the budget, and the plan's predicted
+    latency on its topology (disco plan); its byte `budget` is then not what the run aimed at (None)."""
+    found = {"node_weights": config.node_weights} if config.node_weights else {}
+    if config.link_budget:
+        found["link_budget"] = config.link_budget
+    if config.latency_budget_ms is not None:
+        from disco.planning.latency import predict
+
+        prediction = predict(costs, config.load_topology())
+        found.update({"budget": None, "latency_budget_ms": config.latency_budget_ms, "topology": config.topology,
+                      "predicted_latency_ms": prediction.latency_s * 1e3})
+    return found
 
 
 def training_epochs(config, plans: dict) -> dict:
@@ -93,12 +109,18 @@ def _score_line(r: dict) -> str:
     return f"- {metric}: dense {dense:.4f}, DISCO {disco:.4f} ({gap})"
 
 
+def _budget_words(r: dict) -> str:
+    if "latency_budget_ms" in r:
+        return f"latency budget {r['latency_budget_ms']} ms"
+    return f"budget {r['budget']}"
+
+
 def render(r: dict) -> str:
     nodes = r["nodes"]
     less = 1 / r["ratio"] if r["ratio"] else float("inf")
     head = "| per image | " + " | ".join(f"node {k}" for k in range(nodes)) + " |"
     lines = [
-        f"# DISCO run: {r['model']} on {r['dataset']}, {nodes} nodes, budget {r['budget']} ({r['method']})",
+        f"# DISCO run: {r['model']} on {r['dataset']}, {nodes} nodes, {_budget_words(r)} ({r['method']})",
         "",
         _score_line(r),
         *_training_lines(r),
@@ -106,6 +128,8 @@ def render(r: dict) -> str:
         f"({r['transport_dtype']}), ratio {r['ratio']:.4f} ({less:.1f}x less)",
         f"- whole model: {r['model_macs']:,} MACs",
         *_nested_lines(r),
+        *([f"- predicted latency on {r['topology']}: {r['predicted_latency_ms']:.1f} ms per image (budget "
+           f"{r['latency_budget_ms']} ms)"] if "latency_budget_ms" in r else []),
         "",
         head,
         "|---" * (nodes + 1) + "|",

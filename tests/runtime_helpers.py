@@ -28,8 +28,7 @@ class Deployment:
 
 def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, size: int = 32, images: int = 3,
                     transport_dtype: str = "fp32", channels: int = 3, classes: int = 10,
-                    preprocess: dict | None = None, class_names: list[str] | None = None,
-                    node_weights: tuple[float, ...] | None = None) -> Deployment:
+                    preprocess: dict | None = None, class_names: list[str] | None = None) -> Deployment:
     """A model (a torchvision name, or any spec such as disco:edsr) with random weights, non-trivial
     BatchNorm statistics and random masks; preprocess (how image files are read) and class_names as a training
     run would record them."""
@@ -41,8 +40,7 @@ def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, 
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     inputs = torch.randn(images, channels, size, size)
-    simulated = disco.partition(original, nodes=nodes, example_inputs=inputs[:1], transport_dtype=transport_dtype,
-                                node_weights=node_weights).eval()
+    simulated = disco.partition(original, nodes=nodes, example_inputs=inputs[:1], transport_dtype=transport_dtype).eval()
     keep_random_groups(simulated, keep, seed=nodes)
     export(simulated, folder, example_inputs=inputs[:1], spec=spec, transport_dtype=transport_dtype,
            preprocess=preprocess, class_names=class_names)

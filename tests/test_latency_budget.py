@@ -19,7 +19,7 @@ from disco.planning.latency import predict
 from disco.planning.prices import LatencyBudget, group_seconds
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.sparsify.budgets import link_fractions, parse_link_budgets
-from disco.topology import MBIT, Topology
+from disco.topology import Topology
 from disco.training import pipeline
 from disco.training.config import TrainConfig
 from disco.training.export_run import export_run

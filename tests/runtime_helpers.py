@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import safetensors.torch
 import torch
@@ -54,6 +55,18 @@ def disco_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "disco", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+def disco_here(capsys, *args: str) -> SimpleNamespace:
+    """`disco ARGS` through the console script's `main`, in this process (a command that starts no ranks: the
+    same code as in a subprocess, without the seconds torch takes to import): exit status, stdout, stderr."""
+    from disco.cli.main import main
+    try:
+        code = main(list(args))
+    except SystemExit as leaving:  # argparse's own errors
+        code = leaving.code
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def free_port() -> int:

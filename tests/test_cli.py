@@ -4,30 +4,19 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import disco
 from disco.cli import COMMAND_HELP
+from runtime_helpers import disco_here
 from tests_helpers import tiny_model_spec
 
 
 def run_disco(*args):
     return subprocess.run([sys.executable, "-m", "disco.cli.main", *args], capture_output=True, text=True,
                           timeout=300)
-
-
-def run_disco_here(capsys, *args):
-    """`disco ARGS` through the console script's `main`, in this process: exit status, stdout, stderr."""
-    from disco.cli.main import main
-    try:
-        code = main(list(args))
-    except SystemExit as leaving:  # argparse's own errors
-        code = leaving.code
-    captured = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
 
 def test_inspect_json_equals_library_report():
@@ -59,7 +48,7 @@ def test_inspect_table_mentions_totals():
     (["--model", "torchvision:resnet18", "--input-size", "1,32,32"], "fails on the example input"),
 ])
 def test_bad_input_gives_one_line_error(capsys, args, needle):
-    result = run_disco_here(capsys, "inspect", *args)
+    result = disco_here(capsys, "inspect", *args)
     assert result.returncode == 2
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
@@ -68,7 +57,7 @@ def test_bad_input_gives_one_line_error(capsys, args, needle):
 
 def test_factory_that_returns_no_model_is_refused(capsys):
     spec = tiny_model_spec().replace("make_model", "not_a_model")
-    result = run_disco_here(capsys, "inspect", "--model", spec)
+    result = disco_here(capsys, "inspect", "--model", spec)
     assert result.returncode == 2 and "not a torch.nn.Module" in result.stderr
 
 

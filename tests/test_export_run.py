@@ -1,5 +1,7 @@
-"""A trained run folder, exported and run on 2 processes: same accuracy and predictions as the simulation."""
+"""A trained run folder, exported (in this process: `disco export` starts no ranks) and run on 2 processes: same
+accuracy and predictions as the simulation."""
 import json
+import re
 
 import pytest
 import safetensors.torch
@@ -9,7 +11,7 @@ from disco.data.datasets import load_dataset
 from disco.export.manifest import Manifest
 from disco.training import pipeline
 from disco.training.config import TrainConfig
-from runtime_helpers import disco_cli
+from runtime_helpers import disco_cli, disco_here
 from synthetic import make_image_folder
 from tests_helpers import tiny_model_file, tiny_model_spec
 
@@ -25,9 +27,9 @@ def trained(tmp_path_factory):
     return root, images, report
 
 
-def test_export_writes_shards_and_manifest(trained):
+def test_export_writes_shards_and_manifest(trained, capsys):
     root, _, report = trained
-    result = disco_cli("export", str(root / "run"), "--out", str(root / "deploy"))
+    result = disco_here(capsys, "export", str(root / "run"), "--out", str(root / "deploy"))
     assert result.returncode == 0, result.stderr
     manifest = Manifest.load(root / "deploy")
     assert manifest.nodes == 2 and manifest.expected["bytes"] == report["bytes_per_image"]
@@ -35,10 +37,10 @@ def test_export_writes_shards_and_manifest(trained):
     assert manifest.reference["accuracy"] == report["disco_accuracy"]
 
 
-def test_distributed_eval_of_a_signed_export_matches_the_simulation(trained):
+def test_distributed_eval_of_a_signed_export_matches_the_simulation(trained, capsys):
     root, _, report = trained
-    assert disco_cli("keygen", "--out", str(root / "keys")).returncode == 0
-    exported = disco_cli("export", str(root / "run"), "--out", str(root / "signed"), "--sign-key",
+    assert disco_here(capsys, "keygen", "--out", str(root / "keys")).returncode == 0
+    exported = disco_here(capsys, "export", str(root / "run"), "--out", str(root / "signed"), "--sign-key",
                          str(root / "keys" / "disco-sign.key"))
     assert exported.returncode == 0 and "signed: manifest.sig" in exported.stdout, exported.stderr
     summary = root / "eval.json"
@@ -51,10 +53,10 @@ def test_distributed_eval_of_a_signed_export_matches_the_simulation(trained):
     assert "accuracy on 60 test images" in result.stdout
 
 
-def test_images_from_a_folder_are_read_like_the_training_data(trained):
+def test_images_from_a_folder_are_read_like_the_training_data(trained, capsys):
     root, images, _ = trained
     if not (root / "deploy").is_dir():
-        assert disco_cli("export", str(root / "run"), "--out", str(root / "deploy")).returncode == 0
+        assert disco_here(capsys, "export", str(root / "run"), "--out", str(root / "deploy")).returncode == 0
     folder = images / "val" / "class_1"
     out = root / "predicted.safetensors"
     result = disco_cli("run", str(root / "deploy"), "--input", str(folder), "--batch-size", "4",
@@ -74,12 +76,15 @@ def test_images_from_a_folder_are_read_like_the_training_data(trained):
     with torch.no_grad():
         expected = simulated(x)
     torch.testing.assert_close(safetensors.torch.load_file(str(out))["output"], expected, atol=1e-4, rtol=1e-4)
-    assert "class_1" in result.stdout  # predictions printed with class names
+    named = re.findall(r"^(\d+)\.png: (class_\d) \(", result.stdout, flags=re.M)  # printed with class names
+    classes = [f"class_{int(i)}" for i in expected.argmax(1)]
+    assert sorted(named, key=lambda n: int(n[0])) == [(f.stem, c) for f, c in sorted(zip(files, classes),
+                                                                                     key=lambda fc: int(fc[0].stem))]
 
 
-def test_export_at_another_dtype_warns_with_the_measured_change_and_runs_as_measured(trained):
+def test_export_at_another_dtype_warns_with_the_measured_change_and_runs_as_measured(trained, capsys):
     root, _, report = trained
-    result = disco_cli("export", str(root / "run"), "--out", str(root / "int4"), "--dtype", "int4")
+    result = disco_here(capsys, "export", str(root / "run"), "--out", str(root / "int4"), "--dtype", "int4")
     assert result.returncode == 0, result.stderr
     warning = next(line for line in result.stderr.splitlines() if line.startswith("warning:"))
     assert "trained for fp32 messages; exported as int4" in warning
@@ -92,13 +97,13 @@ def test_export_at_another_dtype_warns_with_the_measured_change_and_runs_as_meas
     assert Manifest.load(root / "int4").transport_dtype == "int4"
 
 
-def test_a_run_trained_for_int8_counts_and_sends_int8_bytes(tmp_path):
+def test_a_run_trained_for_int8_counts_and_sends_int8_bytes(tmp_path, capsys):
     images = make_image_folder(tmp_path / "images")
     config = TrainConfig(model=tiny_model_spec(), data=str(images), out=str(tmp_path / "run"), nodes=2, budget=0.3,
                          dense_epochs=1, sparsify_epochs=1, finetune_epochs=1, batch_size=16, lr=1e-2, seed=0,
                          transport_dtype="int8", min_phase_steps=0)
     report = pipeline.train(config)
-    exported = disco_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy"))
+    exported = disco_here(capsys, "export", str(tmp_path / "run"), "--out", str(tmp_path / "deploy"))
     assert exported.returncode == 0 and "warning" not in exported.stderr, exported.stderr
     summary = tmp_path / "eval.json"
     ran = disco_cli("run", str(tmp_path / "deploy"), "--eval", "--summary", str(summary), "--model-code",

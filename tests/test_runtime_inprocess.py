@@ -74,8 +74,9 @@ def model_code(name: str) -> str | None:
     return None if source in ("torchvision", "disco") else source
 
 
-@pytest.mark.parametrize("nodes", [2, 3, 4])
-@pytest.mark.parametrize("name", list(MODELS))
+# vgg11_bn's 25088x4096 classifier makes a case take seconds: one node count for it, every count for the others
+@pytest.mark.parametrize("name,nodes", [(name, nodes) for name in MODELS for nodes in (2, 3, 4)
+                                        if name != "vgg11_bn" or nodes == 3])
 def test_in_process_runtime_equals_simulation_and_hook_count(tmp_path, name, nodes):
     _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes)
 

@@ -34,7 +34,7 @@ def _metrics(out):
 
 
 def _without_time(metrics):
-    return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+    return [{k: v for k, v in m.items() if k not in ("seconds", "train_seconds")} for m in metrics]
 
 
 def _masks(path):

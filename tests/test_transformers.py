@@ -166,7 +166,7 @@ def test_split_heads_are_refused():
         disco.partition(BadHeads(), nodes=5, example_inputs=torch.randn(1, 6, 12))
 
 
-@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("nodes", [4])  # (2, 3 and 4 nodes in process: tests/test_runtime_inprocess.py)
 def test_small_vit_distributed_equals_simulation(tmp_path, nodes):
     model = _small_vit()
     x = torch.randn(3, 1, 28, 28)

@@ -19,12 +19,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train (or load) the dense model, learn which channels to send until the bytes per image "
                     "fit the budget, then fine-tune with masks frozen and distillation from the dense model. "
                     "Writes config.json, metrics.jsonl, checkpoints, dense.safetensors, disco.safetensors and "
-                    "report.md/report.json into --out.")
+                    "report.md/report.json into --out. On several GPUs or hosts, start it with torchrun "
+                    "(torchrun --nproc-per-node G -m disco train ...): data-parallel, rank 0 writes --out.")
     add_options(parser, TrainConfig)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint, with its saved options (other "
                              "options are ignored); the folder may have been moved or copied")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun each process takes the "
+                                          "GPU of its LOCAL_RANK)")
     parser.set_defaults(handler=run)
 
 

@@ -1,4 +1,5 @@
-"""`disco run`: start N local ranks through torchrun (torch.distributed.run) and relay their output.
+"""`disco run`: start N local ranks through torchrun (torch.distributed.run, by disco/runtime/torchrun.py) and relay
+their output.
 
 torchrun's own report of a failed child (a long traceback) is held back unless --verbose: each rank
 already printed one line saying what went wrong."""
@@ -20,7 +21,7 @@ def torchrun_command(deploy: str, local_ranks: int, worker_args: list[str], *, r
     """torchrun starting `local_ranks` ranks here: all of them (one host), or, on several hosts, node rank 0's."""
     where = ["--standalone"] if hosts == 1 else [f"--nnodes={hosts}", "--node-rank=0",
                                                  f"--rdzv-endpoint={rdzv_endpoint}"]
-    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={local_ranks}",
+    return [sys.executable, "-m", "disco.runtime.torchrun", *where, f"--nproc-per-node={local_ranks}",
             f"--max-restarts={restarts}", "-m", "disco.runtime", deploy, *worker_args]
 
 

@@ -396,4 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # without the interpreter's teardown (a second with torch loaded: disco/runtime/__main__.py)

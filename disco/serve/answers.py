@@ -74,7 +74,7 @@ def task_answers(leaves: list[torch.Tensor], top_k: int, *, manifest: Manifest, 
 
 
 def warm_up(manifest: Manifest) -> None:
-    """Import the task's answer now (its module imports torchmetrics: seconds), not in the first request."""
+    """Import the task's answer now (its module and what it imports), not in the first request."""
     task = get_task(manifest.task)
     resolved(task.answer or task.describe)
 

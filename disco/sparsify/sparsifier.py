@@ -133,11 +133,13 @@ def group_norms(layer: DiscoLayer) -> torch.Tensor:
 class Sparsifier:
     """Drives a partitioned model's group masks to a byte budget during training (see module doc)."""
 
-    def __init__(self, model: nn.Module, example_inputs, options: SparsifyOptions, latency=None):
+    def __init__(self, model: nn.Module, example_inputs, options: SparsifyOptions, latency=None, group=None):
         """latency: a disco.planning.prices.LatencyBudget, or None. With one, groups are priced in seconds on its
         topology instead of bytes (the budget fraction then counts priced seconds), and the last cut keeps as
-        many groups as its predicted latency allows."""
-        self.options = options
+        many groups as its predicted latency allows.
+        group: data-parallel training (disco.training.data_parallel.DataParallel): the masks' gradients are
+        averaged over its processes before they count, and each cut's masks are rank 0's on every process."""
+        self.options, self.group = options, group
         self.model, self.latency = model, latency
         self._changed = False  # whether the cut in progress changed any mask (then BatchNorm statistics restart)
         self.layers = disco_layers(model)
@@ -363,6 +365,8 @@ class Sparsifier:
             offset += count
 
     def _after_cut(self, target_ratio: float) -> None:
+        if self.group is not None:  # every process computed the same cut; rank 0's is the one, bit for bit
+            self.group.share([layer.group_mask for layer in self.layers.values()])
         for importance in self.importance.values():
             importance.zero_()
         self.cuts.append({"step": self.steps_done, "target": round(target_ratio, 6), "ratio": round(self.ratio, 6)})
@@ -376,16 +380,21 @@ class Sparsifier:
         (straight-through: the forward pass uses the hard 0/1 mask), i.e. it sums -d loss / d mask over the whole
         phase: a kept group scores what dropping it would cost, a dropped one (its gradient taken at 0) what
         bringing it back would gain, and noise averages out instead of adding up. Scores carry across cuts."""
-        for name, layer in self.layers.items():
-            if layer.group_mask.grad is not None:
-                gradient = layer.group_mask.grad.detach() / gradient_scale
-                layer.group_mask.grad = None
-                if skipped or not bool(torch.isfinite(gradient).all()):
-                    continue
-                if self.options.method == "gates":
-                    self.gate_scores[name] -= gradient
-                else:
-                    self.importance[name] += gradient.pow(2)
+        gradients = {name: layer.group_mask.grad.detach() / gradient_scale for name, layer in self.layers.items()
+                     if layer.group_mask.grad is not None}
+        for layer in self.layers.values():
+            layer.group_mask.grad = None
+        if self.group is not None:  # the gradient of the global batch's loss, as one process would see it
+            self.group.average(list(gradients.values()))
+        if skipped:
+            return
+        for name, gradient in gradients.items():
+            if not bool(torch.isfinite(gradient).all()):
+                continue
+            if self.options.method == "gates":
+                self.gate_scores[name] -= gradient
+            else:
+                self.importance[name] += gradient.pow(2)
 
     def _track_mask_gradients(self, enabled: bool) -> None:
         for layer in self.layers.values():

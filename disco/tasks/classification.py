@@ -5,17 +5,19 @@ Data: Fashion-MNIST (offline from Debian's package) or the user's ImageFolder (d
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 
 from disco.data.datasets import DataRequest, DataSpec, fashion_mnist, image_folder
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import class_label
+
+if TYPE_CHECKING:  # torchmetrics takes a second and a half to import: only scoring needs it
+    from torchmetrics import Metric
 
 
 class ClassificationObjective(Objective):
@@ -25,6 +27,8 @@ class ClassificationObjective(Objective):
         return F.cross_entropy(outputs, targets)
 
     def metric(self, sync_on_compute: bool = True) -> Metric:
+        from torchmetrics.classification import MulticlassAccuracy
+
         return MulticlassAccuracy(num_classes=self.classes, average="micro", sync_on_compute=sync_on_compute)
 
 

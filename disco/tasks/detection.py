@@ -6,12 +6,12 @@ code) run on node 0 from those maps, as does the training loss.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_leaves
-from torchmetrics import Metric
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models import resnet18
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -23,6 +23,9 @@ from disco.data.scenes import collate_scenes, detection_targets
 from disco.errors import DiscoError
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import class_label
+
+if TYPE_CHECKING:  # torchmetrics takes a second and a half to import: only scoring needs it
+    from torchmetrics import Metric
 
 # Anchors for objects of 12 to 200 pixels on 96x96 scenes: three scales per level, three aspect ratios.
 ANCHOR_BASES = (16, 32, 64, 128, 256)
@@ -118,6 +121,8 @@ class DetectionObjective(Objective):
         return scores * temperature * temperature + boxes
 
     def metric(self, sync_on_compute: bool = True) -> Metric:
+        from torchmetrics.detection import MeanAveragePrecision
+
         return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", sync_on_compute=sync_on_compute)
 
     def update(self, metric: Metric, outputs, targets) -> None:

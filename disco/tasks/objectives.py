@@ -8,12 +8,15 @@ function. Metrics: top-1 accuracy, mIoU, mAP (COCO's 0.5:0.95) and PSNR (dB, mea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
-from torchmetrics import Metric
+
+if TYPE_CHECKING:  # torchmetrics takes a second and a half to import: only scoring needs it
+    from torchmetrics import Metric
 
 
 def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, dim: int = 1) -> torch.Tensor:

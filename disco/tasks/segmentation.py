@@ -2,11 +2,11 @@
 cross-entropy, mIoU (MulticlassJaccardIndex). Data: Fashion-MNIST scenes or the user's VOC folder."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import Metric
-from torchmetrics.classification import MulticlassJaccardIndex
 from torchvision.models import resnet18
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.fcn import FCNHead
@@ -15,6 +15,9 @@ from disco.data.annotated import VOC_IGNORE
 from disco.data.scenes import collate_scenes
 from disco.tasks.objectives import Objective
 from disco.tasks.registry import class_label
+
+if TYPE_CHECKING:  # torchmetrics takes a second and a half to import: only scoring needs it
+    from torchmetrics import Metric
 
 
 class FCN(nn.Module):
@@ -51,6 +54,8 @@ class SegmentationObjective(Objective):
         return F.cross_entropy(outputs, targets["mask"], ignore_index=VOC_IGNORE)
 
     def metric(self, sync_on_compute: bool = True) -> Metric:
+        from torchmetrics.classification import MulticlassJaccardIndex
+
         return MulticlassJaccardIndex(num_classes=self.classes, average="macro", ignore_index=VOC_IGNORE,
                                       sync_on_compute=sync_on_compute)
 

@@ -3,13 +3,16 @@ distillation, PSNR. Data: x2 pairs of Fashion-MNIST, scikit-image's photos or th
 (disco.data.superres)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import Metric
-from torchmetrics.image import PeakSignalNoiseRatio
 
 from disco.tasks.objectives import Objective
+
+if TYPE_CHECKING:  # torchmetrics takes a second and a half to import: only scoring needs it
+    from torchmetrics import Metric
 
 
 class ResidualBlock(nn.Module):
@@ -65,6 +68,8 @@ class SuperResObjective(Objective):
         return F.l1_loss(outputs, teacher)
 
     def metric(self, sync_on_compute: bool = True) -> Metric:  # PSNR per image, then averaged
+        from torchmetrics.image import PeakSignalNoiseRatio
+
         return PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3), sync_on_compute=sync_on_compute)
 
     def update(self, metric: Metric, outputs, targets) -> None:

@@ -118,7 +118,12 @@ class TrainConfig:
     temperature: float = option(4.0, help="distillation temperature")
     distill_weight: float = option(0.7, help="weight of distillation in the fine-tuning loss (the task's loss "
                                              "gets the rest)")
-    batch_size: int = option(128, help="images per step")
+    batch_size: int = option(128, help="images per optimiser step, over all processes (the global batch: a run "
+                                       "trains alike on any number of processes, and resumes on another)")
+    micro_batch: int | None = option(None, help="images one process computes at once (default: --batch-size "
+                                                "divided by the processes): smaller ones accumulate their "
+                                                "gradients to the global batch, for memory; BatchNorm normalises "
+                                                "each micro-batch on its own")
     workers: int = option(0, help="processes reading and transforming the data while the model trains (0: in the "
                                    "training process); the result does not depend on it")
     precision: str = option("fp32", choices=PRECISIONS, help="arithmetic of the training forward pass: fp32, or "
@@ -179,6 +184,8 @@ class TrainConfig:
             raise DiscoError("a budget below 1 needs at least one --sparsify-epochs to reach it")
         if self.batch_size < 1 or self.lr <= 0 or self.sparse_lr_scale <= 0:
             raise DiscoError("--batch-size must be at least 1, --lr and --sparse-lr-scale positive")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise DiscoError(f"--micro-batch must be at least 1, got {self.micro_batch}")
         self.nested = sorted((float(b) for b in self.nested), reverse=True)
         if self.nested:
             check_nested(tuple(self.nested), self.budget)

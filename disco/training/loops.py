@@ -5,6 +5,8 @@ gives the loss, the distillation term and the test metric.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 import warnings
 from typing import Callable
@@ -15,6 +17,8 @@ from torch.utils.data import DataLoader
 
 from disco.progress import Progress
 from disco.sparsify import Sparsifier
+from disco.training.batches import StepSampler
+from disco.training.data_parallel import DataParallel
 from disco.training.precision import MixedPrecision
 from disco.tasks.classification import ClassificationObjective
 from disco.tasks.objectives import Objective
@@ -23,53 +27,44 @@ from disco.tasks.objectives import Objective
 LossFn = Callable[[object, object, torch.Tensor], torch.Tensor]
 
 
-def _bar(loader: DataLoader, desc: str):
-    return Progress(loader, desc)
-
-
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: LossFn, *, device: torch.device,
                 desc: str, objective: Objective, sparsifier: Sparsifier | None = None,
-                precision: MixedPrecision | None = None) -> dict:
-    """Returns the epoch's mean training loss (and accuracy, for classification; and the ratio reached).
-    `precision`: autocast and loss scaling (disco/training/precision.py; default fp32)."""
+                precision: MixedPrecision | None = None, parallel: DataParallel | None = None) -> dict:
+    """Returns the epoch's mean training loss over all processes (and accuracy, for classification; and the ratio
+    reached). `loader` draws its batches with a StepSampler (disco/training/batches.py): each optimiser step is
+    this process's micro-batches of the step's global batch, their gradients accumulated (and averaged over the
+    processes by DDP when `model` is wrapped: `parallel`). `precision`: autocast and loss scaling
+    (disco/training/precision.py; default fp32)."""
     precision = precision or MixedPrecision("fp32", device)
+    parallel = parallel or DataParallel(device=device)
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    totals = [0.0, 0.0, 0.0]  # loss x images, correct, images
     classifying = objective.metric_name == "accuracy"
-    bar = _bar(loader, desc)
-    for inputs, targets in bar:
-        inputs, targets = inputs.to(device), objective.to_device(targets, device)
+    batches = iter(loader)
+    bar = Progress(None, desc, total=loader.batch_sampler.layout.steps, unit="steps", enabled=parallel.main)
+    for step in loader.batch_sampler.steps():
         optimizer.zero_grad(set_to_none=True)
-        budgets = sparsifier.step_budgets() if sparsifier is not None else [None]
-        for budget in budgets:  # one, except for nested fine-tuning: every budget's gradients, then one step
-            if budget is not None:
-                sparsifier.use_budget(budget)
-            with precision.autocast():
-                outputs = model(inputs)
-                loss = loss_fn(outputs, targets, inputs)
-            if sparsifier is not None:
-                loss = loss + sparsifier.regularizer()
-            precision.backward(loss / len(budgets))
-        scale = precision.gradient_scale  # the one this step's gradients carry (the step may change it)
-        stepped = precision.step(optimizer)
-        with warnings.catch_warnings():  # a step the fp16 scaler skipped still counts, as for the mask schedule
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            scheduler.step()
-        if sparsifier is not None:
-            sparsifier.step(gradient_scale=scale, skipped=not stepped)
-        total_loss += float(loss.detach().float()) * len(inputs)
-        seen += len(inputs)
-        postfix = {"loss": f"{total_loss / seen:.4f}"}
-        if classifying:
-            correct += int((outputs.detach().argmax(1) == targets).sum())
-            postfix["acc"] = f"{correct / seen:.4f}"
-        if sparsifier is not None:
-            postfix["ratio"] = f"{sparsifier.ratio:.4f}"
-        bar.set_postfix(postfix)
+        for index, micro in enumerate(step):
+            inputs, targets = next(batches)
+            inputs, targets = inputs.to(device), objective.to_device(targets, device)
+            torch.manual_seed(micro.seed)  # dropout draws the same wherever the micro-batch is computed
+            with _norm_momenta(model, index, len(step)):
+                outputs, loss = _backward(model, inputs, targets, loss_fn, weight=micro.weight,
+                                          sparsifier=sparsifier, precision=precision, parallel=parallel,
+                                          last=index == len(step) - 1)
+            totals[0] += float(loss.detach().float()) * micro.size
+            totals[2] += micro.size
+            if classifying:
+                totals[1] += int((outputs.detach().argmax(1) == targets).sum())
+        _optimizer_step(optimizer, scheduler, sparsifier, precision)
+        bar.update(1)
+        bar.set_postfix(_running(totals, classifying, sparsifier))
+    bar.close()
     if sparsifier is not None:
         sparsifier.after_epoch()
-    metrics = {"train_loss": total_loss / max(seen, 1)}
+    loss_sum, correct, seen = parallel.total(totals)
+    metrics = {"train_loss": loss_sum / max(seen, 1)}
     if classifying:
         metrics["train_accuracy"] = correct / max(seen, 1)
     if sparsifier is not None:
@@ -77,11 +72,78 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     return metrics
 
 
+def _backward(model: nn.Module, inputs, targets, loss_fn: LossFn, *, weight: float, sparsifier: Sparsifier | None,
+              precision: MixedPrecision, parallel: DataParallel, last: bool):
+    """One micro-batch's gradients, added to those of the step so far (the processes' gradients are averaged
+    after the step's last backward pass only). Returns its outputs and (unweighted) loss."""
+    budgets = sparsifier.step_budgets() if sparsifier is not None else [None]
+    for index, budget in enumerate(budgets):  # one, except for nested fine-tuning: every budget's gradients
+        if budget is not None:
+            sparsifier.use_budget(budget)
+        with precision.autocast():
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets, inputs)
+        total = loss * weight
+        if sparsifier is not None:  # a regulariser of the weights, added once per step over the processes
+            total = total + sparsifier.regularizer() * weight
+        with parallel.accumulating(model, more_to_come=not (last and index == len(budgets) - 1)):
+            precision.backward(total / len(budgets))
+    return outputs, loss
+
+
+@contextlib.contextmanager
+def _norm_momenta(model: nn.Module, index: int, count: int):
+    """BatchNorm's running statistics move once per step by its momentum m towards the mean of the step's
+    micro-batch statistics, however many micro-batches a process accumulates: micro-batch `index` of `count`
+    updates with momentum (m/K) / (1 - (K-1-index) m/K), K = count, which gives each micro-batch the weight m/K and
+    the old statistics 1 - m. The processes' statistics, averaged (DataParallel.average_norm_statistics), are then
+    exactly those of one process computing all the step's micro-batches (the update is linear)."""
+    norms = [m for m in _norms(model) if m.momentum is not None] if count > 1 else []
+    momenta = [norm.momentum for norm in norms]
+    for norm, momentum in zip(norms, momenta):
+        share = momentum / count
+        norm.momentum = share / (1 - (count - 1 - index) * share)
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+
+
+def _norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler, sparsifier: Sparsifier | None,
+                    precision: MixedPrecision) -> None:
+    scale = precision.gradient_scale  # the one this step's gradients carry (the step may change it)
+    stepped = precision.step(optimizer)
+    with warnings.catch_warnings():  # a step the fp16 scaler skipped still counts, as for the mask schedule
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        scheduler.step()
+    if sparsifier is not None:
+        sparsifier.step(gradient_scale=scale, skipped=not stepped)
+
+
+def _running(totals: list[float], classifying: bool, sparsifier: Sparsifier | None) -> dict:
+    """This process's running figures for the progress line."""
+    loss_sum, correct, seen = totals
+    postfix = {"loss": f"{loss_sum / max(seen, 1):.4f}"}
+    if classifying:
+        postfix["acc"] = f"{correct / max(seen, 1):.4f}"
+    if sparsifier is not None:
+        postfix["ratio"] = f"{sparsifier.ratio:.4f}"
+    return postfix
+
+
 @torch.no_grad()
-def recalibrate_norms(model: nn.Module, loader: DataLoader, *, device: torch.device, batches: int = 20) -> None:
-    """BatchNorm running statistics measured afresh (a plain average over `batches` training batches, weights
-    untouched): what evaluation needs after the masks changed (a nested model's other budget)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def recalibrate_norms(model: nn.Module, loader: DataLoader, *, device: torch.device, batches: int = 20,
+                      parallel: DataParallel | None = None) -> None:
+    """BatchNorm running statistics measured afresh (a plain average over about `batches` micro-batches of the
+    training data, weights untouched): what evaluation needs after the masks changed (a nested model's other
+    budget). The micro-batches are those of the epoch's first steps, all of each step's, however the processes
+    share them: each process averages its own, then the processes average theirs."""
+    norms = _norms(model)
     if not norms:
         return
     momenta = [m.momentum for m in norms]
@@ -90,22 +152,29 @@ def recalibrate_norms(model: nn.Module, loader: DataLoader, *, device: torch.dev
         norm.reset_running_stats()
         norm.momentum = None
         norm.train()
+    if isinstance(loader.batch_sampler, StepSampler):
+        layout = loader.batch_sampler.layout
+        batches = math.ceil(batches / layout.parts) * layout.accumulation
     for index, (inputs, _) in enumerate(loader):
         if index == batches:
             break
         model(inputs.to(device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
+    if parallel is not None:
+        parallel.average_norm_statistics(model)
     model.eval()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, objective: Objective, *, device: torch.device,
-             desc: str = "eval") -> float:
-    """The task's test metric (torchmetrics) of the model on the loader: accuracy, mIoU, mAP or PSNR."""
+             desc: str = "eval", show: bool = True) -> float:
+    """The task's test metric (torchmetrics) of the model on the loader: accuracy, mIoU, mAP or PSNR. In a
+    data-parallel run each process scores its share of the test set (ShardSampler) and torchmetrics sums the
+    processes' counts when the score is computed. `show`: a progress line (rank 0's only)."""
     model.eval()
     metric = objective.metric().to(device)
-    for inputs, targets in _bar(loader, desc):
+    for inputs, targets in Progress(loader, desc, enabled=show):
         objective.update(metric, model(inputs.to(device)), objective.to_device(targets, device))
     return objective.score(metric)
 

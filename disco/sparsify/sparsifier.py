@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from disco.accounting.groups import group_bytes
 from disco.errors import DiscoError
 from disco.split.layers import DiscoLayer
+from disco.split.modules import running_norms
 from disco.split.partitioner import disco_layers
 from disco.sparsify.methods import METHODS
 from disco.sparsify.budgets import check_nested, link_fractions
@@ -162,8 +163,7 @@ class Sparsifier:
         self.frozen = False
         self._generator = torch.Generator().manual_seed(options.seed)
         # BatchNorm layers keep running statistics for evaluation; a cut changes what they normalise
-        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats]
+        self._norms = running_norms(model)
         self._norm_momenta = [m.momentum for m in self._norms]
         self.nested = (NestedLevels(options.budgets, {n: c > 0 for n, c in self.costs.items()})
                        if options.nested else None)

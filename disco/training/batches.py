@@ -104,14 +104,21 @@ class StepSampler(Sampler[list[int]]):
         if not 0 <= rank < layout.world:
             raise DiscoError(f"rank {rank} is outside a world of {layout.world}")
         self.layout, self.rank, self.seed = layout, rank, 0
+        self._epoch: tuple[int, list[list[int]]] | None = None  # (seed, its global batches): read twice an epoch
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed
 
+    def _global_batches(self) -> list[list[int]]:
+        """The epoch's global batches, shuffled once per seed (the loader and the training loop both read them)."""
+        if self._epoch is None or self._epoch[0] != self.seed:
+            self._epoch = (self.seed, self.layout.global_batches(self.seed))
+        return self._epoch[1]
+
     def steps(self) -> Iterator[list[MicroBatch]]:
         """For each step of the epoch: this process's micro-batches (their images come from the loader)."""
         layout = self.layout
-        for step, batch in enumerate(layout.global_batches(self.seed)):
+        for step, batch in enumerate(self._global_batches()):
             parts = layout.micro_batches(batch, self.rank)
             yield [MicroBatch(len(part), layout.weight(len(part), len(batch)),
                               self._seed_of(step, j * layout.world + self.rank)) for j, part in enumerate(parts)]
@@ -121,7 +128,7 @@ class StepSampler(Sampler[list[int]]):
         return (self.seed * 1_000_003 + step * self.layout.parts + part) % 2**62
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.layout.global_batches(self.seed):
+        for batch in self._global_batches():
             yield from self.layout.micro_batches(batch, self.rank)
 
     def __len__(self) -> int:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from disco.errors import DiscoError
+from disco.split.modules import running_norms
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waits this long for a dead or stuck peer
 
@@ -71,16 +72,24 @@ class DataParallel:
 
     def average(self, tensors: list[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the processes (one collective for all of them)."""
+        def mean(flat: torch.Tensor) -> None:
+            dist.all_reduce(flat)
+            flat /= self.world
+
+        self._coalesced(tensors, mean)
+
+    def _coalesced(self, tensors: list[torch.Tensor], collective) -> None:
+        """`collective` run once, in place, on all the tensors flattened into one float64 vector (exact for
+        float32 values and 0/1 masks), then each tensor's part copied back into it."""
         if not self.distributed or not tensors:
             return
         flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= self.world
+        collective(flat)
         offset = 0
-        for tensor in tensors:
-            count = tensor.numel()
-            tensor.copy_(flat[offset:offset + count].view_as(tensor))
-            offset += count
+        with torch.no_grad():
+            for tensor in tensors:
+                tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
 
     def total(self, values: list[float]) -> list[float]:
         """Each value summed over the processes."""
@@ -92,10 +101,7 @@ class DataParallel:
 
     def share(self, tensors: list[torch.Tensor]) -> None:
         """Rank 0's values into each tensor on every process."""
-        if not self.distributed:
-            return
-        for tensor in tensors:
-            dist.broadcast(tensor.data, src=0)
+        self._coalesced(tensors, lambda flat: dist.broadcast(flat, src=0))
 
     def from_main(self, value: int) -> int:
         """Rank 0's `value` on every process (a decision that reads the run folder, taken once)."""
@@ -107,10 +113,7 @@ class DataParallel:
 
     def average_norm_statistics(self, model: nn.Module) -> None:
         """BatchNorm running means and variances averaged over the processes (their counts are equal)."""
-        statistics = [tensor for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                      and module.track_running_stats for tensor in (module.running_mean, module.running_var)]
-        with torch.no_grad():
-            self.average(statistics)
+        self.average([tensor for norm in running_norms(model) for tensor in (norm.running_mean, norm.running_var)])
 
     def barrier(self) -> None:
         if self.distributed:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from disco.progress import Progress
 from disco.sparsify import Sparsifier
+from disco.split.modules import running_norms
 from disco.training.batches import StepSampler
 from disco.training.data_parallel import DataParallel
 from disco.training.precision import MixedPrecision
@@ -98,7 +99,7 @@ def _norm_momenta(model: nn.Module, index: int, count: int):
     updates with momentum (m/K) / (1 - (K-1-index) m/K), K = count, which gives each micro-batch the weight m/K and
     the old statistics 1 - m. The processes' statistics, averaged (DataParallel.average_norm_statistics), are then
     exactly those of one process computing all the step's micro-batches (the update is linear)."""
-    norms = [m for m in _norms(model) if m.momentum is not None] if count > 1 else []
+    norms = [m for m in running_norms(model) if m.momentum is not None] if count > 1 else []
     momenta = [norm.momentum for norm in norms]
     for norm, momentum in zip(norms, momenta):
         share = momentum / count
@@ -108,10 +109,6 @@ def _norm_momenta(model: nn.Module, index: int, count: int):
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-
-
-def _norms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler, sparsifier: Sparsifier | None,
@@ -143,7 +140,7 @@ def recalibrate_norms(model: nn.Module, loader: DataLoader, *, device: torch.dev
     training data, weights untouched): what evaluation needs after the masks changed (a nested model's other
     budget). The micro-batches are those of the epoch's first steps, all of each step's, however the processes
     share them: each process averages its own, then the processes average theirs."""
-    norms = _norms(model)
+    norms = running_norms(model)
     if not norms:
         return
     momenta = [m.momentum for m in norms]

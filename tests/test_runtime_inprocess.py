@@ -19,6 +19,7 @@ from disco.export.manifest import Manifest
 from disco.models import build_for_data
 from disco.runtime.comm import PeerFailure, memory_group
 from disco.runtime.inprocess import run_in_process
+from disco.runtime.fusion import BATCH_NORMS, Folded
 from disco.runtime.program import load_program
 from disco.split.attention import replace_attention
 from disco.split.masks import keep_random_groups
@@ -157,12 +158,10 @@ def test_batch_norms_after_convs_are_folded_and_outputs_still_equal_the_simulati
     manifest = Manifest.load(tmp_path)
     for rank in range(3):
         program = load_program(manifest, tmp_path, rank, torch.device("cpu"))
-        graph = program.graph_module
-        after_conv = {n for n in graph.graph.nodes if n.op == "call_module"
-                      and isinstance(graph.get_submodule(n.target), nn.BatchNorm2d)
-                      and n.args[0].op == "call_module" and n.args[0].target in manifest.layers
-                      and len(n.args[0].users) == 1}
-        folded = {s.node for s in program.steps if isinstance(getattr(s, "module", None), nn.Identity)}
+        layer_calls = {call.node for call in program.analysis.mixing}
+        after_conv = {n for n in program.captured.graph_module.graph.nodes if n.target in BATCH_NORMS
+                      and n.args[0].name in layer_calls and len(n.args[0].users) == 1}
+        folded = {s.node for s in program.steps if isinstance(s, Folded)}
         assert after_conv and folded == after_conv  # densenet's norms that follow a concat stay as they are
     output, _ = run_in_process(tmp_path, x)
     with torch.no_grad():

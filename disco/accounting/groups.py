@@ -6,7 +6,7 @@ from torch import nn
 
 from disco.accounting.layer_cost import elements_per_channel
 from disco.transport import get_transport_dtype
-from disco.split.partitioner import analyse, as_input_tuple, disco_layers
+from disco.split.partitioner import disco_layers, model_split
 
 
 def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32") -> dict[str, torch.Tensor]:
@@ -17,8 +17,7 @@ def group_bytes(model: nn.Module, example_inputs, transport_dtype: str = "fp32")
     """
     dtype = get_transport_dtype(transport_dtype)
     layers = disco_layers(model)
-    nodes = next(iter(layers.values())).nodes
-    analysis = analyse(model, as_input_tuple(example_inputs), nodes)
+    analysis = model_split(model, example_inputs).analysis
     costs = {name: torch.zeros(layer.group_mask.shape) for name, layer in layers.items()}
     for call in analysis.mixing:
         layer = layers[call.module]

@@ -9,7 +9,7 @@ import torch
 
 from disco.split.layers import DiscoLayer
 from disco.transport import TransportDtype
-from disco.split.propagate import MixingCall
+from disco.split.analysis import MixingCall
 
 
 @dataclass

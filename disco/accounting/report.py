@@ -7,21 +7,21 @@ from torch import nn
 from disco.accounting.layer_cost import LayerCost, layer_cost, layer_param_elements
 from disco.errors import DiscoError
 from disco.transport import IO_DTYPE, TRANSPORT_DTYPES, TransportDtype, get_transport_dtype
+from disco.split.analysis import GraphAnalysis
 from disco.split.layers import DiscoLayer
-from disco.split.partitioner import analyse, as_input_tuple, disco_layers
+from disco.split.partitioner import disco_layers, model_split
 from disco.split.placement import placements
-from disco.split.propagate import GraphAnalysis
 
 
-def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: GraphAnalysis, nodes: int):
-    """([nodes] kept, [nodes] dense) parameter bytes: mixing layers' weights as their plans place them, other
-    parameters as disco/split/placement.py places them (per-channel ones with their channel's node)."""
+def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], split, nodes: int):
+    """([nodes] kept, [nodes] dense) parameter bytes: mixing layers' weights as their plans place them, the other
+    tensors operations read as disco/split/placement.py places them (those computed from parameters)."""
     kept, dense = torch.zeros(nodes, dtype=torch.long), torch.zeros(nodes, dtype=torch.long)
     for layer in layers.values():
         layer_kept, layer_dense = layer_param_elements(layer)
         kept += layer_kept * layer.weight.element_size()
         dense += layer_dense * layer.weight.element_size()
-    for placement in placements(model, analysis).values():
+    for placement in placements(model, split).values():
         if placement.is_parameter:
             share = placement.elements_per_node(nodes) * placement.tensor.element_size()
             kept += share
@@ -29,27 +29,49 @@ def _param_bytes(model: nn.Module, layers: dict[str, DiscoLayer], analysis: Grap
     return kept, dense
 
 
-def _attention_macs(analysis: GraphAnalysis, nodes: int) -> torch.Tensor:
-    """[nodes] MACs of softmax(QK^T)V products, each head's on the node holding it."""
+def _product_macs(analysis: GraphAnalysis, nodes: int) -> torch.Tensor:
+    """[nodes] MACs of products between activations (attention's QK^T and AV, other contractions), each output
+    element's on the node holding it, plus what fallbacks compute on the node they run on."""
     macs = torch.zeros(nodes, dtype=torch.long)
-    for call in analysis.attention:
-        macs += torch.bincount(call.heads, minlength=nodes) * call.macs_per_head
+    for products in analysis.products:
+        macs += torch.tensor(products.macs_per_node, dtype=torch.long)
+    for fallback in analysis.fallbacks:
+        macs[fallback.executor] += fallback.macs
     return macs
 
 
-NORM_STATISTIC_BYTES = 4  # partial sums of norms always travel as fp32: they need the precision
+NORM_STATISTIC_BYTES = 4  # partial sums of norms and reductions always travel as fp32: they need the precision
 
 
 def norm_bytes_matrix(analysis: GraphAnalysis, nodes: int) -> torch.Tensor:
-    """[src, dst] bytes per image of norm partial sums: every node holding some of a norm's channels sends
-    (sum x, sum x^2) for every position to every other such node."""
+    """[src, dst] bytes per image of the partial results of norms and reductions over elements that span nodes
+    (LayerNorm's (sum x, sum x^2) per position between the nodes holding its channels, docs/method.md 3)."""
     matrix = torch.zeros(nodes, nodes, dtype=torch.long)
-    for norm in analysis.norms:
-        holders = torch.zeros(nodes, dtype=torch.bool)
-        holders[norm.channels.unique()] = True
-        pairs = holders[:, None] & holders[None, :] & ~torch.eye(nodes, dtype=torch.bool)
-        matrix += pairs.long() * (2 * norm.positions * NORM_STATISTIC_BYTES)
+    for exchange in analysis.exchanges:
+        matrix += exchange.values * NORM_STATISTIC_BYTES
     return matrix
+
+
+def fallback_bytes_matrix(analysis: GraphAnalysis, nodes: int) -> torch.Tensor:
+    """[src, dst] bytes per image of activations moved to another layout: gathered for operations that run on one
+    node and split again after, or laid out as an operation needs (always in the activation's own dtype)."""
+    matrix = torch.zeros(nodes, nodes, dtype=torch.long)
+    for move in analysis.redistributions:
+        matrix += move.elements * move.element_size
+    return matrix
+
+
+def fallback_entries(analysis: GraphAnalysis) -> list[dict]:
+    """Every operation that moved data because no rule split it as its operands lay, with its bytes and MACs."""
+    entries: dict[str, dict] = {}
+    for move in analysis.redistributions:
+        entry = entries.setdefault(move.node, {"node": move.node, "op": "", "executor": None, "reason": move.reason,
+                                               "bytes": 0, "macs": 0})
+        entry["bytes"] += int(move.elements.sum()) * move.element_size
+    for fallback in analysis.fallbacks:
+        entry = entries.setdefault(fallback.node, {"node": fallback.node, "bytes": 0})
+        entry.update(op=fallback.op, executor=fallback.executor, reason=fallback.reason, macs=fallback.macs)
+    return list(entries.values())
 
 
 def _peak_activation_bytes(analysis: GraphAnalysis, costs: list[LayerCost], calls_index: list[int],
@@ -95,8 +117,8 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     if not layers:
         raise DiscoError("cost_report needs a partitioned model: call disco.partition(model, nodes=N, "
                          "example_inputs=x) first")
-    nodes = next(iter(layers.values())).nodes
-    analysis = analyse(model, as_input_tuple(example_inputs), nodes)
+    split = model_split(model, example_inputs)
+    nodes, analysis = split.nodes, split.analysis
     costs = [layer_cost(layers[call.module], call, analysis.batch) for call in analysis.mixing]
     elements_matrix = sum(c.elements_matrix for c in costs)
     dense_matrix = sum(c.dense_elements_matrix for c in costs)
@@ -104,12 +126,13 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
     by_dtype = _matrices_by_dtype(costs, nodes)
     kept_bytes, dense_bytes = by_dtype[dtype.name]
     io_bytes_per_element = IO_DTYPE.bits // 8
-    attention_macs = _attention_macs(analysis, nodes)
+    attention_macs = _product_macs(analysis, nodes)
     macs = torch.tensor([c.macs_per_node for c in costs]).sum(0) + attention_macs
     dense_macs = torch.tensor([c.dense_macs_per_node for c in costs]).sum(0) + attention_macs
-    params, dense_params = _param_bytes(model, layers, analysis, nodes)
+    params, dense_params = _param_bytes(model, layers, split, nodes)
     element_size = next(iter(layers.values())).weight.element_size()  # activations share the weights' dtype
     norms = norm_bytes_matrix(analysis, nodes)
+    moved = fallback_bytes_matrix(analysis, nodes)
     activations = _peak_activation_bytes(analysis, costs, [call.index for call in analysis.mixing], element_size,
                                          nodes)
     return {
@@ -140,6 +163,9 @@ def cost_report(model: nn.Module, example_inputs, *, transport_dtype: str = "fp3
         },
         "norm_bytes": int(norms.sum()),
         "norm_bytes_matrix": norms.tolist(),
+        "fallback_bytes": int(moved.sum()),
+        "fallback_bytes_matrix": moved.tolist(),
+        "fallbacks": fallback_entries(analysis),
         "layers": [c.as_dict(dtype) for c in costs],
     }
 

@@ -13,3 +13,7 @@ COMMAND_HELP = {
     "bench": "run a benchmark (writes docs/results/)",
     "keygen": "make a key pair for signing deployments",
 }
+# what --model takes (disco/models.py), in the help of every command that builds a model
+MODEL_SPECS = ("torchvision:NAME (e.g. torchvision:resnet50), timm:NAME (e.g. timm:resnet18), hf:MODEL_TYPE "
+               "(transformers, e.g. hf:vit) or hf:FOLDER (a save_pretrained folder), disco:NAME or "
+               "path/to/file.py:factory")

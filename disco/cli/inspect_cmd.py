@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 
 from disco.transport import TRANSPORT_DTYPES
-from disco.cli import COMMAND_HELP
+from disco.cli import COMMAND_HELP, MODEL_SPECS
 from disco.cli.arguments import weights_argument
 
 if TYPE_CHECKING:  # rich is imported when a table is drawn, not for --help
@@ -19,8 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "inspect", help=COMMAND_HELP["inspect"],
         description="Partition a model across N nodes and print, per image, the bytes each node sends, the "
                     "MACs and parameter/activation memory per node, next to the dense split (every channel sent).")
-    parser.add_argument("--model", required=True,
-                        help="torchvision:NAME (e.g. torchvision:resnet50) or path/to/file.py:factory_function")
+    parser.add_argument("--model", required=True, help=MODEL_SPECS)
     parser.add_argument("--nodes", type=int, default=2, help="number of devices to split across (default 2)")
     parser.add_argument("--node-weights", type=weights_argument, metavar="W,W,...",
                         help="each node's share of the work, e.g. 2,1,1 (default: equal); the summary shows how "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from disco.cli import COMMAND_HELP
+from disco.cli import COMMAND_HELP, MODEL_SPECS
 from disco.cli.arguments import weights_argument
 from disco.transport import TRANSPORT_DTYPES
 
@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("deployment", nargs="?", help="a deployment folder (manifest.json); or give --model")
     parser.add_argument("--topology", required=True, help="topology.json: one entry per node, rank 0 first")
     parser.add_argument("--budget", type=float, help="a deployment carrying several budgets: predict this one")
-    parser.add_argument("--model", help="instead of a deployment: torchvision:NAME or file.py:factory, split "
-                                        "--nodes ways (untrained: groups kept at random to --keep)")
+    parser.add_argument("--model", help=f"instead of a deployment: {MODEL_SPECS}, split --nodes ways (untrained: "
+                                        "groups kept at random to --keep)")
     parser.add_argument("--nodes", type=int, default=2, help="with --model: devices to split across (default 2)")
     parser.add_argument("--node-weights", type=weights_argument, metavar="W,W,...",
                         help="with --model: each node's share of the work, e.g. 2,1")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from disco.errors import DiscoError
 from disco.export.budgets import NestedBudgets
+from disco.model_sources import weight_kwargs
 from disco.models import REGISTERED_SOURCES, split_spec
 from disco.options import MAX_NODES
 from disco.split.plan import SplitPlan
@@ -28,18 +29,22 @@ FORMAT = "disco-deployment"
 # 2: layers hold each layer's SplitPlan; 3: model spec registered or bound to a file hash, shards carry the digest;
 # 4: transport_scheme names how messages are encoded (integer dtypes), input and output travel as fp32
 # 5: `nested`: several nested budgets in one deployment (disco/export/budgets.py)
-FORMAT_VERSION = 5
+# 6: ranks capture the model with torch.export (any model): `graph_digest`, shards keyed by the tensors operations
+#    read (parameters by name, computed ones `static.NODE`), timm: and hf: models
+FORMAT_VERSION = 6
 MANIFEST_NAME = "manifest.json"
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.safetensors")  # a plain file name: no folder, no ".."
 SHA256 = re.compile(r"[0-9a-f]{64}")
+HF_MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}")  # `hf:vit`, `hf:data2vec-vision`: a name, never a folder
 DIGEST_KEY, NODE_KEY = "disco.manifest_digest", "disco.node"  # each shard's safetensors metadata
 
 
 @dataclass
 class ModelSpec:
     """How to rebuild the architecture: `disco.models.build_for_data(model, channels=..., classes=...,
-    stem_stride=..., **kwargs)`. `model` is torchvision:NAME, disco:NAME, or FILE.py:factory for a user's model
-    file, which the deployment names by its sha256 (`code_sha256`) and never carries (disco/export/trust.py)."""
+    stem_stride=..., **kwargs)`. `model` is torchvision:NAME, timm:NAME, hf:MODEL_TYPE, disco:NAME, or
+    FILE.py:factory for a user's model file, which the deployment names by its sha256 (`code_sha256`) and never
+    carries (disco/export/trust.py)."""
 
     model: str
     channels: int
@@ -49,10 +54,13 @@ class ModelSpec:
     code_sha256: str | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.kwargs, dict) or any("weights" in str(key) for key in self.kwargs):
-            raise DiscoError("model kwargs must be a dict and may not ask for weights: a deployment's weights are "
-                             "its shards (nothing is downloaded)")
-        source, _ = split_spec(self.model)
+        if not isinstance(self.kwargs, dict) or weight_kwargs(self.kwargs):
+            raise DiscoError("model kwargs must be a dict and may not ask for weights, checkpoints or remote code: a "
+                             "deployment's weights are its shards (nothing is downloaded, no model code is run)")
+        source, name = split_spec(self.model)
+        if source == "hf" and not HF_MODEL_TYPE.fullmatch(name):
+            raise DiscoError(f"model {self.model!r} must name a transformers model type (hf:vit): a deployment "
+                             "never names a folder")
         if source in REGISTERED_SOURCES:
             return
         if "/" in source or "\\" in source or not source.endswith(".py") or not SHA256.fullmatch(
@@ -77,6 +85,7 @@ class Manifest:
     task: str = "classification"  # how node 0 reads the output: classification, segmentation, detection, superres
     transport_scheme: str = ""  # how transport_dtype's messages are laid out (disco/transport.py: TransportDtype.scheme)
     nested: dict | None = None  # several nested budgets (disco/export/budgets.py): `layers` plan the largest
+    graph_digest: str = ""  # the captured graph's fingerprint (disco/split/capture.py): ranks must capture the same
     format: str = FORMAT
     version: int = FORMAT_VERSION
 

@@ -18,35 +18,46 @@ from disco.export.budgets import NestedBudgets, NestedExport, level_prefix, leve
 from disco.errors import DiscoError
 from disco.export.manifest import DIGEST_KEY, NODE_KEY, Manifest, ModelSpec, sha256_of
 from disco.export.signing import SIGNATURE_NAME, read_private_key, sign_deployment
-from disco.export.trust import deployable_spec
+from disco.export.trust import deployable_model
 from disco.transport import get_transport_dtype
 from disco.models import build_for_data
 from disco.split.attention import replace_attention
 from disco.split.layers import DiscoLayer
-from disco.split.partitioner import analyse, as_input_tuple, disco_layers, eval_mode, transport_of
+from disco.split.capture import graph_digest
+from disco.split.partitioner import ModelSplit, as_input_tuple, disco_layers, model_split, transport_of
 from disco.split.placement import placements
-from disco.split.propagate import GraphAnalysis
 from disco.sparsify.nested import load_norm_statistics
 
 PLAN_BUFFERS = ("in_assign", "out_assign", "group_mask")
 # the cost report's figures a deployment is checked by, and `disco plan` predicts its latency from
 EXPECTED_KEYS = ("nodes", "bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes", "norm_bytes", "norm_bytes_matrix",
-                 "macs_per_node", "attention_macs_per_node", "param_bytes_per_node", "layers")
+                 "fallback_bytes", "fallback_bytes_matrix", "macs_per_node", "attention_macs_per_node",
+                 "param_bytes_per_node", "layers")
 
 
-def mixing_tensors(name: str, layer: DiscoLayer, node: int) -> dict[str, torch.Tensor]:
-    """The node's weight blocks and bias entries of one channel-mixing layer, as its plan cuts them."""
+def mixing_tensors(name: str, layer: DiscoLayer, node: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The node's weight blocks and bias entries of one channel-mixing layer, as its plan cuts them. `weight`: the
+    layer's weight as its operation reads it (its parameter, or computed from it: a standardised conv's)."""
     plan = layer.plan
-    tensors = {f"{name}.{block}": weight for block, weight in plan.weight_blocks(layer.weight, node).items()}
+    tensors = {f"{name}.{block}": block_weight for block, block_weight in plan.weight_blocks(weight, node).items()}
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias[plan.rows(node).to(layer.bias.device)]
     return tensors
 
 
-def node_tensors(model: nn.Module, analysis: GraphAnalysis, node: int) -> dict[str, torch.Tensor]:
-    tensors = {name: placement.part(node) for name, placement in placements(model, analysis).items()}
+def layer_weights(model: nn.Module, split: ModelSplit) -> dict[str, torch.Tensor]:
+    """{layer: its weight as its conv/linear reads it}, from the model's current parameters."""
+    nodes = {call.module: call.weight for call in split.analysis.mixing}
+    values = split.static_values(model, list(set(nodes.values())))
+    return {layer: values[node] for layer, node in nodes.items()}
+
+
+def node_tensors(model: nn.Module, split: ModelSplit, node: int, parts=None, weights=None) -> dict[str, torch.Tensor]:
+    parts = placements(model, split) if parts is None else parts
+    weights = layer_weights(model, split) if weights is None else weights
+    tensors = {name: placement.part(node) for name, placement in parts.items()}
     for name, layer in disco_layers(model).items():
-        tensors.update(mixing_tensors(name, layer, node))
+        tensors.update(mixing_tensors(name, layer, node, weights[name]))
     return {key: _storable(t) for key, t in tensors.items()}
 
 
@@ -93,28 +104,29 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     example = inputs[0][:1].cpu()
     model = model.cpu()
     check_spec(model, spec)
-    recorded, code_sha256 = deployable_spec(spec.model)
-    nodes = next(iter(layers.values())).nodes
-    with eval_mode(model):
-        analysis = analyse(model, (example,), nodes)
+    split = model_split(model, example)
+    nodes = split.nodes
     nested_field, level_tensors = None, [{} for _ in range(nodes)]
     if nested is not None:
-        nested_field, level_tensors = _levels(model, analysis, example, dtype.name, nested)
+        nested_field, level_tensors = _levels(model, split, example, dtype.name, nested)
         expected, reference = nested_field["expected"][nested.default], nested.reference[nested.default]
     else:
         costs = cost_report(model, example, transport_dtype=dtype.name)
         expected = {key: costs[key] for key in EXPECTED_KEYS}
-    manifest = Manifest(model=replace(spec, model=recorded, code_sha256=code_sha256), nodes=nodes,
+    manifest = Manifest(model=deployable_model(spec), nodes=nodes,
                         input_shape=list(example.shape[1:]), transport_dtype=dtype.name, transport_scheme=dtype.scheme,
                         layers={name: layer.plan for name, layer in layers.items()}, shards=[], expected=expected,
                         preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
-                        task=task or getattr(model, "disco_task", "classification"), nested=nested_field)
+                        task=task or getattr(model, "disco_task", "classification"), nested=nested_field,
+                        graph_digest=graph_digest(split.captured))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     digest = manifest.digest()  # of everything but the shard list: bound into every shard
+    parts, weights = placements(model, split), layer_weights(model, split)
     for node in range(nodes):
         path = folder / f"node{node}.safetensors"
-        safetensors.torch.save_file({**node_tensors(model, analysis, node), **level_tensors[node]}, str(path),
+        safetensors.torch.save_file({**node_tensors(model, split, node, parts, weights), **level_tensors[node]},
+                                    str(path),
                                     metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
         manifest.shards.append({"file": path.name, "sha256": sha256_of(path)})
     manifest.validate()
@@ -125,14 +137,13 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     return manifest
 
 
-def _levels(model: nn.Module, analysis: GraphAnalysis, example: torch.Tensor, dtype: str,
+def _levels(model: nn.Module, split: ModelSplit, example: torch.Tensor, dtype: str,
             nested: NestedExport) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """The manifest's `nested` field and each node's tensors of levels >= 1 (their BatchNorm statistics): every
     level's masks and statistics set in turn, smallest first, so the model is left at level 0, the largest."""
     layers, nodes = disco_layers(model), next(iter(disco_layers(model).values())).nodes
     if set(nested.group_levels) != set(layers):
         raise DiscoError("the nested levels do not name this model's layers: they belong to another run")
-    parts = placements(model, analysis)
     expected: list[dict] = []
     per_node: list[dict[str, torch.Tensor]] = [{} for _ in range(nodes)]
     for level in reversed(range(len(nested.budgets))):
@@ -141,6 +152,7 @@ def _levels(model: nn.Module, analysis: GraphAnalysis, example: torch.Tensor, dt
         load_norm_statistics(model, nested.norms[level])
         costs = cost_report(model, example, transport_dtype=dtype)
         expected.insert(0, {key: costs[key] for key in EXPECTED_KEYS})
+        parts = placements(model, split) if level else {}
         for node in range(nodes) if level else ():
             per_node[node].update({level_prefix(level) + key: _storable(parts[key].part(node))
                                    for key in nested.norms[level] if key in parts})

@@ -21,7 +21,7 @@ from disco.accounting.layer_cost import elements_per_channel
 from disco.accounting.report import cost_report
 from disco.errors import DiscoError
 from disco.planning.latency import predict
-from disco.split.partitioner import analyse, as_input_tuple, disco_layers
+from disco.split.partitioner import disco_layers, model_split
 from disco.topology import Topology
 
 
@@ -29,10 +29,10 @@ def group_seconds(model: nn.Module, example_inputs, topology: Topology, transpor
                   ) -> dict[str, torch.Tensor]:
     """{layer: [nodes, in_channels] seconds per image} each existing group costs on `topology` (0 elsewhere)."""
     layers = disco_layers(model)
-    nodes = next(iter(layers.values())).nodes
+    split = model_split(model, example_inputs)
+    nodes, analysis = split.nodes, split.analysis
     topology.check_nodes(nodes, "the model")
     sizes = group_bytes(model, example_inputs, transport_dtype)
-    analysis = analyse(model, as_input_tuple(example_inputs), nodes)
     seconds_per_byte = torch.tensor([[0.0 if s == d else 1.0 / topology.bandwidth[s][d] for d in range(nodes)]
                                      for s in range(nodes)])
     seconds_per_mac = torch.tensor([1.0 / node.macs_per_s for node in topology.nodes])

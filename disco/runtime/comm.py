@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from disco.errors import DiscoError
 
-CATEGORIES = ("activations", "norm", "input", "output", "control")
+CATEGORIES = ("activations", "norm", "fallback", "input", "output", "control")
 JOIN_TIMEOUT_S = 60.0  # joining the group: at least this long, whatever --timeout says
 
 

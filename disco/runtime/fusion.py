@@ -8,17 +8,35 @@ the conv output must feed nothing but the BatchNorm.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import dataclass
 
+import torch
+
+from disco.runtime.comm import Comm
 from disco.runtime.mixing import GroupedMixingStep, MixingStep
 from disco.runtime.steps import Exchanging, Local, Step
 
-FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+aten = torch.ops.aten
+# inference BatchNorms as captured graphs have them: (input, weight, bias, running_mean, running_var, ...)
+BATCH_NORMS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
 
-def fold_batch_norms(steps: list[Step]) -> list[Step]:
-    """The steps with every foldable BatchNorm folded into its conv (and replaced by an identity step)."""
+@dataclass
+class Folded(Step):
+    """A BatchNorm folded into the conv before it: its value is the conv's (the native form's extra outputs,
+    which nothing reads, are empty)."""
+
+    source: object
+    native: bool
+
+    def run(self, env: dict, comm: Comm):
+        value = env[self.source]
+        return (value, value.new_empty(0), value.new_empty(0)) if self.native else value
+
+
+def fold_batch_norms(steps: list[Step], tensors_of) -> list[Step]:
+    """The steps with every foldable BatchNorm folded into its conv (and replaced by a Folded step).
+    `tensors_of(node)`: this rank's values of a node's weight, bias, mean and variance (None where absent)."""
     by_node = {step.node: index for index, step in enumerate(steps)}
     steps = list(steps)
     for index, step in enumerate(steps):
@@ -26,30 +44,37 @@ def fold_batch_norms(steps: list[Step]) -> list[Step]:
             continue
         source = step.node.args[0]
         producer = steps[by_node[source]] if source in by_node else None
-        if isinstance(producer, Exchanging) and len(source.users) == 1 and _fold(producer.call, step.module):
-            steps[index] = Local(step.node, nn.Identity())
+        if isinstance(producer, Exchanging) and len(source.users) == 1 and \
+                _fold(producer.call, *tensors_of(step.node), _eps(step.node)):
+            steps[index] = Folded(step.node, source, step.node.target is not aten.batch_norm.default)
     return steps
 
 
+def _eps(node) -> float:
+    return node.args[7] if node.target is aten.batch_norm.default else node.args[6]
+
+
 def _is_frozen_norm(step: Step) -> bool:
-    module = getattr(step, "module", None)
-    return (isinstance(step, Local) and isinstance(module, FOLDABLE_NORMS) and module.running_mean is not None
-            and len(step.node.args) == 1 and not step.node.kwargs)
+    node = step.node
+    if not isinstance(step, Local) or node.target not in BATCH_NORMS or step.operands.moves or step.operands.narrowings:
+        return False
+    training = node.target is aten.batch_norm.default and node.args[5]
+    return not training and node.args[3] is not None and node.args[4] is not None
 
 
-def _fold(layer, norm: nn.Module) -> bool:
+def _fold(layer, weight, bias, mean, variance, eps: float) -> bool:
     """Scale the layer's rows by the norm; False (layer untouched) when the shapes do not line up."""
     if not isinstance(layer, (MixingStep, GroupedMixingStep)) or getattr(layer, "channel_dim", 1) != 1:
         return False
     blocks = ["local_weight", "remote_weight"] if isinstance(layer, MixingStep) else ["weight"]
-    rows = norm.running_mean.numel()
+    rows = mean.numel()
     weights = [getattr(layer, name) for name in blocks]
     if not rows or any(w is not None and w.shape[0] != rows for w in weights):
         return False
-    scale = (norm.weight if norm.weight is not None else 1) * torch.rsqrt(norm.running_var + norm.eps)
-    shift = (norm.bias if norm.bias is not None else 0) - norm.running_mean * scale
-    for name, weight in zip(blocks, weights):
-        if weight is not None:
-            setattr(layer, name, weight * scale.reshape(-1, *[1] * (weight.dim() - 1)).to(weight.dtype))
+    scale = (weight if weight is not None else 1) * torch.rsqrt(variance + eps)
+    shift = (bias if bias is not None else 0) - mean * scale
+    for name, block in zip(blocks, weights):
+        if block is not None:
+            setattr(layer, name, block * scale.reshape(-1, *[1] * (block.dim() - 1)).to(block.dtype))
     layer.bias = shift if layer.bias is None else layer.bias * scale + shift
     return True

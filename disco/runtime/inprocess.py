@@ -11,7 +11,8 @@ import torch
 from disco.export.manifest import Manifest
 from disco.runtime.comm import PeerFailure, memory_group
 from disco.runtime.evaluation import join_batches
-from disco.runtime.levels import load_programs
+from disco.runtime.levels import build_programs
+from disco.runtime.program import DeploymentGraph, load_shard
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
 
@@ -28,7 +29,9 @@ def run_in_process(folder: str | Path, inputs: torch.Tensor, *, batch_size: int 
     per batch instead (switching between batches, as `disco serve` does per request)."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    programs = [load_programs(manifest, folder, rank, torch.device("cpu"), model_code, budget)
+    shards = [load_shard(manifest, folder, rank) for rank in range(manifest.nodes)]
+    graph = DeploymentGraph(manifest, shards[0], model_code)  # the same for every rank: built once
+    programs = [build_programs(manifest, shards[rank], rank, torch.device("cpu"), model_code, budget, graph)
                 for rank in range(manifest.nodes)]
     chunks = inputs.split(batch_size or len(inputs))
     if budgets is not None and len(budgets) != len(chunks):

@@ -16,7 +16,7 @@ import torch
 from disco.errors import DiscoError
 from disco.export.budgets import LEVEL_KEYS, level_prefix
 from disco.export.manifest import Manifest
-from disco.runtime.program import LocalProgram, load_shard
+from disco.runtime.program import DeploymentGraph, LocalProgram, load_shard
 from disco.split.plan import WEIGHT_REMOTE
 
 
@@ -66,23 +66,27 @@ def level_tensors(tensors: dict[str, torch.Tensor], largest: dict, plans: dict, 
 
 
 def build_programs(manifest: Manifest, tensors: dict[str, torch.Tensor], rank: int, device: torch.device,
-                   model_code: str | Path | None = None, budget: float | None = None) -> Programs:
+                   model_code: str | Path | None = None, budget: float | None = None,
+                   graph: DeploymentGraph | None = None) -> Programs:
     """Every level's program of the rank (one when the deployment carries one budget); `budget` sets the default
-    level (None: the deployment's own default)."""
+    level (None: the deployment's own default). `graph`: the deployment's graph, when already built (levels and the
+    ranks of one process share it)."""
     nested = manifest.budgets()
     default = manifest.level_of(budget)
+    graph = graph if graph is not None else DeploymentGraph(manifest, tensors, model_code)
     if nested is None:
-        return Programs([LocalProgram(manifest, tensors, rank, device, model_code)], default)
+        return Programs([LocalProgram(manifest, tensors, rank, device, model_code, graph=graph)], default)
     tensors = {key: value.to(device) for key, value in tensors.items()}  # once: the levels share them
     programs = []
     for level in range(len(nested.budgets)):
         plans = nested.plans_at(level, manifest.layers)
         programs.append(LocalProgram(manifest, level_tensors(tensors, manifest.layers, plans, rank, level), rank,
-                                     device, model_code, layers=plans, fold=False))
+                                     device, model_code, layers=plans, fold=False, graph=graph))
     return Programs(programs, default)
 
 
 def load_programs(manifest: Manifest, folder: Path, rank: int, device: torch.device,
-                  model_code: str | Path | None = None, budget: float | None = None) -> Programs:
+                  model_code: str | Path | None = None, budget: float | None = None,
+                  graph: DeploymentGraph | None = None) -> Programs:
     """Verify and load the rank's shard (before any communication), then build its programs."""
-    return build_programs(manifest, load_shard(manifest, folder, rank), rank, device, model_code, budget)
+    return build_programs(manifest, load_shard(manifest, folder, rank), rank, device, model_code, budget, graph)

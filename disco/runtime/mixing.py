@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from disco.errors import DiscoError
 from disco.quantization import MessageCodec, from_channel_major
 from disco.runtime.comm import Comm
-from disco.split.layers import mixing_kind
 from disco.split.plan import WEIGHT_GROUPED, WEIGHT_LOCAL, WEIGHT_REMOTE, SplitPlan
 from disco.transport import TransportDtype
 
@@ -31,12 +30,13 @@ class Messages:
     """A layer's exchange on one rank: its channels encoded per receiver, what arrives decoded and put back in
     the layer's layout (in the order the remote weight columns expect: by source, then channel)."""
 
-    def __init__(self, codec: MessageCodec, receive_counts: dict[int, int]):
+    def __init__(self, codec: MessageCodec, receive_counts: dict[int, int], elements: int):
         self.codec, self.receive_counts = codec, receive_counts
+        self.elements = elements  # values per channel in one row of the layer's input (H*W, tokens...)
 
     def post(self, x: torch.Tensor, send_index: dict[int, torch.Tensor], comm: Comm, what: str):
         """Send {dst: positions of x's channels} and post the receives; returns the exchange in flight."""
-        elements = _elements_per_channel(x, self.codec.channel_dim)
+        elements = self.elements
         receives = {src: (self.codec.message_shape(x.shape[0], count, elements), self.codec.dtype.torch_dtype)
                     for src, count in self.receive_counts.items()}
         return comm.exchange(self.codec.encode(x, send_index), receives, category="activations", what=what)
@@ -52,14 +52,15 @@ class Messages:
                 for src, values in zip(self.receive_counts, self._decoded(received, x))}
 
     def _decoded(self, received: dict, x: torch.Tensor) -> list[torch.Tensor]:
-        elements = _elements_per_channel(x, self.codec.channel_dim)
+        elements = self.elements
         return [self.codec.decode(received[src], count, elements, x.dtype) for src, count in self.receive_counts.items()]
 
 
-def _elements_per_channel(x: torch.Tensor, channel_dim: int) -> int:
-    """Values per image in one channel (H*W, tokens...), also when this rank holds no channel of x."""
-    channels_at = channel_dim % x.dim()
-    return math.prod(size for dim, size in enumerate(x.shape) if dim not in (0, channels_at))
+def elements_per_channel(in_shape: tuple[int, ...], channel_dim: int) -> int:
+    """Values in one channel of one row of a layer's input (H*W, tokens...): its shape but the leading (batch) dim and
+    the channels, known from the plan whatever this rank holds of the input."""
+    channels_at = channel_dim % len(in_shape)
+    return math.prod(size for dim, size in enumerate(in_shape) if dim not in (0, channels_at))
 
 
 def _shard_tensor(tensors: dict, key: str) -> torch.Tensor:
@@ -69,20 +70,20 @@ def _shard_tensor(tensors: dict, key: str) -> torch.Tensor:
 
 
 class MixingStep:
-    """One conv/linear call (conv groups == 1) on one rank."""
+    """One conv/linear call (conv groups == 1) on one rank. `apply(x, weight, bias)` is the call with any weight
+    (the graph's operation with its own stride, padding...)."""
 
-    def __init__(self, name: str, module: nn.Module, plan: SplitPlan, tensors: dict, rank: int,
-                 out_shape: tuple[int, ...], transport: TransportDtype):
-        self.name, self.module, self.rank = name, module, rank
-        self.apply = mixing_kind(module).apply
+    def __init__(self, name: str, apply, plan: SplitPlan, tensors: dict, rank: int, out_layout,
+                 transport: TransportDtype, elements: int):
+        self.name, self.apply, self.rank = name, apply, rank
         self.channel_dim = plan.channel_dim
-        self.out_shape = out_shape  # per-image local output shape
+        self.out_layout = out_layout  # this rank's part of the output
         self.send_index, self.receive_counts = plan.send_positions(rank), plan.receive_counts(rank)
         self.bias = tensors.get(f"{name}.bias")
         rows, held = plan.rows(rank).numel(), plan.held_channels(rank).numel()
         self.local_weight = self._weight(tensors, WEIGHT_LOCAL, rows, held)
         self.remote_weight = self._weight(tensors, WEIGHT_REMOTE, rows, sum(self.receive_counts.values()))
-        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts)
+        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts, elements)
 
     def _weight(self, tensors: dict, block: str, rows: int, columns: int) -> torch.Tensor | None:
         """The block, or None when it computes nothing (no rows, or no columns)."""
@@ -96,14 +97,15 @@ class MixingStep:
         flying = self.messages.post(x, self.send_index, comm, f"layer {self.name}")
         y = None
         if self.local_weight is not None:
-            y = self.apply(self.module, x, self.local_weight, self.bias)
+            y = self.apply(x, self.local_weight, self.bias)
         received = flying.wait()
         if self.remote_weight is not None:
             remote = self.messages.arrived(received, x)
-            part = self.apply(self.module, remote, self.remote_weight, None if y is not None else self.bias)
+            part = self.apply(remote, self.remote_weight, None if y is not None else self.bias)
             y = part if y is None else y.add_(part)  # y is this call's own fresh output: no new tensor
         if y is None:  # this rank computes no output channel, or none of its inputs reach it
-            y = torch.zeros((x.shape[0], *self.out_shape[1:]), dtype=x.dtype, device=x.device)
+            batch = x.shape[self.out_layout.axis.dim] // self.out_layout.axis.per_image
+            y = self.out_layout.empty(batch, x.dtype, x.device).zero_()
             if self.bias is not None and self.bias.numel():
                 view = [-1] + [1] * (y.dim() - 2) if self.channel_dim == 1 else [-1]
                 y = y + self.bias.reshape(view)
@@ -112,14 +114,12 @@ class MixingStep:
 
 class GroupedMixingStep:
     """A grouped conv (depthwise included). Each group's outputs live on one node; the rank assembles
-    the inputs of its groups (held, received, or zero for dropped channels), then runs one grouped conv."""
+    the inputs of its groups (held, received, or zero for dropped channels), then runs one grouped conv
+    (`apply(x, weight, bias, groups)`)."""
 
-    def __init__(self, name: str, module: nn.Module, plan: SplitPlan, tensors: dict, rank: int,
-                 out_shape: tuple[int, ...], transport: TransportDtype):
-        if module.padding_mode != "zeros":
-            raise DiscoError(f"layer {name}: grouped convs with padding_mode={module.padding_mode!r} are not "
-                             "supported by the runtime")
-        self.name, self.module, self.rank, self.out_shape = name, module, rank, out_shape
+    def __init__(self, name: str, apply, plan: SplitPlan, tensors: dict, rank: int, out_layout,
+                 transport: TransportDtype, elements: int):
+        self.name, self.apply, self.rank, self.out_layout = name, apply, rank, out_layout
         try:
             mine = (plan.group_owners() == rank).nonzero().flatten()
         except DiscoError as error:
@@ -127,7 +127,7 @@ class GroupedMixingStep:
         self.groups = mine.numel()
         needed = (mine[:, None] * plan.in_per_group + torch.arange(plan.in_per_group)).flatten()
         self.send_index, self.receive_counts = plan.send_positions(rank), plan.receive_counts(rank)
-        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts)
+        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts, elements)
         position = plan.held_positions(rank)
         held = plan.held_channels(rank)
         slot = torch.full((plan.in_channels,), -1, dtype=torch.long)
@@ -144,13 +144,12 @@ class GroupedMixingStep:
         if self.weight.shape[0] != plan.rows(rank).numel():
             raise DiscoError(f"layer {name}: shard weight of shape {tuple(self.weight.shape)} does not fit the "
                              "manifest; export again")
-        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
 
     def __call__(self, x: torch.Tensor, comm: Comm) -> torch.Tensor:
         received = self.messages.post(x, self.send_index, comm, f"layer {self.name}").wait()
         received = self.messages.arrived_by_source(received, x)
         if self.groups == 0:
-            return torch.zeros((x.shape[0], *self.out_shape[1:]), dtype=x.dtype, device=x.device)
+            return self.out_layout.empty(x.shape[0], x.dtype, x.device)
         if self.identity:
             assembled = x
         else:
@@ -158,11 +157,11 @@ class GroupedMixingStep:
             assembled[:, self.local_to] = x[:, self.local_from]
             for src, slots in self.remote_to.items():
                 assembled[:, slots] = received[src]
-        m = self.module
-        return self.conv(assembled, self.weight, self.bias, m.stride, m.padding, m.dilation, self.groups)
+        return self.apply(assembled, self.weight, self.bias, self.groups)
 
 
-def mixing_step(name: str, module: nn.Module, plan: SplitPlan, tensors: dict, rank: int,
-                out_shape: tuple[int, ...], transport: TransportDtype):
+def mixing_step(name: str, apply, plan: SplitPlan, tensors: dict, rank: int, out_layout, transport: TransportDtype,
+                in_shape: tuple[int, ...]):
     kind = GroupedMixingStep if plan.conv_groups > 1 else MixingStep
-    return kind(name, module, plan, tensors, rank, out_shape, transport)
+    return kind(name, apply, plan, tensors, rank, out_layout, transport,
+                elements_per_channel(tuple(in_shape), plan.channel_dim))

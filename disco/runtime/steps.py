@@ -1,18 +1,19 @@
-"""The steps of a rank's program: one per graph node, all with the same interface, `run(env, comm)`, which
-reads the node's operands from `env` (graph node -> this rank's value) and returns the node's value.
+"""The steps of a rank's program: one per graph node, all with the same interface, `run(env, comm)`, which reads
+the node's operands from `env` (graph node -> this rank's value) and returns the node's value.
 
-Steps that talk to other ranks (channel-mixing layers, norms over split channels) do it through `comm`; the
-others are local. Which step a node becomes is decided once, when the program is built (program.py)."""
+Steps that talk to other ranks (channel-mixing layers, norms and reductions over split elements, data moved to
+another layout) do it through `comm`; the others are local. Which step a node becomes is decided once, when the
+program is built (program.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from disco.runtime.comm import Comm
-from disco.runtime.layout import Gather, NarrowOperands
-from disco.split.rules import call_node
+from disco.runtime.layout import Gather, Layout, Narrowing, Redistribution
 
 INPUT, BATCH = "input", "batch"  # env keys besides graph nodes: the rank's input and the batch size
 
@@ -33,7 +34,8 @@ class Input(Step):
 
 @dataclass
 class Constant(Step):
-    """A tensor the graph reads directly (get_attr): this rank's part, from its shard."""
+    """A tensor computed from the model's own parameters alone (a norm's weight, a position embedding): this
+    rank's part, from its shard."""
 
     value: torch.Tensor
 
@@ -42,66 +44,128 @@ class Constant(Step):
 
 
 @dataclass
-class ShapeQuery(Step):
-    """size()/dim()/.shape answered for the whole (global) tensor, not the rank's slice."""
+class Operands:
+    """A node's operands as this rank runs it: moved to another layout first (`moves`, by position among its
+    tensor operands) or cut to what its result needs (`narrowings`)."""
 
-    global_shape: torch.Size  # of the queried value; its first dim is taken from the rank's value
+    node: fx.Node
+    positions: list[int]  # leaf index (in the flattened args, kwargs) of each tensor operand
+    moves: dict[int, Redistribution] = field(default_factory=dict)
+    narrowings: dict[int, Narrowing] = field(default_factory=dict)
 
-    def run(self, env: dict, comm: Comm):
-        shape = torch.Size([env[self.node.args[0]].shape[0], *self.global_shape[1:]])
-        if self.node.op == "call_function":
-            return shape
-        if self.node.target == "dim":
-            return len(shape)
-        args = fx.node.map_arg(self.node.args[1:], lambda a: env[a])
-        return shape[args[0]] if args else shape
+    @classmethod
+    def of(cls, node: fx.Node, tensor_operands: list[fx.Node]) -> "Operands":
+        leaves = tree_flatten((node.args, node.kwargs))[0]
+        positions, remaining = [], list(tensor_operands)
+        for index, leaf in enumerate(leaves):
+            if remaining and leaf is remaining[0]:
+                positions.append(index)
+                remaining.pop(0)
+        return cls(node, positions)
+
+    def fetch(self, env: dict, comm: Comm):
+        leaves, spec = tree_flatten((self.node.args, self.node.kwargs))
+        values = [env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+        for operand, index in enumerate(self.positions):
+            if operand in self.moves:
+                values[index] = self.moves[operand](values[index], env[BATCH], comm)
+            if operand in self.narrowings:
+                values[index] = self.narrowings[operand](values[index])
+        return tree_unflatten(values, spec)
+
+    def value(self, env: dict, comm: Comm, operand: int) -> torch.Tensor:
+        """One tensor operand as the operation sees it."""
+        leaves = tree_flatten((self.node.args, self.node.kwargs))[0]
+        value = env[leaves[self.positions[operand]]]
+        if operand in self.moves:
+            value = self.moves[operand](value, env[BATCH], comm)
+        if operand in self.narrowings:
+            value = self.narrowings[operand](value)
+        return value
 
 
 @dataclass
 class Local(Step):
-    """An operation run unchanged on the rank's values: a function, a method, or a module holding this
-    rank's parameters. `narrow` cuts operands held more widely than the result (see layout.NarrowOperands)."""
+    """An operation run unchanged on the rank's values (or on one rank, its operands gathered there)."""
 
-    module: nn.Module | None = None
-    narrow: NarrowOperands | None = None
+    operands: Operands
 
     def run(self, env: dict, comm: Comm):
-        value_of = (lambda a: self.narrow.cut(a, env[a])) if self.narrow is not None else (lambda a: env[a])
-        args = fx.node.map_arg(self.node.args, value_of)
-        kwargs = fx.node.map_arg(self.node.kwargs, value_of)
-        return call_node(self.node, self.module, args, kwargs)
+        args, kwargs = self.operands.fetch(env, comm)
+        return self.node.target(*args, **kwargs)
 
 
 @dataclass
 class Nothing(Step):
-    """A node of which this rank holds no element (it owns none of the value's channels, e.g. 9 nodes on an
-    8-channel layer): an empty tensor of the rank's local shape, without calling an operation that may refuse
-    empty input (BatchNorm does)."""
+    """A node of which this rank holds no element (it owns none of its channels, or another rank runs it): empty
+    tensors of the rank's local shapes, without calling an operation that may refuse empty input. The moves of
+    its operands still run: this rank may have to send its part."""
 
-    local_shape: tuple[int, ...]  # per image, as layout.local_shape gives it
+    operands: Operands
+    layouts: list[Layout]
+    dtypes: list[torch.dtype]
+    template: list = field(default_factory=list)
+    spec: object = None
 
     def run(self, env: dict, comm: Comm):
-        operands = [env[a] for a in self.node.all_input_nodes if isinstance(env.get(a), torch.Tensor)]
-        like = operands[0] if operands else env[INPUT]
-        return like.new_empty((env[BATCH], *self.local_shape[1:]))
+        if self.operands.moves:
+            self.operands.fetch(env, comm)
+        device = env[INPUT].device
+        empties = iter([layout.empty(env[BATCH], dtype, device) for layout, dtype in zip(self.layouts, self.dtypes)])
+        return tree_unflatten([next(empties) if isinstance(t, torch.Tensor) else t for t in self.template], self.spec)
 
 
 @dataclass
 class Move(Step):
     """Data movement (view, cat, getitem...) as one gather of the rank's held elements."""
 
+    operands: Operands
     gather: Gather
+    sources: list[int]  # operand index of each gather source
 
     def run(self, env: dict, comm: Comm):
-        return self.gather(env[BATCH], *[env[source] for source in self.gather.sources])
+        args, kwargs = self.operands.fetch(env, comm)
+        leaves = [leaf for leaf in tree_flatten((args, kwargs))[0]]
+        values = [leaves[self.operands.positions[i]] for i in self.sources]
+        return self.gather(env[BATCH], values)
 
 
 @dataclass
 class Exchanging(Step):
-    """A step that exchanges data with other ranks on its first operand: a channel-mixing layer (mixing.py) or a
-    norm over split channels (norm.py)."""
+    """A step that exchanges data with other ranks on its first operand: a channel-mixing layer (mixing.py)."""
 
+    operands: Operands
     call: object  # (x, comm) -> value
 
     def run(self, env: dict, comm: Comm):
-        return self.call(env[self.node.args[0]], comm)
+        return self.call(self.operands.value(env, comm, 0), comm)
+
+
+@dataclass
+class Reducing(Step):
+    """A norm or reduction over elements that span ranks (norm.py): `call(comm, x, *params)`."""
+
+    operands: Operands
+    call: object
+    params: list[int]  # operand indices of the norm's weight and bias (absent: None)
+    batch_args: bool = False  # a reduction: call(comm, x, batch, dtype)
+
+    def run(self, env: dict, comm: Comm):
+        args, kwargs = self.operands.fetch(env, comm)
+        leaves = tree_flatten((args, kwargs))[0]
+        x = leaves[self.operands.positions[0]]
+        if self.batch_args:
+            return self.call(comm, x, env[BATCH], self.node.meta["val"].dtype)
+        params = [leaves[self.operands.positions[i]] if i is not None else None for i in self.params]
+        return self.call(comm, x, *params)
+
+
+@dataclass
+class Resplit(Step):
+    """Another step whose result is then moved to another layout (a fallback's result split again)."""
+
+    inner: Step
+    move: Redistribution
+
+    def run(self, env: dict, comm: Comm):
+        return self.move(self.inner.run(env, comm), env[BATCH], comm)

@@ -9,12 +9,14 @@ compute: local (diagonal) blocks plus the kept remote columns.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from disco.errors import DiscoError
 from disco.quantization import round_trip
@@ -30,10 +32,13 @@ class DiscoLayer:
     in_assign: torch.Tensor
     out_assign: torch.Tensor
     group_mask: torch.Tensor
+    channel_dim: int = 1  # dim of channels in the layer's input and output (conv 1, linear -1)
+    transport = "fp32"  # the dtype received channels travel in (set_transport): the simulation rounds them alike
+    plain = False  # True while a graph is captured: the layer computes as the original module (plain_layers)
 
     def _attach_plan(self, plan: SplitPlan) -> None:
         device = self.weight.device
-        self.nodes = plan.nodes
+        self.nodes, self.channel_dim = plan.nodes, plan.channel_dim
         self.register_buffer("in_assign", plan.in_assign.to(device=device, dtype=torch.long))
         self.register_buffer("out_assign", plan.out_assign.to(device=device, dtype=torch.long))
         self.register_buffer("group_mask", self.plan.possible_groups().to(self.weight.dtype))
@@ -41,7 +46,7 @@ class DiscoLayer:
     @property
     def plan(self) -> SplitPlan:
         return SplitPlan(nodes=self.nodes, in_assign=self.in_assign, out_assign=self.out_assign,
-                         conv_groups=self.conv_groups, channel_dim=mixing_kind(self).channel_dim,
+                         conv_groups=self.conv_groups, channel_dim=self.channel_dim,
                          mask=getattr(self, "group_mask", None))
 
     @property
@@ -59,29 +64,36 @@ class DiscoLayer:
         with torch.no_grad():
             self.group_mask.copy_((mask.to(self.group_mask.device) > 0) & possible)
 
-    transport = "fp32"  # the dtype received channels travel in (set_transport): the simulation rounds them alike
+    def mixed(self, x: torch.Tensor, weight: torch.Tensor, bias, apply: Callable) -> torch.Tensor:
+        """What the nodes compute together with `weight` (the layer's weight as its forward uses it):
+        `apply(x, weight, bias)` with the dropped groups' columns zeroed and received channels rounded as the
+        transport dtype rounds them."""
+        dtype = get_transport_dtype(self.transport)
+        if dtype.lossless:
+            return apply(x, weight * self.plan.weight_mask(weight), bias)
+        # as a node computes it: held columns on the exact input, received ones on what the network delivers
+        local, remote = self.plan.weight_masks(weight)
+        y = apply(x, weight * local, bias)
+        received = round_trip(x, dtype, self.channel_dim, self.in_assign)
+        return y + apply(received, weight * remote, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind, dtype = mixing_kind(self), get_transport_dtype(self.transport)
-        if dtype.lossless:
-            return kind.apply(self, x, self.masked_weight(), self.bias)
-        # as a node computes it: held columns on the exact input, received ones on what the network delivers
-        local, remote = self.plan.weight_masks(self.weight)
-        y = kind.apply(self, x, self.weight * local, self.bias)
-        received = round_trip(x, dtype, kind.channel_dim, self.in_assign)
-        return y + kind.apply(self, received, self.weight * remote, None)
+        apply = MIXING_LAYERS[self._plain_type].apply
+        if self.plain:
+            return apply(self, x, self.weight, self.bias)
+        return self.mixed(x, self.weight, self.bias, lambda x, w, b: apply(self, x, w, b))
 
 
 class DiscoConv1d(DiscoLayer, nn.Conv1d):
-    pass
+    _plain_type = nn.Conv1d
 
 
 class DiscoConv2d(DiscoLayer, nn.Conv2d):
-    pass
+    _plain_type = nn.Conv2d
 
 
 class DiscoLinear(DiscoLayer, nn.Linear):
-    pass
+    _plain_type = nn.Linear
 
 
 def _conv_kwargs(conv: nn.Module) -> dict:
@@ -129,19 +141,83 @@ def register_mixing_layer(kind: MixingKind) -> None:
 
 
 def mixing_kind(module: nn.Module) -> MixingKind | None:
-    """The registry entry of a channel-mixing module (exact type first, then a Disco layer's base)."""
+    """The registry entry of a plain conv/linear type or its Disco twin (exact types: a subclass may compute
+    otherwise, and is twinned by interception instead, see InterceptingLayer)."""
     for kind in MIXING_LAYERS.values():
         if type(module) is kind.plain or type(module) is kind.disco:
             return kind
     return None
 
 
+# the functions a module's forward may compute a conv/linear with, and the dim of channels of each
+_MIXING_FUNCTIONS = {F.conv1d: 1, F.conv2d: 1, F.conv3d: 1, F.linear: -1, torch.ops.aten.convolution.default: 1,
+                     torch.ops.aten.conv2d.default: 1, torch.ops.aten.linear.default: -1}
+
+
+class _Intercept(TorchFunctionMode):
+    """Within one layer's forward: its conv/linear call computes with the masked weight (DiscoLayer.mixed)."""
+
+    def __init__(self, layer: "InterceptingLayer"):
+        super().__init__()
+        self.layer = layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MIXING_FUNCTIONS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(weight, torch.Tensor) and weight.shape == self.layer.weight.shape:
+                x = args[0] if args else kwargs["input"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                rest = args[3:]
+                extra = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+                self.layer.intercepted += 1
+                return self.layer.mixed(x, weight, bias, lambda x, w, b: func(x, w, b, *rest, **extra))
+        return func(*args, **kwargs)
+
+
+class InterceptingLayer(DiscoLayer):
+    """The Disco twin of any other module whose forward computes one conv/linear with its `weight` (a timm
+    same-padding or weight-standardised conv, a Linear subclass...): the module's own forward runs, and its
+    conv/linear call is computed by DiscoLayer.mixed with the weight exactly as the forward passes it."""
+
+    intercepted = 0  # calls computed so far (partition() checks the forward computes through it)
+
+    def forward(self, *args, **kwargs):
+        if self.plain:
+            return self._plain_type.forward(self, *args, **kwargs)
+        with _Intercept(self):
+            return self._plain_type.forward(self, *args, **kwargs)
+
+
+_TWINS: dict[type, type] = {}
+
+
+def twin_class(module: nn.Module) -> type:
+    """The Disco class of a module: the registered twin of a plain conv/linear, else an intercepting subclass."""
+    kind = mixing_kind(module)
+    if kind is not None:
+        return kind.disco
+    plain = type(module)
+    if plain not in _TWINS:
+        _TWINS[plain] = type(f"Disco{plain.__name__}", (InterceptingLayer, plain), {"_plain_type": plain})
+    return _TWINS[plain]
+
+
 def to_disco(module: nn.Module, plan: SplitPlan) -> DiscoLayer:
-    """The Disco twin of a plain conv/linear, sharing its parameters (no copy)."""
-    twin = mixing_kind(module).disco(**mixing_kind(module).kwargs_of(module), device="meta")
-    twin.weight = module.weight
-    if module.bias is not None:
-        twin.bias = module.bias
-    twin.train(module.training)
-    twin._attach_plan(plan)
-    return twin
+    """The module made its own Disco twin, in place (same parameters, plus the plan's buffers)."""
+    module.__class__ = twin_class(module)
+    module._attach_plan(plan)
+    return module
+
+
+@contextmanager
+def plain_layers(model: nn.Module):
+    """Within: every Disco layer computes as its original module (a graph captured then is the model's own)."""
+    layers = [m for m in model.modules() if isinstance(m, DiscoLayer)]
+    for layer in layers:
+        layer.plain = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.plain = False

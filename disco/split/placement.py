@@ -1,74 +1,46 @@
-"""Where the parameters and buffers of the modules around the channel-mixing layers go (BatchNorm, LayerNorm,
-per-head tables, class tokens...): the one answer that the cost report counts and the shard writer cuts by.
-Channel-mixing layers' weights follow their split plan (plan.py) instead.
+"""Where the tensors of the model that operations other than channel-mixing layers read go (BatchNorm's and
+LayerNorm's parameters, a position embedding, an attention bias gathered from a table...): the one answer the
+cost report counts and the shard writer cuts by. Channel-mixing layers' weights follow their split plans
+(plan.py) instead.
 
-A tensor goes whole to every node (not split by channel: shared scalars, replicated parameters), by channel
-(entry i along `dim` goes to the node of channel i: BatchNorm's per-channel vectors, a position embedding
-split like the tokens it meets), or as its module splits it (`split_parameters(channels, node)`, e.g. Swin's
-per-head relative-position bias table).
+Each such tensor has an owner map (propagate.py, `StaticPlacement`): stored on the node that reads each element,
+whole on every node (REPLICATED) where several read it or where the reading nodes' parts are no box.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 from torch import nn
 
-from disco.split.propagate import GraphAnalysis
+from disco.split.assignment import holds
+from disco.split.layouts import varying_dims
 
 
 @dataclass(frozen=True)
 class Placement:
     tensor: torch.Tensor
     is_parameter: bool
-    channels: torch.Tensor | None = None  # node of each index along `dim`; None: whole on every node
-    dim: int = 0
-    module: nn.Module | None = None  # splits the tensor itself (key `key`)
-    key: str = ""
+    owner: torch.Tensor  # node of each element (REPLICATED: all; -2: none)
 
     def part(self, node: int) -> torch.Tensor:
-        """What `node` holds of the tensor."""
-        if self.module is not None:
-            return self.module.split_parameters(self.channels, node)[self.key]
-        if self.channels is None:
-            return self.tensor
-        return self.tensor.index_select(self.dim, (self.channels == node).nonzero().flatten().to(self.tensor.device))
+        """What `node` stores of the tensor: the tensor narrowed along one dim to the elements it reads (empty when
+        it reads none)."""
+        held = holds(self.owner, node).broadcast_to(self.tensor.shape)
+        dims = varying_dims(held)
+        if not dims:
+            return self.tensor if bool(held.all()) else self.tensor.flatten()[:0]
+        dim = dims[0]
+        line = held.movedim(dim, -1).reshape(-1, held.shape[dim])[0]
+        return self.tensor.index_select(dim, line.nonzero().flatten().to(self.tensor.device))
 
     def elements_per_node(self, nodes: int) -> torch.Tensor:
-        """[nodes] elements each node holds."""
-        if self.module is not None:
-            return torch.tensor([self.part(k).numel() for k in range(nodes)])
-        if self.channels is None:
-            return torch.full((nodes,), self.tensor.numel())
-        per_index = self.tensor.numel() // self.channels.numel()
-        return torch.bincount(self.channels.cpu(), minlength=nodes) * per_index
+        """[nodes] elements each node stores."""
+        return torch.tensor([self.part(k).numel() for k in range(nodes)])
 
 
-def _attribute(model: nn.Module, target: str) -> torch.Tensor:
-    owner, _, attr = target.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
-
-
-def placements(model: nn.Module, analysis: GraphAnalysis) -> dict[str, Placement]:
-    """{qualified name: placement} of every parameter and buffer the graph reads outside mixing layers."""
-    found = {}
-    for name, channels in analysis.channel_owner_of_module.items():
-        module = model.get_submodule(name)
-        splits_itself = channels is not None and hasattr(module, "split_parameters")
-        for key, tensor in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
-            qualified = f"{name}.{key}" if name else key
-            is_parameter = isinstance(tensor, nn.Parameter)
-            if splits_itself:
-                found[qualified] = Placement(tensor, is_parameter, channels, module=module, key=key)
-            elif channels is not None and tensor.dim() == 1 and tensor.numel() == channels.numel():
-                found[qualified] = Placement(tensor, is_parameter, channels)
-            else:
-                found[qualified] = Placement(tensor, is_parameter)
-    for target in analysis.replicated_attributes:
-        tensor = _attribute(model, target)
-        found[target] = Placement(tensor, isinstance(tensor, nn.Parameter))
-    for target, (channels, dim) in analysis.attribute_channels.items():
-        tensor = _attribute(model, target)
-        found[target] = Placement(tensor, isinstance(tensor, nn.Parameter), channels, dim)
-    return found
+def placements(model: nn.Module, split) -> dict[str, Placement]:
+    """{shard key: placement} of every tensor of the model an operation reads outside channel-mixing layers."""
+    statics = split.analysis.statics
+    values = split.static_values(model, [s.node for s in statics.values()])
+    return {key: Placement(values[s.node], s.is_parameter, s.owner) for key, s in statics.items()}

@@ -1,427 +1,437 @@
-"""Follow channel ownership through a model's torch.fx graph while running it on an example input.
+"""Follow channel ownership through a captured graph (capture.py) while running it on one example image.
 
-`analyse(model, example_inputs, nodes, choose_output)` runs the traced model once, node by node, and
-carries beside every activation its owner map (see assignment.py). Each operation kind (rules.py) has
-one rule for owner maps; an unknown operation, or one that would mix channels of different nodes
-outside a channel-mixing layer, raises UnsupportedOperationError naming the graph node.
+`propagate(...)` runs the graph once, operation by operation, and carries beside every activation its owner map
+(assignment.py). Each operation has a rule (ops.py, rules.py); a rule either splits the operation (the result's
+owners, and what crosses the network: a layer's channels, partial sums of a norm) or asks for the layout of an
+operand to change. A layout change is made for free when the operand comes (through data movement) from a
+channel-mixing layer whose output channels can be re-assigned: the propagation runs again with that assignment.
+Otherwise the operand is moved (a Redistribution, counted) - and an operation that no rule splits runs on one node
+with its operands gathered there (the general fallback). Nothing is refused that could be captured, except a model
+that mixes the images of a batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
 from typing import Callable
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from disco.errors import DiscoError, UnsupportedOperationError
-from disco.split.assignment import REPLICATED, broadcast_channels, channel_vector, holds
-from disco.split.layers import DiscoLayer, mixing_kind
-from disco.split.window_attention import WINDOW_LEAVES
-from disco.split.rules import OpKind, call_node, kind_of_node
+from disco.errors import DiscoError
+from disco.split.analysis import Fallback, GraphAnalysis, MixingCall, Redistribution, ValueRecord
+from disco.split.assignment import REPLICATED, holds
+from disco.split.capture import INPUT, PARAMETER, Captured, batch_axis
+from disco.split.layouts import needs, replicated, representable, transfers, varying_dims
+from disco.split.ops import Rule, op_name, rule_of
 
+# moves that only view their input: no memory of their own (activation accounting)
+VIEWS = ("view", "_unsafe_view", "permute", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "t",
+         "transpose", "unbind", "split_with_sizes", "split", "diagonal", "as_strided", "detach", "narrow")
 
-class DiscoTracer(fx.Tracer):
-    """torch.fx tracer that keeps Disco layers (subclasses of Conv/Linear) and the window-attention parts
-    (whose shapes drive control flow) as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (DiscoLayer, *WINDOW_LEAVES)) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        graph = DiscoTracer().trace(model)
-    except Exception as error:  # fx raises many types; the user needs to know it is tracing that failed
-        raise DiscoError(f"torch.fx could not trace {type(model).__name__}: {error}") from error
-    return fx.GraphModule(model, graph)
+# choose_output(layer name, module, in_assign, out_shape, conv_groups) -> out_assign of a channel-mixing layer
+OutputChooser = Callable[[str, nn.Module, torch.Tensor, torch.Size, int], torch.Tensor]
 
 
-@dataclass
-class MixingCall:
-    """One call of a channel-mixing layer, as seen on the example input."""
+class Reassign(Exception):
+    """Internal: some layers' output assignments should change; the propagation runs again with them.
+    `vectors[layer] = (out_assign, channels some operation asked for)`."""
 
-    module: str
-    node: str
-    in_assign: torch.Tensor
-    out_assign: torch.Tensor
-    in_shape: torch.Size
-    out_shape: torch.Size
-    index: int
+    def __init__(self, vectors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.vectors = vectors
+        super().__init__(", ".join(vectors))
 
 
-@dataclass
-class ValueRecord:
-    """Elements of one activation held by each node (replicated data counts on every node)."""
-
-    index: int
-    node: str
-    elements_per_node: list[int]
-    element_size: int
-    last_use: int
-
-
-@dataclass
-class NormCall:
-    """A norm over channels that span nodes (LayerNorm): nodes exchange two partial sums per position."""
-
-    module: str
-    node: str
-    channels: torch.Tensor  # node of each normalised channel (last dim)
-    positions: int  # positions (tokens, pixels) normalised per image
-
-
-@dataclass
-class AttentionCall:
-    """One attention product (softmax(QK^T)V): local to each head's node, it costs MACs but no bytes."""
-
-    node: str
-    heads: torch.Tensor  # node of each head
-    macs_per_head: int  # QK^T plus AV multiply-accumulates per head, per image
-
-
-@dataclass
-class GraphAnalysis:
-    nodes: int
-    batch: int
-    mixing: list[MixingCall] = field(default_factory=list)
-    channel_owner_of_module: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    values: list[ValueRecord] = field(default_factory=list)
-    input_elements: int = 0
-    output_elements: int = 0
-    output_elements_per_node: list[int] = field(default_factory=list)
-    replicated_attributes: set[str] = field(default_factory=set)  # parameters read directly (get_attr)
-    attribute_channels: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # split ones: (nodes, dim)
-    norms: list[NormCall] = field(default_factory=list)
-    attention: list[AttentionCall] = field(default_factory=list)
-
-
-class AssignmentConflict(Exception):
-    """Two operands of an elementwise op have the same channels on different nodes (internal)."""
-
-    def __init__(self, node: fx.Node, operands: list[fx.Node], propagator: "OwnerPropagator"):
-        self.node = node
-        self.operands = operands
-        self.propagator = propagator
-        super().__init__(node.name)
-
-
-class AttributeSplit(Exception):
-    """A parameter read directly (class token, position embedding) meets channel-split data: it must be
-    split the same way (internal: the propagation restarts with the attribute split)."""
-
-    def __init__(self, target: str, vector: torch.Tensor, dim: int):
-        self.target, self.vector, self.dim = target, vector, dim
-        super().__init__(target)
-
-
-# choose_output(module_name, module, in_assign, out_shape) -> out_assign for a channel-mixing layer
-OutputChooser = Callable[[str, nn.Module, torch.Tensor, torch.Size], torch.Tensor]
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {target}"
+def describe(node: fx.Node) -> str:
+    return f"{op_name(node.target)}" if node.op == "call_function" else node.op
 
 
 class OwnerPropagator(fx.Interpreter):
-    """Runs the graph and computes an owner map for every value (see module docstring)."""
+    """Runs the captured graph and computes an owner map for every value (see the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, nodes: int, choose_output: OutputChooser,
-                 attribute_splits: dict[str, tuple[torch.Tensor, int]] | None = None):
-        super().__init__(gm)
-        self.attribute_splits = attribute_splits or {}
-        self.attribute_of: dict[fx.Node, str] = {}  # values computed from one directly-read parameter only
-        self.nodes = nodes
-        self.choose_output = choose_output
+    def __init__(self, captured: Captured, model: nn.Module, static: set[fx.Node], nodes: int,
+                 choose_output: OutputChooser, overrides: dict[str, torch.Tensor] | None = None,
+                 provided: dict[fx.Node, torch.Tensor] | None = None, node_weights=None,
+                 fixed: dict[str, torch.Tensor] | None = None, frozen: bool = False):
+        super().__init__(captured.graph_module, garbage_collect_values=True)
+        self.captured, self.model, self.static, self.nodes = captured, model, static, nodes
+        self.choose_output, self.node_weights = choose_output, node_weights
+        self.overrides = overrides or {}
+        self.fixed = fixed or {}  # channels of re-assigned layers that some operation asked for
+        self.frozen = frozen
+        self.provided = provided or {}  # values of static nodes given from outside (a rank's shard)
         self.owners: dict[fx.Node, object] = {}
-        self.sources: dict[fx.Node, str | None] = {}  # mixing layer whose fresh output reaches here unchanged
-        self.layout_origin: dict[fx.Node, fx.Node | None] = {}  # last op that moved channels off dim 1/-1
-        self.analysis: GraphAnalysis | None = None
-        self._index = {node: i for i, node in enumerate(gm.graph.nodes)}
-        self.extra_traceback = False  # our errors already name the graph node
+        self.kept: dict[fx.Node, object] = {}  # static and non-tensor values, for replaying data movement
+        self.layer_outputs: dict[fx.Node, MixingCall] = {}
+        self.first_inputs: dict[str, torch.Tensor] = {}  # a layer's input assignment at its first call
+        self.layer_of_weight: dict[fx.Node, str | None] = {}
+        self.reassigns: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.request_depends: dict[str, frozenset[str]] = {}  # layers each re-assignment was decided on
+        self.upstream: dict[fx.Node, frozenset[str]] = {}  # layers a value's layout depends on
+        self._current: fx.Node | None = None
+        self.operand_changes: dict[fx.Node, dict[int, torch.Tensor]] = {}  # node -> {operand: target owner}
+        self.result_changes: dict[fx.Node, tuple] = {}  # node -> (owner of its result before, after a re-split)
+        self.executors: dict[fx.Node, int] = {}  # nodes run whole on one node
+        self.analysis = GraphAnalysis(nodes=nodes, batch=1)
+        self._pending: list = []
+        self._index = {node: i for i, node in enumerate(captured.graph_module.graph.nodes)}
+        self.extra_traceback = False
 
     # --- driving -----------------------------------------------------------------------------------
-    def analyse(self, *inputs: torch.Tensor) -> GraphAnalysis:
-        batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
-        self.analysis = GraphAnalysis(nodes=self.nodes, batch=batch)
-        self.analysis.input_elements = sum(t.numel() for t in inputs) // batch
+    def analyse(self, *values) -> GraphAnalysis:
         with torch.no_grad():
-            self.run(*inputs)
+            self.run(*values)
+        if self.reassigns:
+            raise Reassign(self.reassigns)
+        from disco.split.needs import narrow_constants, place_statics
+
+        narrow_constants(self)
+        self.analysis.statics = place_statics(self)
+        self._recount_memory()
         return self.analysis
 
     def run_node(self, n: fx.Node):
-        try:
-            value = super().run_node(n)
-        except (RuntimeError, TypeError, IndexError) as error:  # the model itself fails on this input
-            raise DiscoError(f"the model fails on the example input at graph node '{n.name}' "
-                             f"({_describe(n)}): {str(error).splitlines()[0]}") from error
-        owner = self._owner_of(n, value)
-        self.owners[n] = owner
-        self._record_memory(n, value, owner)
+        if n in self.provided:
+            if n.op == "placeholder":
+                next(self.args_iter)  # the placeholder's own value is replaced, but it must be consumed
+            value = self.provided[n]
+        else:
+            try:
+                value = super().run_node(n)
+            except DiscoError:
+                raise
+            except Exception as error:  # the model itself fails on this input
+                raise DiscoError(f"the model fails on the example input at graph node '{n.name}' ({describe(n)}): "
+                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+        if n in self.static or not any(isinstance(t, torch.Tensor) for t in tree_leaves(value)):
+            self.kept[n] = value
+        if n.op == "output":
+            self._record_output(n)
+        elif n not in self.static:
+            self._pending, self._current = [], n
+            owner = self._owner_of(n, value)
+            owner = self._commit(n, value, owner)
+            self.owners[n] = owner
+            self._record_memory(n, value, owner)
+            self._track_upstream(n)
         return value
+
+    def _track_upstream(self, n: fx.Node) -> None:
+        """The layers whose assignments a value's layout follows from: a layer's output starts afresh (its own
+        assignment), except a grouped conv's, whose groups follow their inputs."""
+        inherited = frozenset().union(*(self.upstream.get(a, frozenset()) for a in n.all_input_nodes))
+        call = self.layer_outputs.get(n)
+        if call is None:
+            self.upstream[n] = inherited
+        else:
+            self.upstream[n] = frozenset({call.module}) | (inherited if call.conv_groups > 1 else frozenset())
+
+    def index_of(self, n: fx.Node) -> int:
+        return self._index[n]
+
+    # --- operands ----------------------------------------------------------------------------------
+    def tensor_operands(self, n: fx.Node) -> list[fx.Node]:
+        """The node's tensor operands in argument order (their positions number operand changes)."""
+        return [a for a in tree_flatten((n.args, n.kwargs))[0]
+                if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+
+    def owner_of(self, a: fx.Node) -> torch.Tensor:
+        """The owner map of an operand (a static one: every node has it)."""
+        if a in self.static:
+            return replicated(a.meta["val"].shape if a not in self.kept else self.kept[a].shape)
+        owner = self.owners[a]
+        return owner
+
+    def shape_of(self, a: fx.Node) -> torch.Size:
+        if a in self.kept and isinstance(self.kept[a], torch.Tensor):
+            return self.kept[a].shape
+        return self.owner_of(a).shape
+
+    def dynamic(self, n: fx.Node) -> list[fx.Node]:
+        return [a for a in self.tensor_operands(n) if a not in self.static]
+
+    def value_of(self, a):
+        """A static or non-tensor value kept from the run (data movement is replayed on them)."""
+        return self.kept[a]
 
     # --- rules -------------------------------------------------------------------------------------
     def _owner_of(self, n: fx.Node, value):
-        if n.op == "output":
-            owner = fx.node.map_arg(n.args[0], lambda a: self.owners[a])
-            self.analysis.output_elements_per_node = self._elements_per_node(owner)
-            self.analysis.output_elements = sum(t.numel() for t in tree_leaves(owner)
-                                                if isinstance(t, torch.Tensor)) // self.analysis.batch
-            return owner
-        if not any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(value)):
-            return value  # sizes, shapes, dtypes: their "owner map" is the value itself
-        if n.op in ("placeholder", "get_attr"):
-            self.sources[n] = None
-            if n.op == "get_attr":
-                return self._attribute(n, value)
-            return tree_map(lambda t: torch.full(t.shape, float(REPLICATED)) if isinstance(t, torch.Tensor) else t,
-                            value)
-        kind, module = self._kind(n)
-        if kind is OpKind.MIXING:
-            return self._mixing(n, module, value)
-        owner = {OpKind.ELEMENTWISE: self._elementwise, OpKind.SPATIAL: self._spatial,
-                 OpKind.MOVE: self._move, OpKind.REDUCE: self._reduce, OpKind.NORM: self._norm,
-                 OpKind.ATTENTION: self._attention}[kind](n, module, value)
-        if module is not None:
-            self._record_module_channels(n, module, owner)
-        self._follow_attributes(n, owner)
+        from disco.split import rules
+
+        if n.op == "placeholder":
+            return replicated(value.shape)  # the input: node 0 sends it to every node
+        if n.target is operator.getitem:
+            source = self.owners[n.args[0]]
+            return source[n.args[1]]
+        rule = rule_of(n.target)
+        if rule is Rule.SHAPE or not any(isinstance(t, torch.Tensor) for t in tree_leaves(value)):
+            return value
+        owner = rules.RULES[rule](self, n, value)
+        if owner is None:
+            self._pending = []
+            return rules.fallback(self, n, value, f"no rule splits {describe(n)}")
+        if rule is not Rule.MOVE and not self.reassigns and not (
+                self._representable(n, owner) and all(self._representable(a, o) for a, o in self._operands_as_run(n))):
+            self._pending = []
+            return rules.fallback(self, n, value, "its operands or result would be split along several dims")
         return owner
 
-    # --- parameters read directly (get_attr) ------------------------------------------------------------
-    def _attribute(self, n: fx.Node, value):
-        self.attribute_of[n] = n.target
-        if n.target in self.attribute_splits:
-            vector, dim = self.attribute_splits[n.target]
-            self.analysis.attribute_channels[n.target] = (vector, dim)
-            return broadcast_channels(vector, value.shape, dim)
-        self.analysis.replicated_attributes.add(n.target)
-        return tree_map(lambda t: torch.full(t.shape, float(REPLICATED)) if isinstance(t, torch.Tensor) else t, value)
+    def _operands_as_run(self, n: fx.Node):
+        """(operand, owner map) of each dynamic operand as the operation will see it (after pending moves)."""
+        moved = {item[2]: item[3] for item in self._pending if isinstance(item, tuple) and item[0] == "operand"}
+        operands = self.tensor_operands(n)
+        return [(a, moved.get(i, self.owner_of(a))) for i, a in enumerate(operands) if a not in self.static]
 
-    def _follow_attributes(self, n: fx.Node, owner) -> None:
-        """Track values made from one replicated parameter; when one meets channel-split data, ask for the
-        parameter to be split like that data (AttributeSplit restarts the propagation)."""
-        inputs = [a for a, _ in self._tensor_args(n)]
-        from_attribute = [a for a in inputs if a in self.attribute_of]
-        if from_attribute and len(from_attribute) == len(inputs):
-            self.attribute_of[n] = self.attribute_of[from_attribute[0]]
-            return
-        if not from_attribute or not isinstance(owner, torch.Tensor) or not bool((owner >= 0).any()):
-            return
-        for source in from_attribute:
-            target = self.attribute_of[source]
-            if target in self.attribute_splits or not bool((self.owners[source] == REPLICATED).all()):
-                continue
-            parameter = self.fetch_attr(target)
-            for dim in (-1, 1):
-                vector = _split_vector(owner, dim)
-                own_dim = dim if dim < 0 else dim - (owner.dim() - parameter.dim())  # broadcasting aligns right
-                if vector is not None and 0 <= own_dim % max(parameter.dim(), 1) < parameter.dim() \
-                        and parameter.shape[own_dim] == vector.numel():
-                    raise AttributeSplit(target, vector, own_dim)
+    def _representable(self, n: fx.Node, owner) -> bool:
+        """Each node's part is the value narrowed along one dim (else only data movement can follow it)."""
+        return all(representable(o, self.nodes) for o in tree_leaves(owner) if isinstance(o, torch.Tensor))
 
-    def _kind(self, n: fx.Node) -> tuple[OpKind, nn.Module | None]:
-        module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        kind = kind_of_node(n, module)
-        if kind is None:
-            what = type(module).__name__ if module is not None else _describe(n)
-            raise UnsupportedOperationError(
-                n.name, _describe(n),
-                f"DISCO does not know how '{what}' moves or mixes channels, so it cannot split it across nodes; "
-                "register it in disco.split.rules or rewrite the model with supported operations")
-        return kind, module
+    # --- what rules record (kept only when the rule's result stands) ----------------------------------
+    def record(self, item) -> None:
+        self._pending.append(item)
 
-    def _tensor_args(self, n: fx.Node) -> list[tuple[fx.Node, torch.Tensor]]:
-        """(producer, owner map) of each tensor operand of n, in argument order."""
-        found = []
-        for arg in tree_leaves((n.args, n.kwargs)):
-            if isinstance(arg, fx.Node) and isinstance(self.owners.get(arg), torch.Tensor):
-                found.append((arg, self.owners[arg]))
-        return found
+    def change_operand(self, n: fx.Node, position: int, target: torch.Tensor, reason: str) -> torch.Tensor:
+        """Move operand `position` of n to layout `target` before n runs; returns `target`."""
+        self._pending.append(("operand", n, position, target, reason))
+        return target
 
-    def _first_channels(self, n: fx.Node, dim: int, purpose: str) -> torch.Tensor:
-        producer, owner = self._tensor_args(n)[0]
-        vector = channel_vector(owner, dim)
-        if vector is None:
-            raise UnsupportedOperationError(n.name, _describe(n), f"{purpose} needs its input split by channel along "
-                                            f"dim {dim}, but it is not{self._origin_hint(producer)}")
-        return vector
+    def run_on(self, n: fx.Node, executor: int) -> None:
+        """n runs whole on one node (its operands are moved there first)."""
+        self._pending.append(("executor", n, executor))
 
-    def _origin_hint(self, producer: fx.Node) -> str:
-        origin = self.layout_origin.get(producer)
-        if origin is None:
-            return ""
-        return (f": graph node '{origin.name}' ({_describe(origin)}) moved the split channel dimension, "
-                "which DISCO cannot follow into this operation")
+    def change_result(self, n: fx.Node, target: torch.Tensor, reason: str) -> None:
+        self._pending.append(("result", n, target, reason))
 
-    def _inherit(self, n: fx.Node) -> None:
-        args = self._tensor_args(n)
-        first = args[0][0] if args else None
-        self.sources[n] = self.sources.get(first)
-        self.layout_origin[n] = self.layout_origin.get(first)
-
-    def _elementwise(self, n: fx.Node, module, value):
-        combined, combined_from = None, None
-        operands = self._tensor_args(n)[:1] if module is not None else self._tensor_args(n)
-        for producer, owner in operands:
-            owner = owner.broadcast_to(value.shape)
-            if combined is None:
-                combined, combined_from = owner, producer
-                continue
-            conflict = (combined != owner) & (combined >= 0) & (owner >= 0)
-            if bool(conflict.any()):
-                raise AssignmentConflict(n, [combined_from, producer], self)
-            combined = torch.where(combined >= 0, combined, owner)
-        self._inherit(n)
-        return combined
-
-    def _spatial(self, n: fx.Node, module, value):
-        dim = getattr(module, "disco_channel_dim", 1)
-        vector = self._first_channels(n, dim, "this per-channel spatial operation")
-        self._inherit(n)
-        return broadcast_channels(vector, value.shape, dim)
-
-    def _move(self, n: fx.Node, module, value):
-        # Owner maps are often broadcast views; `view` needs real memory, so materialise them here. They
-        # are shifted by one so that zeros an op pads with come out REPLICATED (-1), not node 0.
-        def owner_of(a):
-            return tree_map(lambda t: t.contiguous() + 1 if isinstance(t, torch.Tensor) else t, self.owners[a])
-        args = fx.node.map_arg(n.args, owner_of)
-        kwargs = fx.node.map_arg(n.kwargs, owner_of)
-        owner = call_node(n, module, args, kwargs)
-        owner = tree_map(lambda t: t - 1 if isinstance(t, torch.Tensor) else t, owner)
-        if not any(bool((o == REPLICATED).any()) for _, o in self._tensor_args(n)):
-            owner = tree_map(lambda t: _own_padding(t) if isinstance(t, torch.Tensor) else t, owner)
-        self._inherit(n)
-        if isinstance(owner, torch.Tensor):
-            if channel_vector(owner, 1) is None and channel_vector(owner, -1) is None:
-                self.layout_origin[n] = n
-            self.sources[n] = None
+    def _commit(self, n: fx.Node, value, owner):
+        for item in self._pending:
+            if not isinstance(item, tuple):
+                self._append(item)
+            elif item[0] == "executor":
+                self.executors[item[1]] = item[2]
+            elif item[0] == "operand":
+                _, node, position, target, reason = item
+                operand = self.tensor_operands(node)[position]
+                self.operand_changes.setdefault(node, {})[position] = target
+                self._redistribution(node, position, self.owner_of(operand), target, operand, reason)
+            else:
+                _, node, target, reason = item
+                self.result_changes[node] = (owner, target)
+                self._redistribution(node, None, owner, target, node, reason)
+                owner = target
+        self._pending = []
         return owner
 
-    def _norm(self, n: fx.Node, module, value):
-        """LayerNorm over the last dim: local per node, plus partial sums exchanged between the nodes
-        holding the normalised channels (counted apart)."""
-        if len(getattr(module, "normalized_shape", (0, 0))) != 1:
-            raise UnsupportedOperationError(n.name, _describe(n), "only norms over the last dim can be split")
-        channels = self._first_channels(n, -1, "a norm over channels")
-        self.analysis.norms.append(NormCall(n.target, n.name, channels,
-                                            value.numel() // (self.analysis.batch * channels.numel())))
-        self._inherit(n)
-        return broadcast_channels(channels, value.shape, -1)
+    def _append(self, item) -> None:
+        if isinstance(item, Fallback):
+            self.analysis.fallbacks.append(item)
+        elif isinstance(item, MixingCall):
+            self.analysis.mixing.append(item)
+        else:
+            getattr(self.analysis, {"Exchange": "exchanges", "Products": "products"}[type(item).__name__]).append(item)
 
-    def _attention(self, n: fx.Node, module, value):
-        """Attention is local when whole heads (q, k and v alike) sit on one node. scaled_dot_product_attention
-        takes [batch, heads, tokens, head_dim]; a module (Swin's WindowAttention) takes channels last."""
-        dim, block = (-1, module.head_dim) if module is not None else (1, 1)
-        vectors = []
-        for producer, owner in self._tensor_args(n)[:3]:
-            vector = channel_vector(owner, dim)
-            if vector is None or not bool((vector.view(-1, block) == vector.view(-1, block)[:, :1]).all()):
-                raise UnsupportedOperationError(n.name, _describe(n), "an attention head's channels are split "
-                                                "across nodes; heads must be whole on one node")
-            vectors.append(vector)
-        if any(not torch.equal(v, vectors[0]) for v in vectors[1:]):
-            raise UnsupportedOperationError(n.name, _describe(n), "q, k and v of a head live on different nodes")
-        self._record_attention(n, module, vectors[0][::block])
-        self._inherit(n)
-        return broadcast_channels(vectors[0], value.shape, dim)
+    def _redistribution(self, n: fx.Node, position, source, target, value_node, reason: str) -> None:
+        value = value_node.meta["val"]
+        moved = transfers(source.broadcast_to(target.shape) if source.shape != target.shape else source, target,
+                          self.nodes)
+        self.analysis.redistributions.append(Redistribution(n.name, position, target, moved,
+                                                            value.element_size(), reason))
 
-    def _record_attention(self, n: fx.Node, module, heads: torch.Tensor) -> None:
-        q, k, v = (self.env[a] for a, _ in self._tensor_args(n)[:3])
-        batch = self.analysis.batch
-        if module is None:  # [B, heads, tokens, head_dim]: every query meets every key
-            queries, keys = q.shape[-2], k.shape[-2]
-            macs = queries * keys * (q.shape[-1] + v.shape[-1])
-        else:  # channels last, whole windows: every token meets the tokens of its window
-            window = module.window_size[0] * module.window_size[1]
-            macs = (q.numel() // (batch * q.shape[-1])) * window * 2 * module.head_dim
-        self.analysis.attention.append(AttentionCall(n.name, heads, macs))
+    # --- layers: which module a weight belongs to -------------------------------------------------------
+    def layer_of(self, weight: fx.Node) -> str | None:
+        """The module whose `weight` parameter a static operand is computed from (alone), or None."""
+        if weight in self.layer_of_weight:
+            return self.layer_of_weight[weight]
+        found, stack, seen = set(), [weight], set()
+        while stack:
+            node = stack.pop()
+            if node in seen or node not in self.static:
+                continue
+            seen.add(node)
+            if node.op == "placeholder" and self.captured.roles[node][0] == PARAMETER:
+                found.add(self.captured.roles[node][1])
+            stack.extend(node.all_input_nodes)
+        name = found.pop() if len(found) == 1 else None
+        layer = None
+        if name is not None and name.rpartition(".")[2] == "weight" and "." in name:
+            module_name = name.rpartition(".")[0]
+            module = self.model.get_submodule(module_name)
+            weight_value = getattr(module, "weight", None)
+            if isinstance(weight_value, torch.Tensor) and tuple(weight_value.shape) == tuple(weight.meta["val"].shape):
+                layer = module_name
+        self.layer_of_weight[weight] = layer
+        return layer
 
-    def _reduce(self, n: fx.Node, module, value):
-        args, kwargs = list(n.args), dict(n.kwargs)
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-        owner = self._tensor_args(n)[0][1]
-        dims = tuple(range(owner.dim())) if dim is None else dim
-        low, high = owner.amin(dim=dims, keepdim=keepdim), owner.amax(dim=dims, keepdim=keepdim)
-        if not bool((low == high).all()):
-            raise UnsupportedOperationError(n.name, _describe(n), f"it reduces over dims {dims}, which hold channels "
-                                            "of different nodes (a cross-node reduction)")
-        self._inherit(n)
-        return low.reshape(value.shape)
+    # --- re-assigning a layer instead of moving data -----------------------------------------------------
+    def pullback(self, n: fx.Node, target: torch.Tensor) -> bool:
+        """Ask for value n to have owner map `target` by re-assigning the output channels of the layer it comes
+        from through data movement; True when such a re-assignment was asked for (the propagation runs again).
+        Never on a deployment's rank (`frozen`): its plans are the exporter's final ones."""
+        if self.frozen:
+            return False
+        chain, current = [], n
+        while current not in self.layer_outputs:
+            source = self._transparent_source(current)
+            if source is None:
+                return False
+            chain.append(current)
+            current = source
+        call = self.layer_outputs[current]
+        shape = self.owner_of(current).shape
+        ids = torch.arange(1, shape.numel() + 1, dtype=torch.float64).reshape(shape)
+        values = {current: ids}
+        for node in reversed(chain):
+            values[node] = self._replay(node, values)
+        desired = self._desired_channels(call, values[n], target)
+        if desired is None:
+            return False
+        vector, constrained = desired
+        # the layers whose layouts the target was decided on (through the other operands)
+        depends = frozenset().union(*(self.upstream.get(a, frozenset()) for a in self.dynamic(self._current)
+                                      if a is not n))
+        if any(layer in self.reassigns for layer in depends):
+            return True  # decided on a layout a pending re-assignment changes: the next run decides again
+        for layer in [m for m, deps in self.request_depends.items() if call.module in deps and m != call.module]:
+            del self.reassigns[layer], self.request_depends[layer]  # decided on this layer's old layout: stale
+        base, fixed = self.reassigns.get(call.module, (self.overrides.get(call.module, call.out_assign),
+                                                       self.fixed.get(call.module)))
+        if fixed is not None and bool((fixed & constrained & (vector != base)).any()):
+            return False  # another operation already asked for these channels elsewhere: no ping-pong
+        merged = torch.where(constrained, vector, base)
+        if torch.equal(merged, call.out_assign):
+            return False
+        self.reassigns[call.module] = (merged, constrained if fixed is None else fixed | constrained)
+        self.request_depends[call.module] = self.request_depends.get(call.module, frozenset()) | depends | {call.module}
+        return True
 
-    def _mixing(self, n: fx.Node, module: nn.Module, value):
-        channel_dim = mixing_kind(module).channel_dim
-        in_assign = self._first_channels(n, channel_dim, f"channel-mixing layer {type(module).__name__}")
-        out_assign = self.choose_output(n.target, module, in_assign, value.shape)
-        x_shape = self._tensor_args(n)[0][1].shape
-        self.analysis.mixing.append(MixingCall(n.target, n.name, in_assign, out_assign, x_shape, value.shape,
-                                                   self._index[n]))
-        self.sources[n] = n.target
-        self.layout_origin[n] = None
-        return broadcast_channels(out_assign, value.shape, channel_dim)
+    def _transparent_source(self, n: fx.Node) -> fx.Node | None:
+        """The one activation n's value comes from element by element (data movement, or any operation whose
+        result keeps its operand's owners: pointwise, norms, softmax...), or None."""
+        if n.op != "call_function" or n in self.static:
+            return None
+        if n.target is operator.getitem:
+            source = n.args[0]
+            owner = self.owners.get(source)
+            if rule_of(source.target) is Rule.MOVE or (isinstance(owner, (tuple, list)) and n.args[1] == 0):
+                return source
+            return None
+        if n in self.operand_changes or n in self.result_changes or n in self.executors:
+            return None
+        dynamic = self.dynamic(n)
+        if len(dynamic) != 1:
+            return None
+        if rule_of(n.target) is Rule.MOVE:
+            return dynamic[0]
+        owner = self.owners[n]
+        first = owner[0] if isinstance(owner, (tuple, list)) else owner
+        source = self.owner_of(dynamic[0])
+        if not isinstance(first, torch.Tensor) or source.shape != first.shape or not torch.equal(source, first):
+            return None
+        return dynamic[0]
 
-    # --- bookkeeping for memory and parameter accounting ------------------------------------------------
-    def _record_module_channels(self, n: fx.Node, module: nn.Module, owner) -> None:
-        dim = getattr(module, "disco_channel_dim", -1 if isinstance(module, nn.LayerNorm) else 1)
-        vector = channel_vector(owner, dim) if isinstance(owner, torch.Tensor) and owner.dim() > 1 else None
-        self.analysis.channel_owner_of_module.setdefault(n.target, vector)
+    def _replay(self, n: fx.Node, values: dict) -> torch.Tensor:
+        """Element ids of the layer's output carried to node n (0: not from the layer)."""
+        if n.target is operator.getitem:
+            carried = values[n.args[0]]
+            return carried if isinstance(carried, torch.Tensor) else carried[n.args[1]]  # output 0 of a norm
+        source = self.dynamic(n)[0]
+        if rule_of(n.target) is not Rule.MOVE:
+            return values[source]
 
-    def _elements_per_node(self, owner) -> list[int]:
+        def arg(a):
+            if a is source:
+                return values[source]
+            if a in self.static:
+                return torch.zeros_like(self.kept[a], dtype=torch.float64) \
+                    if a not in self.index_operands_of(n) else self.kept[a]
+            return self.kept.get(a, a)
+        args = fx.node.map_arg(n.args, arg)
+        kwargs = fx.node.map_arg(n.kwargs, arg)
+        return n.target(*args, **kwargs)
+
+    def index_operands_of(self, n: fx.Node) -> set[fx.Node]:
+        from disco.split.rules import index_operands
+        return index_operands(n)
+
+    def _desired_channels(self, call: MixingCall, ids: torch.Tensor, target: torch.Tensor):
+        """(out_assign with the channels the target constrains set, which channels it constrains), or None."""
+        flat_ids, flat_target = ids.flatten().long(), target.broadcast_to(ids.shape).flatten()
+        mapped = flat_ids > 0
+        if bool((flat_target[mapped] < 0).any()):
+            return None  # a replicated target cannot come from one layer's channels
+        size = int(call.out_shape.numel())
+        low = torch.full((size,), float("inf")).scatter_reduce(0, flat_ids[mapped] - 1, flat_target[mapped], "amin")
+        high = torch.full((size,), -1.0).scatter_reduce(0, flat_ids[mapped] - 1, flat_target[mapped], "amax")
+        wanted = high >= 0
+        if bool((low[wanted] != high[wanted]).any()):
+            return None
+        dim = call.channel_dim % len(call.out_shape)
+        per_channel = high.reshape(call.out_shape).movedim(dim, -1).reshape(-1, call.out_shape[dim])
+        vector, constrained = call.out_assign.clone(), torch.zeros(call.out_shape[dim], dtype=torch.bool)
+        for channel in range(call.out_shape[dim]):
+            column = per_channel[:, channel]
+            chosen = column[column >= 0]
+            if not chosen.numel():
+                continue
+            if not bool((chosen == chosen[0]).all()):
+                return None
+            vector[channel], constrained[channel] = int(chosen[0]), True
+        return vector, constrained
+
+    # --- bookkeeping for memory, outputs and statics -------------------------------------------------
+    def elements_per_node(self, owner) -> list[int]:
         counts = [0] * self.nodes
         for leaf in tree_leaves(owner):
             if isinstance(leaf, torch.Tensor):
                 for k in range(self.nodes):
-                    counts[k] += int(holds(leaf, k).sum()) // self.analysis.batch
+                    counts[k] += int(holds(leaf, k).sum())
         return counts
 
     def _record_memory(self, n: fx.Node, value, owner) -> None:
-        tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
-        if n.op == "output" or not tensors:
+        if not isinstance(value, torch.Tensor) or op_name(n.target).rpartition(".")[2] in VIEWS:
             return
         last_use = max((self._index[u] for u in n.users), default=self._index[n])
-        self.analysis.values.append(ValueRecord(self._index[n], n.name, self._elements_per_node(owner),
-                                                tensors[0].element_size(), last_use))
+        self.analysis.values.append(ValueRecord(self._index[n], n.name, self.elements_per_node(owner),
+                                                value.element_size(), last_use))
+
+    def _record_output(self, n: fx.Node) -> None:
+        owner = fx.node.map_arg(n.args[0], lambda a: self.owner_of(a))
+        self.output_owner = owner
+        self.analysis.output_elements_per_node = self.elements_per_node(owner)
+        self.analysis.output_elements = sum(t.numel() for t in tree_leaves(owner) if isinstance(t, torch.Tensor))
+        self.analysis.input_elements = int(self.owner_of(self.captured.input_node).numel())
+
+    def _recount_memory(self) -> None:
+        """Values narrowed after the run (needs.py) hold less on each node than first counted."""
+        by_name = {node.name: node for node in self.graph.nodes}
+        for record in self.analysis.values:
+            record.elements_per_node = self.elements_per_node(self.owners[by_name[record.node]])
+
+    def reads_parameter(self, node: fx.Node) -> bool:
+        stack, seen = [node], set()
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current.op == "placeholder" and self.captured.roles[current][0] == PARAMETER:
+                return True
+            stack.extend(current.all_input_nodes)
+        return False
 
 
-
-def _split_vector(owner: torch.Tensor, dim: int) -> torch.Tensor | None:
-    """The channel assignment along `dim` shared by every fully split (no replicated element) row of an
-    owner map, or None."""
-    if owner.dim() < 2:
-        return None
-    rows = owner.movedim(dim, -1).reshape(-1, owner.shape[dim])
-    split_rows = rows[(rows >= 0).all(dim=1)]
-    if not split_rows.numel() or not bool((split_rows == split_rows[0]).all()):
-        return None
-    return split_rows[0].to(torch.long)
-
-
-def _own_padding(owner: torch.Tensor) -> torch.Tensor:
-    """Padding (Swin's patch merging at odd sizes) adds constants to split data: each node pads its own
-    channels, so a padded element belongs to the node of its channel (read from the unpadded rows)."""
-    if owner.dim() < 2 or not bool((owner == REPLICATED).any()):
-        return owner
-    for dim in (-1, 1):
-        vector = _split_vector(owner, dim)
-        if vector is None:
-            continue
-        filled = torch.where(owner == REPLICATED, broadcast_channels(vector, owner.shape, dim), owner)
-        if channel_vector(filled, dim) is not None:
-            return filled
-    return owner
-
-
-def propagate(gm: fx.GraphModule, inputs: tuple, nodes: int, choose_output: OutputChooser) -> OwnerPropagator:
-    """Run the owner propagation, splitting directly-read parameters where split data needs them."""
-    splits: dict[str, tuple[torch.Tensor, int]] = {}
-    while True:  # each restart splits one more parameter, so this ends
-        propagator = OwnerPropagator(gm, nodes, choose_output, splits)
+def propagate(captured: Captured, model: nn.Module, static: set[fx.Node], values: list, nodes: int,
+              choose_output: Callable[[dict], OutputChooser], provided: dict | None = None,
+              node_weights=None, frozen: bool = False) -> OwnerPropagator:
+    """Run the owner propagation until no layer needs re-assigning; `choose_output(overrides)` makes the
+    chooser of a run."""
+    overrides: dict[str, torch.Tensor] = {}
+    fixed: dict[str, torch.Tensor] = {}
+    while True:  # each run fixes more channels of some layer for good, so this ends
+        propagator = OwnerPropagator(captured, model, static, nodes, choose_output(overrides), overrides, provided,
+                                     node_weights, fixed, frozen)
         try:
-            propagator.analyse(*inputs)
+            propagator.analyse(*values)
             return propagator
-        except AttributeSplit as split:
-            if split.target in splits:
-                raise DiscoError(f"parameter {split.target!r} would need two different splits") from None
-            splits[split.target] = (split.vector, split.dim)
+        except Reassign as reassign:
+            for layer, (vector, constrained) in reassign.vectors.items():
+                overrides[layer], fixed[layer] = vector, constrained

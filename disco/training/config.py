@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from disco.cli import MODEL_SPECS
 from disco.fields import option
 from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError
@@ -63,8 +64,7 @@ class TrainConfig:
     """All options of a training run, validated in one place (saved as config.json in the run folder). Each
     field is one option of `disco train` (disco.fields): its help says what it does."""
 
-    model: str = option(help="torchvision:NAME, disco:NAME or path/to/file.py:factory (required unless --resume)",
-                        required=False)
+    model: str = option(help=f"{MODEL_SPECS} (required unless --resume)", required=False)
     model_kwargs: dict = option(default_factory=dict, metavar="K=V,...",
                                 help="keyword arguments for the model builder, e.g. width_mult=0.5")
     stem_stride: int | None = option(None, help="stride of the first conv (e.g. 1 for 28x28 images)")
@@ -112,7 +112,9 @@ class TrainConfig:
     dense_epochs: int | None = option(None, help="epochs training the dense model (default: --epochs)")
     sparsify_epochs: int | None = option(None, help="epochs driving masks to the budget (default: --epochs)")
     finetune_epochs: int | None = option(None, help="epochs fine-tuning with frozen masks (default: --epochs)")
-    weights: str | None = option(None, help="dense weights to start from (.safetensors); skips dense training")
+    weights: str | None = option(None, help="dense weights to start from (.safetensors, or a weights-only .pth); "
+                                            "skips dense training, unless their classifier is for another number "
+                                            "of classes (timm, hf models): the dense phase then trains from them")
     dense_run: str | None = option(None, help="a previous run folder whose dense.safetensors to start from")
     distill: bool = option(True, help="fine-tune with the task's loss only (default: distil from the dense model)")
     temperature: float = option(4.0, help="distillation temperature")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from disco.data.datasets import DataSpec
 from disco.errors import DiscoError
-from disco.models import build_for_data, load_weights
+from disco.models import build_for_data, load_pretrained, load_weights
 from disco.split.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.training import checkpoint
@@ -65,6 +65,7 @@ class RunState:
     epochs_run: int = 0  # by this invocation
     stop_after_epochs: int | None = None
     dense_score: float | None = None  # the task's metric (accuracy, mIoU, mAP, PSNR) of the dense model
+    dense_weights: str | None = None  # the file the dense model was loaded from instead of training it
 
     @property
     def device(self) -> torch.device:
@@ -181,17 +182,15 @@ def _statistics_are_stale(sparsifier: Sparsifier | None) -> bool:
 
 
 def _dense_phase(run: RunState) -> None:
-    config, parallel = run.config, run.parallel
-    given = config.weights or (str(Path(config.dense_run) / "dense.safetensors") if config.dense_run else None)
-    if given:
-        load_weights(run.dense, given)
-    elif run.saved is None or run.saved.phase == "dense":
+    parallel = run.parallel
+    given = run.dense_weights = _given_weights(run)
+    if given is None and (run.saved is None or run.saved.phase == "dense"):
         if run.saved is not None:
             run.saved.load_model(run.dense)
         _run_phase(run, "dense", run.dense, parallel.wrap(run.dense), TaskLoss(run.objective), None)
         if parallel.main:
             checkpoint.save_model(run.dense, run.out / "dense.safetensors")
-    else:  # resumed after the dense phase
+    elif given is None:  # resumed after the dense phase
         checkpoint.load_model_state(run.dense, run.out / "dense.safetensors")
     # both files are written before the first sparse checkpoint: a run resumed in a later phase finds them whole
     scored = run.out / "dense.json"
@@ -203,6 +202,21 @@ def _dense_phase(run: RunState) -> None:
                 {f"test_{run.objective.metric_name}": run.dense_score, "weights": given}))
     elif parallel.main:  # (only rank 0 reports it)
         run.dense_score = json.loads(scored.read_text())[f"test_{run.objective.metric_name}"]
+
+
+def _given_weights(run: RunState) -> str | None:
+    """Load the weights the run starts from (--weights, --dense-run); the file when they are the dense model, which
+    the dense phase is then skipped for. --weights whose classifier is for another number of classes (a timm or
+    transformers ImageNet checkpoint for 10-class data) load all but the classifier: the dense phase trains from
+    them."""
+    config = run.config
+    if config.weights:
+        return config.weights if load_pretrained(run.dense, config.weights) else None
+    if config.dense_run:
+        given = str(Path(config.dense_run) / "dense.safetensors")
+        load_weights(run.dense, given)
+        return given
+    return None
 
 
 def _latency_budget(config: TrainConfig, example: torch.Tensor):

@@ -30,7 +30,7 @@ def write_report(run, simulated, score: float, *, nested: list[dict] | None = No
         "param_bytes_per_node": costs["param_bytes_per_node"],
         "dense_param_bytes_per_node": costs["dense_param_bytes_per_node"],
         "io_bytes": costs["io_bytes"],
-        "training": training_epochs(config, run.plans),
+        "training": training_epochs(config, run.plans, run.dense_weights),
         **({"nested": nested} if nested else {}),
         **_uneven(config, costs),
     }
@@ -55,11 +55,10 @@ def _uneven(config, costs: dict) -> dict:
     return found
 
 
-def training_epochs(config, plans: dict) -> dict:
-    """How much training each side of the comparison had: the dense model's epochs (None: its weights were
-    given), and DISCO's sparsify and fine-tune epochs on top of it, as they ran (more than asked on small data;
-    `schedule`: each phase's steps, learning rate and warm-up, disco.training.schedule)."""
-    given = config.weights or (f"{config.dense_run}/dense.safetensors" if config.dense_run else None)
+def training_epochs(config, plans: dict, given: str | None) -> dict:
+    """How much training each side of the comparison had: the dense model's epochs (None: it was loaded from the
+    file `given`), and DISCO's sparsify and fine-tune epochs on top of it, as they ran (more than asked on small
+    data; `schedule`: each phase's steps, learning rate and warm-up, disco.training.schedule)."""
     return {"dense_epochs": None if given else config.dense_epochs, "dense_weights": given,
             "sparsify_epochs": plans["sparsify"].epochs, "finetune_epochs": plans["finetune"].epochs,
             "schedule": {phase: plan.record() for phase, plan in plans.items()}}

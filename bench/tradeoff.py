@@ -38,6 +38,9 @@ MOBILENET_4K = dict(MOBILENET, train_subset=4000, dense_subset=4000, dense_epoch
 # its rows train on 20k images: a 60k-image epoch takes ~7 min on one CPU thread (2.4x mobilenet's), which
 # would add ~30 min to the sweep for a secondary row (ResNet-18 is too wide to tell the methods apart here)
 RESNET18 = dict(model="torchvision:resnet18", model_kwargs={}, stem_stride=None, train_subset=20000)
+# a timm model (issue "any model"): ResNet-10-T (deep stem, avg-pool downsampling), as timm builds it for 1-channel
+# 28x28 images, trained on 20k images like ResNet-18
+TIMM_RESNET10T = dict(model="timm:resnet10t", model_kwargs={}, stem_stride=None, train_subset=20000)
 # 6 layers, 8 heads, width 256: ~20 min per epoch of 60k images on one CPU thread, so it trains on subsets
 VIT = dict(model="disco:vit_small", model_kwargs={}, stem_stride=None, lr=1e-3, train_subset=10000, dense_subset=20000)
 # Dense prediction, sized for CPU: 64x64 scenes for segmentation (FCN features at 1/8), 96x96 for detection
@@ -70,7 +73,7 @@ class Job:
 
 def plan(quick: bool) -> tuple[dict, list[Job]]:
     families = {SMALL: MOBILENET_4K, "mobilenet_v2_w0.5": MOBILENET, "resnet18": RESNET18, "vit_small": VIT,
-                **TASK_FAMILIES}
+                "timm_resnet10t": TIMM_RESNET10T, **TASK_FAMILIES}
     jobs = []
     for seed in (0, 1):  # small data first: its rows are short
         for budget, method, label in ((1.0, "learned", "DISCO (learned)"), (0.1, "learned", "DISCO (learned)"),
@@ -107,6 +110,9 @@ def plan(quick: bool) -> tuple[dict, list[Job]]:
         jobs.append(Job(f"resnet18-n2-{method}-{budget}-s0", "resnet18", 2, budget, method, 0, label))
     for budget, label in ((0.2, "DISCO (learned)"), (0.1, "DISCO (learned)"), (0.0, "no communication")):
         jobs.append(Job(f"vit_small-n4-learned-{budget}-s0", "vit_small", 4, budget, "learned", 0, label))
+    for budget, method, label in ((1.0, "learned", "DISCO (learned)"), (0.1, "learned", "DISCO (learned)"),
+                                  (0.1, "random", "random groups"), (0.0, "learned", "no communication")):
+        jobs.append(Job(f"timm_resnet10t-n2-{method}-{budget}-s0", "timm_resnet10t", 2, budget, method, 0, label))
     for family in TASK_FAMILIES:
         for budget, label in ((1.0, "DISCO (learned)"), (0.2, "DISCO (learned)"), (0.1, "DISCO (learned)"),
                               (0.0, "no communication")):

@@ -29,13 +29,15 @@ class Deployment:
 
 def make_deployment(folder: Path, model: str, nodes: int, *, keep: float = 0.3, size: int = 32, images: int = 3,
                     transport_dtype: str = "fp32", channels: int = 3, classes: int = 10,
-                    preprocess: dict | None = None, class_names: list[str] | None = None) -> Deployment:
+                    preprocess: dict | None = None, class_names: list[str] | None = None,
+                    kwargs: dict | None = None) -> Deployment:
     """A model (a torchvision name, or any spec such as disco:edsr) with random weights, non-trivial
     BatchNorm statistics and random masks; preprocess (how image files are read) and class_names as a training
     run would record them."""
     torch.manual_seed(0)
-    spec = ModelSpec(model=model if ":" in model else f"torchvision:{model}", channels=channels, classes=classes)
-    original = build_for_data(spec.model, channels=channels, classes=classes).eval()
+    spec = ModelSpec(model=model if ":" in model else f"torchvision:{model}", channels=channels, classes=classes,
+                     kwargs=kwargs or {})
+    original = build_for_data(spec.model, channels=channels, classes=classes, **spec.kwargs).eval()
     for module in original.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)

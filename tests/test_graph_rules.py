@@ -1,9 +1,15 @@
-"""User modules: supported data movement is followed exactly, unknown channel mixing is refused clearly."""
+"""User modules: data movement is followed exactly; what no rule splits as its operands lie moves data or
+exchanges partial results (counted, listed in the cost report), and runs equal to the simulation."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import disco
+from disco.export import ModelSpec, export
+from disco.models import build_for_data
+from disco.runtime.inprocess import run_in_process
 from disco.split.masks import keep_random_groups
 from reference import hand_zeroed, hook_count
 
@@ -43,34 +49,6 @@ class NeedsUnification(nn.Module):
 
     def forward(self, x):
         return self.out(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
-
-
-class Transposes(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
-
-    def forward(self, x):
-        return self.b(self.a(x).transpose(1, 2))
-
-
-class ReducesChannels(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
-
-    def forward(self, x):
-        y = self.a(x)
-        return y * y.mean(1, keepdim=True)
-
-
-class UnknownOp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
-
-    def forward(self, x):
-        return torch.cumsum(self.a(x), dim=1)
 
 
 @pytest.mark.parametrize("nodes", range(1, 9))
@@ -115,21 +93,61 @@ def test_tensors_added_together_get_one_assignment():
         torch.testing.assert_close(simulated(x), model(x), atol=1e-6, rtol=0)
 
 
-def test_transpose_of_feature_map_is_refused_naming_the_op():
-    with pytest.raises(disco.UnsupportedOperationError) as error:
-        disco.partition(Transposes(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
-    message = str(error.value)
-    assert "'b'" in message and "transpose" in message
+LAYOUT_MODELS = str(Path(__file__).parent / "data" / "layout_models.py")
 
 
-def test_reduction_over_channels_is_refused():
-    with pytest.raises(disco.UnsupportedOperationError, match="mean"):
-        disco.partition(ReducesChannels(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
+def _deployed(tmp_path, factory: str, nodes: int = 2):
+    """The user's model partitioned, exported and run in process: (simulated, report, output, bytes sent)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(model=f"{LAYOUT_MODELS}:{factory}", channels=3, classes=10)
+    model = build_for_data(spec.model, channels=3, classes=10).eval()
+    x = torch.randn(2, 3, 8, 8)
+    simulated = disco.partition(model, nodes=nodes, example_inputs=x[:1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), model(x), atol=1e-6, rtol=0)
+    report = disco.cost_report(simulated, x[:1])
+    export(simulated, tmp_path, example_inputs=x[:1], spec=spec)
+    output, sent = run_in_process(tmp_path, x, model_code=LAYOUT_MODELS)
+    with torch.no_grad():
+        torch.testing.assert_close(output, model(x), atol=1e-5, rtol=1e-5)
+    return simulated, report, sent
 
 
-def test_unknown_operation_is_refused_naming_it():
-    with pytest.raises(disco.UnsupportedOperationError, match="cumsum"):
-        disco.partition(UnknownOp(), nodes=2, example_inputs=torch.randn(1, 3, 8, 8))
+def _per_image(sent: list[list[int]], images: int = 2) -> list[list[int]]:
+    return [[value // images for value in row] for row in sent]
+
+
+def test_layer_reading_channels_along_another_dim_gets_its_input_moved(tmp_path):
+    """conv b reads the 8 rows of a transposed map as channels: its input is moved to rows split in two halves."""
+    simulated, report, sent = _deployed(tmp_path, "make_transposes")
+    rows = disco.disco_layers(simulated)["b"].in_assign
+    assert rows.tolist() == [0] * 4 + [1] * 4
+    channels = disco.disco_layers(simulated)["a"].out_assign  # the map's channels (its dim 2 after the transpose)
+    moved = [[0, 0], [0, 0]]
+    for row in range(8):
+        for channel in range(8):
+            src, dst = int(channels[channel]), int(rows[row])
+            if src != dst:
+                moved[src][dst] += 8 * 4  # the row's 8 positions of that channel, fp32
+    assert report["fallback_bytes_matrix"] == moved
+    assert [entry["node"] for entry in report["fallbacks"]] == ["conv2d_1"]
+    assert _per_image(sent["fallback"]) == moved
+
+
+def test_mean_over_split_channels_exchanges_partial_sums(tmp_path):
+    _, report, sent = _deployed(tmp_path, "make_reduces_channels")
+    expected = [[0, 8 * 8 * 4], [8 * 8 * 4, 0]]  # one fp32 partial sum per position, each node to the other
+    assert report["norm_bytes_matrix"] == expected and report["fallback_bytes"] == 0
+    assert _per_image(sent["norm"]) == expected
+
+
+def test_operation_without_rule_runs_on_one_node_and_is_listed(tmp_path):
+    _, report, sent = _deployed(tmp_path, "make_unknown_op")
+    (entry,) = report["fallbacks"]
+    assert entry["op"] == "aten.cummax" and entry["executor"] == 0 and "no rule" in entry["reason"]
+    expected = [[0, 0], [4 * 8 * 8 * 4, 0]]  # node 1's 4 channels of 8x8 fp32 gathered on node 0
+    assert report["fallback_bytes_matrix"] == expected and entry["bytes"] == sum(map(sum, expected))
+    assert _per_image(sent["fallback"]) == expected
 
 
 def test_a_single_node_partition_of_a_model_without_channels_is_refused():

@@ -199,8 +199,8 @@ def test_profile_times_every_step_on_every_rank_and_its_bytes_add_up(deployments
     _, summary = _run(deployment, "--profile", str(tmp_path / "profile"), "--repeat", "2")
     table = json.loads((tmp_path / "profile" / "layers.json").read_text())
     program = load_program(Manifest.load(deployment.folder), deployment.folder, 0, torch.device("cpu"))
-    assert sorted(row["step"] for row in table["steps_by_slowest_compute"]) == sorted(
-        step.node.name for step in program.steps)
+    assert sorted(row["step"] for row in table["steps_by_slowest_compute"]) == sorted(program.step_names())
+    assert set(disco.disco_layers(deployment.simulated)) <= set(program.step_names())  # layers by their own names
     forwards = summary["forwards"]  # every forward sent the same bytes: a run's share is exact
     for rank in range(2):
         per_run = sum(row["bytes_sent"][rank] for row in table["steps_by_slowest_compute"])
@@ -208,5 +208,5 @@ def test_profile_times_every_step_on_every_rank_and_its_bytes_add_up(deployments
         assert per_run * forwards == pytest.approx(sent)
         trace = json.loads((tmp_path / "profile" / f"rank{rank}.trace.json").read_text())
         spans = {event.get("name") for event in trace["traceEvents"]}
-        assert {"layer1_0_conv1", "fc"} <= spans and any(str(s).startswith("wait: layer") for s in spans)
+        assert {"layer1.0.conv1", "fc"} <= spans and any(str(s).startswith("wait: layer") for s in spans)
     assert all(row["compute_ms"][0] >= 0 and row["wait_ms"][0] >= 0 for row in table["steps_by_slowest_compute"])

@@ -161,9 +161,20 @@ class BadHeads(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def test_split_heads_are_refused():
-    with pytest.raises(UnsupportedOperationError, match="heads must be whole"):
-        disco.partition(BadHeads(), nodes=5, example_inputs=torch.randn(1, 6, 12))
+def test_heads_a_split_would_cut_are_kept_whole_by_reassigning_their_layers():
+    """12 channels over 5 nodes cut heads of 3; the attention asks for whole heads, and q, k, v are re-assigned so
+    (no data moves), with one head per node but one node without."""
+    model, x = BadHeads().eval(), torch.randn(2, 6, 12)
+    simulated = disco.partition(model, nodes=5, example_inputs=x[:1]).eval()
+    layers = disco.disco_layers(simulated)
+    heads = [layers[f"qkv.{i}"].out_assign.reshape(4, 3) for i in range(3)]
+    assert all(bool((h == h[:, :1]).all()) for h in heads)  # every head whole on one node
+    assert all(torch.equal(h, heads[0]) for h in heads)  # q, k and v of a head on the same node
+    assert len(set(heads[0][:, 0].tolist())) == 4
+    report = disco.cost_report(simulated, x[:1])
+    assert report["fallback_bytes"] == 0 and report["fallbacks"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(simulated(x), model(x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("nodes", [4])  # (2, 3 and 4 nodes in process: tests/test_runtime_inprocess.py)

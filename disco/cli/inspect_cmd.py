@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Partition a model across N nodes and print, per image, the bytes each node sends, the "
                     "MACs and parameter/activation memory per node, next to the dense split (every channel sent).")
     parser.add_argument("--model", required=True, help=MODEL_SPECS)
+    parser.add_argument("--model-kwargs", type=_kwargs, default={}, metavar="K=V,...",
+                        help="arguments for the model's builder, e.g. width_mult=0.5 (torchvision), drop_rate=0 "
+                             "(timm), or a transformers config's image_size=96,num_hidden_layers=6")
     parser.add_argument("--nodes", type=int, default=2, help="number of devices to split across (default 2)")
     parser.add_argument("--node-weights", type=weights_argument, metavar="W,W,...",
                         help="each node's share of the work, e.g. 2,1,1 (default: equal); the summary shows how "
@@ -35,6 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the full cost report as JSON")
     parser.add_argument("--verbose", action="store_true", help="also print one row per channel-mixing layer")
     parser.set_defaults(handler=run)
+
+
+def _kwargs(text: str) -> dict:
+    from disco.fields import parse_kwargs
+    try:
+        return parse_kwargs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _mb(value: float) -> str:
@@ -85,6 +96,19 @@ def _layer_table(report: dict) -> "Table":
     return table
 
 
+def _fallback_table(report: dict) -> "Table":
+    from rich.table import Table
+
+    table = Table(title="data moved where no rule splits an operation as its operands lie (fallbacks)")
+    for column in ("graph node", "operation", "runs on", "bytes", "MACs", "why"):
+        table.add_column(column, justify="right" if column in ("bytes", "MACs") else "left", overflow="fold")
+    for entry in report["fallbacks"]:
+        runs_on = "its nodes" if entry["executor"] is None else f"node {entry['executor']}"
+        table.add_row(entry["node"], entry["op"] or "(layout change)", runs_on, f"{entry['bytes']:,}",
+                      f"{entry['macs']:,}", entry["reason"])
+    return table
+
+
 def _print(report: dict, args: argparse.Namespace) -> None:
     import sys
 
@@ -103,6 +127,11 @@ def _print(report: dict, args: argparse.Namespace) -> None:
                   f"largest node does {max(report['macs_per_node']) / model_macs:.1%} of the MACs")
     console.print(f"input scattered from node 0: {report['io_bytes']['input']:,} B; output gathered on node 0: "
                   f"{report['io_bytes']['output']:,} B (reported apart, same for every split)")
+    console.print(f"partial sums of norms and reductions over split channels: {report['norm_bytes']:,} B; data moved "
+                  f"by fallbacks: {report['fallback_bytes']:,} B ({len(report['fallbacks'])} operations"
+                  f"{', listed below' if report['fallbacks'] else ''}; both fp32, reported apart)")
+    if report["fallbacks"]:
+        console.print(_fallback_table(report))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from disco.split.partitioner import partition
 
     size = parse_input_size(args.input_size)
-    model = build_model(args.model).eval()
+    model = build_model(args.model, **args.model_kwargs).eval()
     example = torch.zeros(1, *size)
     simulated = partition(model, nodes=args.nodes, example_inputs=example, node_weights=args.node_weights)
     if args.keep_random is not None:

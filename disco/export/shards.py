@@ -141,7 +141,7 @@ def _levels(model: nn.Module, split: ModelSplit, example: torch.Tensor, dtype: s
             nested: NestedExport) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """The manifest's `nested` field and each node's tensors of levels >= 1 (their BatchNorm statistics): every
     level's masks and statistics set in turn, smallest first, so the model is left at level 0, the largest."""
-    layers, nodes = disco_layers(model), next(iter(disco_layers(model).values())).nodes
+    layers, nodes = disco_layers(model), split.nodes
     if set(nested.group_levels) != set(layers):
         raise DiscoError("the nested levels do not name this model's layers: they belong to another run")
     expected: list[dict] = []

@@ -128,6 +128,7 @@ def predict(report: dict, topology: Topology) -> Prediction:
     for layer in report["layers"]:
         paths = _layer(layer, paths, topology, links, compute)
     paths = _attention(report, paths, topology, compute)
+    paths = _apart(report, paths, topology, links, compute)
     end = _gather_output(report, paths, links)
     busiest = max([(s, f"node {k} compute") for k, s in enumerate(compute)] +
                   [(s, _resource_name(r)) for r, s in links.busy.items()])
@@ -194,6 +195,20 @@ def _attention(report: dict, paths: list[_Path], topology: Topology, compute: li
         ready.append(path.then(Segment("compute", "attention products", seconds, node=k), path.time + seconds)
                      if seconds else path)
     return ready
+
+
+def _apart(report: dict, paths: list[_Path], topology: Topology, links: _Links, compute: list[float]) -> list[_Path]:
+    """Partial sums of norms and reductions, and data moved by fallbacks (docs/method.md 3): they happen between the
+    layers; counted here, once, as one exchange every node waits for."""
+    nodes = len(paths)
+    zero = [[0] * nodes for _ in range(nodes)]
+    norms, moved = report.get("norm_bytes_matrix", zero), report.get("fallback_bytes_matrix", zero)
+    sizes = [[norms[s][d] + moved[s][d] for d in range(nodes)] for s in range(nodes)]
+    if not any(map(any, sizes)):
+        return paths
+    exchange = {"name": "norms and fallbacks", "bytes_matrix": sizes, "macs_per_node": [0] * nodes,
+                "received_macs_per_node": [0] * nodes}
+    return _layer(exchange, paths, topology, links, compute)
 
 
 def _gather_output(report: dict, paths: list[_Path], links: _Links) -> _Path:

@@ -37,7 +37,6 @@ from disco.runtime.comm import (Comm, DistComm, barrier, broadcast, choose_backe
                                 tiny_message)
 from disco.runtime.worker import pin_to_own_cores, report_failure
 from disco.split.attention import replace_attention
-from disco.split.propagate import trace
 from disco.topology import MBIT, NodeSpec, Topology
 
 LAYER_REPEATS, LAYER_BUDGET_S = 7, 0.2  # per layer call: at most 7 timed runs, none started after 0.2 s
@@ -79,7 +78,7 @@ def build_model(manifest: Manifest, model_code: str | None) -> nn.Module:
     model = replace_attention(build_deployed_model(manifest.model, model_code)).eval()
     from torch.fx.experimental.optimization import fuse
     try:
-        return fuse(trace(model), inplace=True, no_trace=True).eval()
+        return fuse(model, inplace=True).eval()
     except Exception:  # noqa: BLE001 - fx raises many types; folding is an optimisation, not a requirement
         return model
 

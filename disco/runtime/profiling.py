@@ -32,8 +32,9 @@ class StepProfile:
     runs: int = 0
 
     @classmethod
-    def for_steps(cls, steps) -> "StepProfile":
-        return cls([s.node.name for s in steps], [type(s).__name__ for s in steps],
+    def for_steps(cls, steps, names: list[str]) -> "StepProfile":
+        """`names`: each step's name in the table and the traces (a layer call's: its layer)."""
+        return cls(list(names), [type(s).__name__ for s in steps],
                    torch.zeros(len(FIELDS), len(steps), dtype=torch.float64))
 
     @contextmanager

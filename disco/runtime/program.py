@@ -373,9 +373,22 @@ class LocalProgram:
             self.profile.runs += 1
         return fx.node.map_arg(self.output_node.args[0], lambda a: env[a])
 
+    def step_names(self) -> list[str]:
+        """Each step's readable name: a layer call's is its layer's (numbered when the layer is called again), any
+        other step's its graph node's."""
+        names, calls = [], {}
+        for step in self.steps:
+            call = self.mixing.get(step.node.name)
+            if call is None:
+                names.append(step.node.name)
+                continue
+            calls[call.module] = calls.get(call.module, 0) + 1
+            names.append(call.module if calls[call.module] == 1 else f"{call.module} (call {calls[call.module]})")
+        return names
+
     def start_profiling(self) -> StepProfile:
         """From now on, time every step of every forward (disco run --profile)."""
-        self.profile = StepProfile.for_steps(self.steps)
+        self.profile = StepProfile.for_steps(self.steps, self.step_names())
         return self.profile
 
     # --- output layout (rank 0 assembles the whole output) ---------------------------------------

@@ -25,7 +25,7 @@ def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend:
         "budget": nested.budgets[level] if nested is not None else None,
         "bytes_sent": sent, "bytes_per_image": per_image,
         "expected_per_image": {"activations": expected["bytes"], "norm": expected.get("norm_bytes", 0),
-                               **expected["io_bytes"]},
+                               "fallback": expected.get("fallback_bytes", 0), **expected["io_bytes"]},
         "predictions": result["predictions"],
     }
 
@@ -49,7 +49,9 @@ def print_summary(summary: dict) -> None:
     print(f"bytes per image ({summary['transport_dtype']}{budget}): activations {actual['activations']:,.0f} "
           f"(simulation {expected['activations']:,}), input {actual['input']:,.0f} ({expected['input']:,}), "
           f"output {actual['output']:,.0f} ({expected['output']:,})"
-          + (f", norm sums {actual['norm']:,.0f} ({expected['norm']:,})" if expected["norm"] else ""))
+          + (f", norm sums {actual['norm']:,.0f} ({expected['norm']:,})" if expected["norm"] else "")
+          + (f", moved by fallbacks {actual['fallback']:,.0f} ({expected['fallback']:,})" if expected["fallback"]
+             else ""))
     for rank, row in enumerate(summary["bytes_sent"]["activations"]):
         print(f"  rank {rank} sent {sum(row):,} activation bytes in total: " +
               ", ".join(f"{b:,} to rank {dst}" for dst, b in enumerate(row) if dst != rank))

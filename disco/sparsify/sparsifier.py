@@ -29,7 +29,7 @@ from disco.accounting.groups import group_bytes
 from disco.errors import DiscoError
 from disco.split.layers import DiscoLayer
 from disco.split.modules import running_norms
-from disco.split.partitioner import disco_layers
+from disco.split.partitioner import disco_layers, node_count
 from disco.sparsify.methods import METHODS
 from disco.sparsify.budgets import check_nested, link_fractions
 from disco.sparsify.nested import NestedLevels
@@ -268,7 +268,7 @@ class Sparsifier:
         """({layer: [nodes, in_channels] link of each group, src * nodes + dst}, [links] byte fraction each)."""
         if self.latency is not None:
             raise DiscoError("a latency budget prices every link already: give it or per-link budgets, not both")
-        nodes = next(iter(self.layers.values())).nodes
+        nodes = node_count(self.model)
         fractions = torch.tensor(link_fractions(options.link_budgets, nodes, options.budget)).flatten()
         links = {}
         for name, layer in self.layers.items():

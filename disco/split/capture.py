@@ -76,9 +76,20 @@ def capture(model: nn.Module, example: torch.Tensor) -> Captured:
     except DiscoError:
         raise
     except Exception as error:  # torch.export raises many types; the user needs to know capture failed, and why
+        _runs_eagerly(model, example)
         raise DiscoError(f"could not capture {type(model).__name__} as a graph (torch.export): "
                          f"{_first_line(error)}") from error
     return captured
+
+
+def _runs_eagerly(model: nn.Module, example: torch.Tensor) -> None:
+    """When capture fails, say so plainly if the model fails on the example input by itself."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:  # the model's own failure: wrong channels or size for it
+        raise DiscoError(f"the model fails on the example input of shape {tuple(example.shape)}: "
+                         f"{_first_line(error)}") from error
 
 
 def _writes_into_views(captured: Captured) -> bool:

@@ -137,11 +137,22 @@ def model_split(model: nn.Module, example_inputs) -> ModelSplit:
     split = getattr(model, SPLIT_ATTRIBUTE, None)
     if split is not None and split.input_shape == tuple(example.shape[1:]):
         return split
-    nodes = next(iter(layers.values())).nodes
+    nodes = node_count(model)
     weights = split.node_weights if split is not None else None
     propagator = analyse(model, example.detach().cpu() if example.device.type != "cpu" and _on_cpu(model)
                          else example.detach(), nodes, weights)
     return ModelSplit(nodes, weights, tuple(example.shape[1:]), propagator.analysis, propagator.captured)
+
+
+def node_count(model: nn.Module) -> int:
+    """How many nodes a partitioned model is split across."""
+    split = getattr(model, SPLIT_ATTRIBUTE, None)
+    if split is not None:
+        return split.nodes
+    layers = disco_layers(model)
+    if not layers:
+        raise DiscoError("this needs a partitioned model: call disco.partition(model, nodes=N, example_inputs=x)")
+    return next(iter(layers.values())).nodes
 
 
 def _on_cpu(model: nn.Module) -> bool:

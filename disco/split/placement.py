@@ -29,7 +29,10 @@ class Placement:
         held = holds(self.owner, node).broadcast_to(self.tensor.shape)
         dims = varying_dims(held)
         if not dims:
-            return self.tensor if bool(held.all()) else self.tensor.flatten()[:0]
+            if bool(held.all()):
+                return self.tensor
+            split = varying_dims(self.owner.broadcast_to(self.tensor.shape))  # none held: empty along the split dim
+            return self.tensor.narrow(split[0] if len(split) == 1 else 0, 0, 0)
         dim = dims[0]
         line = held.movedim(dim, -1).reshape(-1, held.shape[dim])[0]
         return self.tensor.index_select(dim, line.nonzero().flatten().to(self.tensor.device))

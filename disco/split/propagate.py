@@ -42,6 +42,12 @@ class Reassign(Exception):
         super().__init__(", ".join(vectors))
 
 
+def _whole_groups(out_assign: torch.Tensor, groups: int) -> bool:
+    """A grouped conv computes each group's outputs on one node (its plan needs the group's inputs there)."""
+    per_group = out_assign.reshape(groups, -1)
+    return groups == 1 or bool((per_group == per_group[:, :1]).all())
+
+
 def describe(node: fx.Node) -> str:
     return f"{op_name(node.target)}" if node.op == "call_function" else node.op
 
@@ -297,7 +303,7 @@ class OwnerPropagator(fx.Interpreter):
         if fixed is not None and bool((fixed & constrained & (vector != base)).any()):
             return False  # another operation already asked for these channels elsewhere: no ping-pong
         merged = torch.where(constrained, vector, base)
-        if torch.equal(merged, call.out_assign):
+        if torch.equal(merged, call.out_assign) or not _whole_groups(merged, call.conv_groups):
             return False
         self.reassigns[call.module] = (merged, constrained if fixed is None else fixed | constrained)
         self.request_depends[call.module] = self.request_depends.get(call.module, frozenset()) | depends | {call.module}

@@ -7,11 +7,42 @@ import importlib.util
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 from disco.errors import DiscoError
 from disco.model_sources import classifier_keys, hf_model, timm_model, unknown_name, weights_hint
 from disco.split.modules import replace_submodule
+
+
+def without_weights(build: Callable[[], nn.Module]) -> nn.Module:
+    """The model `build()` makes with its parameters and buffers on the meta device (no memory, no data).
+
+    Built under `torch.device("meta")`; a constructor that reads back a value it computed with torch (torchvision's
+    RegNets derive their widths with torch ops) cannot run there, so it is built on the CPU instead with every
+    parameter and buffer moved to meta as it is registered (one tensor in memory at a time)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError as error:  # "Cannot copy out of meta tensor; no data!"
+        if "meta" not in str(error):
+            raise
+    hooks = [register_module_parameter_registration_hook(_on_meta), register_module_buffer_registration_hook(_on_meta)]
+    try:
+        return build()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None):
+    if tensor is None or tensor.device.type == "meta":
+        return None
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(tensor.to("meta"), requires_grad=tensor.requires_grad)
+    return tensor.to("meta")
 
 
 def _torchvision_model(name: str, **kwargs) -> nn.Module:

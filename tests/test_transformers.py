@@ -15,7 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 import disco
-from disco.errors import UnsupportedOperationError
 from disco.export import ModelSpec, export
 from disco.models import build_for_data
 from disco.split.attention import SplitAttention, replace_attention

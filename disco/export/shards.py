@@ -6,7 +6,6 @@ bias of its rows; of every other module what disco/split/placement.py places on 
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -20,7 +19,7 @@ from disco.export.manifest import DIGEST_KEY, NODE_KEY, Manifest, ModelSpec, sha
 from disco.export.signing import SIGNATURE_NAME, read_private_key, sign_deployment
 from disco.export.trust import deployable_model
 from disco.transport import get_transport_dtype
-from disco.models import build_for_data
+from disco.models import build_for_data, without_weights
 from disco.split.attention import replace_attention
 from disco.split.layers import DiscoLayer
 from disco.split.capture import graph_digest
@@ -35,21 +34,23 @@ EXPECTED_KEYS = ("nodes", "bytes", "dense_bytes", "ratio", "bytes_matrix", "io_b
                  "param_bytes_per_node", "layers")
 
 
-def mixing_tensors(name: str, layer: DiscoLayer, node: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The node's weight blocks and bias entries of one channel-mixing layer, as its plan cuts them. `weight`: the
-    layer's weight as its operation reads it (its parameter, or computed from it: a standardised conv's)."""
+def mixing_tensors(name: str, layer: DiscoLayer, node: int, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The node's weight blocks and bias entries of one channel-mixing layer, as its plan cuts them. `weight`,
+    `bias`: as the layer's operation reads them (its parameters, or computed from them: a standardised conv's
+    weight, BEiT's bias concatenated from q and v biases)."""
     plan = layer.plan
     tensors = {f"{name}.{block}": block_weight for block, block_weight in plan.weight_blocks(weight, node).items()}
-    if layer.bias is not None:
-        tensors[f"{name}.bias"] = layer.bias[plan.rows(node).to(layer.bias.device)]
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias[plan.rows(node).to(bias.device)]
     return tensors
 
 
-def layer_weights(model: nn.Module, split: ModelSplit) -> dict[str, torch.Tensor]:
-    """{layer: its weight as its conv/linear reads it}, from the model's current parameters."""
-    nodes = {call.module: call.weight for call in split.analysis.mixing}
-    values = split.static_values(model, list(set(nodes.values())))
-    return {layer: values[node] for layer, node in nodes.items()}
+def layer_weights(model: nn.Module, split: ModelSplit) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{layer: (weight, bias) as its conv/linear reads them}, from the model's current parameters."""
+    calls = {call.module: (call.weight, call.bias) for call in split.analysis.mixing}
+    values = split.static_values(model, list({name for pair in calls.values() for name in pair if name}))
+    return {layer: (values[weight], values[bias] if bias else None) for layer, (weight, bias) in calls.items()}
 
 
 def node_tensors(model: nn.Module, split: ModelSplit, node: int, parts=None, weights=None) -> dict[str, torch.Tensor]:
@@ -57,7 +58,7 @@ def node_tensors(model: nn.Module, split: ModelSplit, node: int, parts=None, wei
     weights = layer_weights(model, split) if weights is None else weights
     tensors = {name: placement.part(node) for name, placement in parts.items()}
     for name, layer in disco_layers(model).items():
-        tensors.update(mixing_tensors(name, layer, node, weights[name]))
+        tensors.update(mixing_tensors(name, layer, node, *weights[name]))
     return {key: _storable(t) for key, t in tensors.items()}
 
 
@@ -68,9 +69,8 @@ def _storable(tensor: torch.Tensor) -> torch.Tensor:
 
 def check_spec(model: nn.Module, spec: ModelSpec) -> None:
     """The spec must rebuild this architecture: same tensor names and shapes (built on meta: no memory)."""
-    with torch.device("meta"):
-        rebuilt = replace_attention(build_for_data(spec.model, channels=spec.channels, classes=spec.classes,
-                                                   stem_stride=spec.stem_stride, **spec.kwargs))
+    rebuilt = replace_attention(without_weights(lambda: build_for_data(
+        spec.model, channels=spec.channels, classes=spec.classes, stem_stride=spec.stem_stride, **spec.kwargs)))
     expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.rpartition(".")[2] not in PLAN_BUFFERS}
     if expected != actual:

@@ -70,6 +70,6 @@ def model_to_build(spec: ModelSpec, model_code: str | Path | None) -> str:
 
 
 def build_deployed_model(spec: ModelSpec, model_code: str | Path | None) -> nn.Module:
-    """The deployment's architecture with fresh weights (call under `torch.device("meta")` for none)."""
+    """The deployment's architecture with fresh weights (disco.models.without_weights for none)."""
     return build_for_data(model_to_build(spec, model_code), channels=spec.channels, classes=spec.classes,
                           stem_stride=spec.stem_stride, **spec.kwargs)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from disco.errors import DiscoError
 from disco.quantization import MessageCodec, from_channel_major
@@ -30,9 +28,12 @@ class Messages:
     """A layer's exchange on one rank: its channels encoded per receiver, what arrives decoded and put back in
     the layer's layout (in the order the remote weight columns expect: by source, then channel)."""
 
-    def __init__(self, codec: MessageCodec, receive_counts: dict[int, int], elements: int):
+    def __init__(self, codec: MessageCodec, receive_counts: dict[int, int], in_shape: tuple[int, ...]):
         self.codec, self.receive_counts = codec, receive_counts
-        self.elements = elements  # values per channel in one row of the layer's input (H*W, tokens...)
+        # the layer's whole input for one image: a rank may hold none of it (empty along another dim than the
+        # channels), so what arrives is shaped from the plan, never from the local tensor
+        self.in_shape = tuple(in_shape)
+        self.elements = elements_per_channel(self.in_shape, codec.channel_dim)  # values per channel in a row
 
     def post(self, x: torch.Tensor, send_index: dict[int, torch.Tensor], comm: Comm, what: str):
         """Send {dst: positions of x's channels} and post the receives; returns the exchange in flight."""
@@ -45,11 +46,14 @@ class Messages:
         """Every source's channels, concatenated (by source, then channel) in x's layout."""
         parts = self._decoded(received, x)
         values = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # one peer (2 nodes): no copy
-        return from_channel_major(values, tuple(x.shape), self.codec.channel_dim)
+        return from_channel_major(values, self._like(x), self.codec.channel_dim)
 
     def arrived_by_source(self, received: dict, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        return {src: from_channel_major(values, tuple(x.shape), self.codec.channel_dim)
+        return {src: from_channel_major(values, self._like(x), self.codec.channel_dim)
                 for src, values in zip(self.receive_counts, self._decoded(received, x))}
+
+    def _like(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (x.shape[0], *self.in_shape[1:])
 
     def _decoded(self, received: dict, x: torch.Tensor) -> list[torch.Tensor]:
         elements = self.elements
@@ -74,7 +78,7 @@ class MixingStep:
     (the graph's operation with its own stride, padding...)."""
 
     def __init__(self, name: str, apply, plan: SplitPlan, tensors: dict, rank: int, out_layout,
-                 transport: TransportDtype, elements: int):
+                 transport: TransportDtype, in_shape: tuple[int, ...]):
         self.name, self.apply, self.rank = name, apply, rank
         self.channel_dim = plan.channel_dim
         self.out_layout = out_layout  # this rank's part of the output
@@ -83,7 +87,7 @@ class MixingStep:
         rows, held = plan.rows(rank).numel(), plan.held_channels(rank).numel()
         self.local_weight = self._weight(tensors, WEIGHT_LOCAL, rows, held)
         self.remote_weight = self._weight(tensors, WEIGHT_REMOTE, rows, sum(self.receive_counts.values()))
-        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts, elements)
+        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts, in_shape)
 
     def _weight(self, tensors: dict, block: str, rows: int, columns: int) -> torch.Tensor | None:
         """The block, or None when it computes nothing (no rows, or no columns)."""
@@ -118,7 +122,7 @@ class GroupedMixingStep:
     (`apply(x, weight, bias, groups)`)."""
 
     def __init__(self, name: str, apply, plan: SplitPlan, tensors: dict, rank: int, out_layout,
-                 transport: TransportDtype, elements: int):
+                 transport: TransportDtype, in_shape: tuple[int, ...]):
         self.name, self.apply, self.rank, self.out_layout = name, apply, rank, out_layout
         try:
             mine = (plan.group_owners() == rank).nonzero().flatten()
@@ -127,7 +131,7 @@ class GroupedMixingStep:
         self.groups = mine.numel()
         needed = (mine[:, None] * plan.in_per_group + torch.arange(plan.in_per_group)).flatten()
         self.send_index, self.receive_counts = plan.send_positions(rank), plan.receive_counts(rank)
-        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts, elements)
+        self.messages = Messages(_codec(name, plan, rank, transport), self.receive_counts, in_shape)
         position = plan.held_positions(rank)
         held = plan.held_channels(rank)
         slot = torch.full((plan.in_channels,), -1, dtype=torch.long)
@@ -163,5 +167,4 @@ class GroupedMixingStep:
 def mixing_step(name: str, apply, plan: SplitPlan, tensors: dict, rank: int, out_layout, transport: TransportDtype,
                 in_shape: tuple[int, ...]):
     kind = GroupedMixingStep if plan.conv_groups > 1 else MixingStep
-    return kind(name, apply, plan, tensors, rank, out_layout, transport,
-                elements_per_channel(tuple(in_shape), plan.channel_dim))
+    return kind(name, apply, plan, tensors, rank, out_layout, transport, tuple(in_shape))

@@ -34,7 +34,8 @@ class LayerNormStep:
 
     def __init__(self, name: str, holders: list[int], rank: int, dims: int, total: int, eps: float, stats: bool):
         self.name, self.dims, self.total, self.eps, self.stats = name, dims, total, eps, stats
-        self.peers = [k for k in holders if k != rank]
+        # a rank holding none of the normalised values has no part in the sums (its result is empty)
+        self.peers = [k for k in holders if k != rank] if rank in holders else []
 
     def __call__(self, comm: Comm, x: torch.Tensor, weight=None, bias=None):
         reduced = tuple(range(x.dim() - self.dims, x.dim()))

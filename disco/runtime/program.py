@@ -20,14 +20,15 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest, verify_shard
 from disco.export.trust import build_deployed_model
+from disco.models import without_weights
 from disco.runtime.comm import Comm
 from disco.runtime.fusion import fold_batch_norms
 from disco.runtime.layout import Gather, Layout, Narrowing, Redistribution
 from disco.runtime.mixing import mixing_step
 from disco.runtime.norm import GroupNormStep, LayerNormStep, ReduceStep
 from disco.runtime.profiling import StepProfile
-from disco.runtime.steps import (BATCH, INPUT, Constant, Exchanging, Input, Local, Move, Nothing, Operands,
-                                 Reducing, Resplit, Step)
+from disco.runtime.steps import (BATCH, INPUT, Constant, Exchanging, Input, Local, Move, NativeMove, Nothing,
+                                 Operands, Reducing, Resplit, Step)
 from disco.split.analysis import GraphAnalysis
 from disco.split.assignment import REPLICATED, holds
 from disco.split.attention import replace_attention
@@ -36,16 +37,19 @@ from disco.split.capture import (BatchAxis, batch_axes, batch_axis, capture_with
 from disco.split.capture import placeholder_values
 from disco.split.ops import Rule, rule_of
 from disco.split.partitioner import eval_mode
-from disco.split.propagate import OwnerPropagator, propagate
-from disco.split.rules import conv_groups, index_operands
+from disco.split.propagate import propagate
+from disco.split.rules import index_operands, run_move
 from disco.transport import get_transport_dtype
 
 aten = torch.ops.aten
+GROUP_NORMS = (aten.group_norm.default, aten.native_group_norm.default)
+# movements whose size argument is the result's shape: run natively with this rank's local shape
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+            aten.view_copy.default, aten.expand_copy.default)
 
 
 def _meta_model(manifest: Manifest, model_code: str | Path | None) -> nn.Module:
-    with torch.device("meta"):
-        model = build_deployed_model(manifest.model, model_code)
+    model = without_weights(lambda: build_deployed_model(manifest.model, model_code))
     return replace_attention(model).eval()
 
 
@@ -222,6 +226,8 @@ class LocalProgram:
             return self._nothing(node, operands)
         if rule in (Rule.POINTWISE, Rule.NORM, Rule.MIXING):
             self._narrow(node, operands, layouts)
+        if node.target in GROUP_NORMS and self._holds_part(layouts):
+            return self._group_norm(node, operands)  # whole groups here, but fewer than the graph's count
         return Local(node, operands)
 
     def _nothing(self, node: fx.Node, operands: Operands) -> Step:
@@ -277,21 +283,43 @@ class LocalProgram:
             source_layouts.append(owner if owner is not None else
                                   self._layout(self._owner(a), None if a in self.static else batch_axis(a)))
 
-        def apply_to_ids(ids):
-            def arg(a):
-                if a in ids:
-                    return ids[a]
-                if a in indices:
-                    return p.value_of(a)
-                return p.value_of(a)
-            args = list(fx.node.map_arg(node.args, arg))
-            kwargs = dict(fx.node.map_arg(node.kwargs, arg))
-            constant = {aten.constant_pad_nd.default: 2, aten.scatter.value: 3, aten.pad.default: 3}.get(node.target)
-            if constant is not None and len(args) > constant:
-                args[constant] = 0
-            return node.target(*args, **kwargs)
-        gather = Gather(node.name, source_nodes, source_layouts, layouts, apply_to_ids)
+        gather = Gather(node.name, source_nodes, source_layouts, layouts,
+                        lambda ids: run_move(p, node, lambda a: ids[a]))
+        native = self._native_move(node, source_layouts, layouts, gather, len(sources) == 1 and sources[0])
+        if native is not None:
+            return NativeMove(node, operands, native)
         return Move(node, operands, gather.to(self.device), sources)
+
+    def _native_move(self, node: fx.Node, sources: list[Layout], outputs: list[Layout], gather: Gather, source):
+        """The movement run as itself on the local tensor (a view, a permute: no copy) when that gives, for one
+        image, exactly what the gather would pick; a reshape to the local output shape. None: use the gather."""
+        if source is False or gather.pads or sources[0].flat or any(o.flat for o in outputs):
+            return None
+        reshape = node.target in RESHAPES
+        if reshape and len(outputs) != 1:
+            return None
+        operand = self.propagator.tensor_operands(node)[source]
+        ids = torch.arange(sources[0].count, dtype=torch.float64).reshape(sources[0].local_shape)
+
+        def call(x, args, kwargs, batch):
+            args = list(args)
+            args[0] = x
+            if reshape:
+                args[1] = list(outputs[0].tensor(x.new_empty((batch, outputs[0].count)), batch).shape)
+            return node.target(*args, **kwargs)
+        try:
+            args = fx.node.map_arg(node.args, lambda a: ids if a is operand else self.propagator.value_of(a))
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: self.propagator.value_of(a))
+            if node.args[0] is not operand:
+                return None
+            leaves = [t for t in tree_leaves(call(ids, args, kwargs, 1)) if isinstance(t, torch.Tensor)]
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return None
+        if len(leaves) != len(outputs) or any(
+                tuple(leaf.shape) != layout.local_shape or not torch.equal(layout.rows(leaf, 1)[0].long(), index)
+                for leaf, layout, index in zip(leaves, outputs, gather.indices)):
+            return None
+        return call
 
     def _mixing(self, node: fx.Node, operands: Operands) -> Step:
         call = self.mixing[node.name]
@@ -314,16 +342,26 @@ class LocalProgram:
             call = LayerNormStep(node.name, holders, self.rank, dims, total, eps, native)
             return Reducing(node, operands, call, [self._position(node, 2), self._position(node, 3)])
         if exchange.kind == "group_norm":
-            native = node.target is aten.native_group_norm.default
-            groups = node.args[6] if native else node.args[1]
-            eps = node.args[7] if native else (node.args[4] if len(node.args) > 4 else 1e-5)
-            channels = x_owner.movedim(1, -1).reshape(-1, x_owner.shape[1])[0].long()
-            spatial = x_owner[0, 0].numel() if x_owner.dim() > 2 else 1
-            call = GroupNormStep(node.name, channels, self.rank, groups, eps, spatial, native).to(self.device)
-            params = [self._position(node, 1), self._position(node, 2)] if native else \
-                [self._position(node, 2), self._position(node, 3)]
-            return Reducing(node, operands, call, params)
+            return self._group_norm(node, operands)
         return self._reduction(node, operands, exchange, holders, x_owner)
+
+    def _group_norm(self, node: fx.Node, operands: Operands) -> Step:
+        """A GroupNorm on this rank's channels, with its own groups (the graph's group count is the whole
+        tensor's), exchanging partial sums of the groups whose channels span ranks."""
+        x_owner = self.propagator.owner_of(node.args[0])
+        native = node.target is aten.native_group_norm.default
+        groups = node.args[6] if native else node.args[1]
+        eps = node.args[7] if native else (node.args[4] if len(node.args) > 4 else 1e-5)
+        channels = x_owner.movedim(1, -1).reshape(-1, x_owner.shape[1])[0].long()
+        spatial = x_owner[0, 0].numel() if x_owner.dim() > 2 else 1
+        call = GroupNormStep(node.name, channels, self.rank, groups, eps, spatial, native).to(self.device)
+        params = [self._position(node, 1), self._position(node, 2)] if native else \
+            [self._position(node, 2), self._position(node, 3)]
+        return Reducing(node, operands, call, params)
+
+    def _holds_part(self, layouts: list[Layout]) -> bool:
+        """This rank holds some elements of the value but not all (what it lacks, another rank holds)."""
+        return bool(layouts) and layouts[0].anything and layouts[0].count < layouts[0].held.numel()
 
     def _reduction(self, node, operands, exchange, holders, x_owner) -> Step:
         from disco.split.rules import _reduced_dims

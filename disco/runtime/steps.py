@@ -131,6 +131,18 @@ class Move(Step):
 
 
 @dataclass
+class NativeMove(Step):
+    """Data movement run as itself on the rank's value (checked, when built, to pick what a gather would)."""
+
+    operands: Operands
+    call: object  # (x, args, kwargs, batch) -> value
+
+    def run(self, env: dict, comm: Comm):
+        args, kwargs = self.operands.fetch(env, comm)
+        return self.call(args[0], args, kwargs, env[BATCH])
+
+
+@dataclass
 class Exchanging(Step):
     """A step that exchanges data with other ranks on its first operand: a channel-mixing layer (mixing.py)."""
 

@@ -21,6 +21,8 @@ class MixingCall:
     channel_dim: int = 1  # dim of channels in its input and output (conv 1, linear -1)
     conv_groups: int = 1
     weight: str = ""  # the graph node of the weight as the call reads it (a parameter, or computed from one)
+    bias: str = ""  # the graph node of its bias as the call reads it ("" without one)
+    caller: str | None = None  # the module whose forward makes the call (`module`, or an ancestor computing it)
 
 
 @dataclass

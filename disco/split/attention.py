@@ -65,7 +65,8 @@ class SplitAttention(nn.Module):
 def _split_twin(module: nn.Module) -> nn.Module | None:
     if isinstance(module, nn.MultiheadAttention):
         return SplitAttention.from_multihead(module)
-    if isinstance(module, ShiftedWindowAttention):
+    if isinstance(module, ShiftedWindowAttention) and not hasattr(module, "logit_scale"):
+        # Swin V2's cosine attention with a position MLP is left as it is: the captured graph's rules split it
         return SplitWindowAttention.from_torchvision(module)
     return None
 

@@ -64,14 +64,15 @@ def capture(model: nn.Module, example: torch.Tensor) -> Captured:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exported = torch.export.export(_Logits(model), (two,), dynamic_shapes=({0: batch},), strict=False)
-            captured = Captured(exported.graph_module, _roles(exported), dict(exported.constants),
+            names = _canonical_names(model)
+            captured = Captured(exported.graph_module, _roles(exported, names), dict(exported.constants),
                                 exported.call_spec.out_spec)
             if _writes_into_views(captured):
                 table = torch.export.default_decompositions()
                 for op in PRESERVED:
                     table.pop(op, None)
                 exported = exported.run_decompositions(table)
-                captured = Captured(exported.graph_module, _roles(exported), dict(exported.constants),
+                captured = Captured(exported.graph_module, _roles(exported, names), dict(exported.constants),
                                     exported.call_spec.out_spec)
     except DiscoError:
         raise
@@ -118,7 +119,17 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:400]
 
 
-def _roles(exported) -> dict[fx.Node, tuple[str, str]]:
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """{any name of a parameter or buffer: the name model.named_parameters()/named_buffers() gives it}: a module
+    shared under two names (CoaT's convolutional position encoding) is one layer, named as the model lists it."""
+    names = {}
+    for listing in (model.named_parameters, model.named_buffers):
+        first = {id(tensor): name for name, tensor in listing()}
+        names.update({alias: first[id(tensor)] for alias, tensor in listing(remove_duplicate=False)})
+    return names
+
+
+def _roles(exported, names: dict[str, str]) -> dict[fx.Node, tuple[str, str]]:
     from torch.export.graph_signature import InputKind
 
     kinds = {InputKind.USER_INPUT: INPUT, InputKind.PARAMETER: PARAMETER, InputKind.BUFFER: BUFFER,
@@ -129,10 +140,20 @@ def _roles(exported) -> dict[fx.Node, tuple[str, str]]:
         if spec.kind not in kinds:
             raise DiscoError(f"could not capture the model: unsupported graph input {spec.kind.name} ({node.name})")
         target = spec.target or ""
-        roles[node] = (kinds[spec.kind], target.removeprefix("model."))
+        target = target.removeprefix("model.")
+        roles[node] = (kinds[spec.kind], names.get(target, target))
     if sum(role == INPUT for role, _ in roles.values()) != 1:
         raise DiscoError("the runtime supports models with one input tensor")
     return roles
+
+
+def calling_module(node: fx.Node) -> str | None:
+    """The path of the module whose forward computed `node` ('' the model's own; None when not recorded)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return "" if path == "model" else path.removeprefix("model.")
 
 
 def placeholder_values(captured: Captured, model: nn.Module, example: torch.Tensor) -> list:

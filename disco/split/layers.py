@@ -35,6 +35,7 @@ class DiscoLayer:
     channel_dim: int = 1  # dim of channels in the layer's input and output (conv 1, linear -1)
     transport = "fp32"  # the dtype received channels travel in (set_transport): the simulation rounds them alike
     plain = False  # True while a graph is captured: the layer computes as the original module (plain_layers)
+    intercepted = 0  # calls computed through `mixed` so far (partition() checks every graph call comes through it)
 
     def _attach_plan(self, plan: SplitPlan) -> None:
         device = self.weight.device
@@ -68,6 +69,7 @@ class DiscoLayer:
         """What the nodes compute together with `weight` (the layer's weight as its forward uses it):
         `apply(x, weight, bias)` with the dropped groups' columns zeroed and received channels rounded as the
         transport dtype rounds them."""
+        self.intercepted += 1
         dtype = get_transport_dtype(self.transport)
         if dtype.lossless:
             return apply(x, weight * self.plan.weight_mask(weight), bias)
@@ -170,7 +172,6 @@ class _Intercept(TorchFunctionMode):
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
                 rest = args[3:]
                 extra = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
-                self.layer.intercepted += 1
                 return self.layer.mixed(x, weight, bias, lambda x, w, b: func(x, w, b, *rest, **extra))
         return func(*args, **kwargs)
 
@@ -180,8 +181,6 @@ class InterceptingLayer(DiscoLayer):
     same-padding or weight-standardised conv, a Linear subclass...): the module's own forward runs, and its
     conv/linear call is computed by DiscoLayer.mixed with the weight exactly as the forward passes it."""
 
-    intercepted = 0  # calls computed so far (partition() checks the forward computes through it)
-
     def forward(self, *args, **kwargs):
         if self.plain:
             return self._plain_type.forward(self, *args, **kwargs)
@@ -189,7 +188,54 @@ class InterceptingLayer(DiscoLayer):
             return self._plain_type.forward(self, *args, **kwargs)
 
 
+class _ForeignCalls(TorchFunctionMode):
+    """Within the forward of a module that computes a child layer's conv/linear itself (timm's BEiT attention:
+    `F.linear(x, self.qkv.weight, qkv_bias)`): that call, recognised by the layer's own weight tensor, is
+    computed by the layer's DiscoLayer.mixed."""
+
+    def __init__(self, layers: list["DiscoLayer"]):
+        super().__init__()
+        self.by_weight = {id(layer.weight): layer for layer in layers}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MIXING_FUNCTIONS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            layer = self.by_weight.get(id(weight))
+            if layer is not None and not layer.plain:
+                x = args[0] if args else kwargs["input"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                rest = args[3:]
+                extra = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+                return layer.mixed(x, weight, bias, lambda x, w, b: func(x, w, b, *rest, **extra))
+        return func(*args, **kwargs)
+
+
+class CallingForLayers:
+    """Mixed into the class of a module that computes its child layers' convs/linears in its own forward
+    (`disco_foreign_layers`: their paths below it): those calls are masked as the layers' own are."""
+
+    disco_foreign_layers: tuple[str, ...] = ()
+
+    def forward(self, *args, **kwargs):
+        layers = [self.get_submodule(path) for path in self.disco_foreign_layers]
+        with _ForeignCalls(layers):
+            return self._caller_type.forward(self, *args, **kwargs)
+
+
 _TWINS: dict[type, type] = {}
+_CALLERS: dict[type, type] = {}
+
+
+def calling_for(module: nn.Module, layer_path: str) -> None:
+    """Make `module`, in place, compute the conv/linear of its descendant `layer_path` through that layer."""
+    plain = type(module)
+    if not isinstance(module, CallingForLayers):
+        if plain not in _CALLERS:
+            _CALLERS[plain] = type(f"CallingFor{plain.__name__}", (CallingForLayers, plain), {"_caller_type": plain})
+        module.__class__ = _CALLERS[plain]
+    if layer_path not in module.disco_foreign_layers:
+        module.disco_foreign_layers = (*module.disco_foreign_layers, layer_path)
 
 
 def twin_class(module: nn.Module) -> type:

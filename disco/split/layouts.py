@@ -50,8 +50,30 @@ def transfers(source: torch.Tensor, target: torch.Tensor, nodes: int) -> torch.T
 
 
 def varying_dims(mask: torch.Tensor) -> list[int]:
-    """Dims along which a (boolean or owner) map is not constant."""
-    return [d for d in range(mask.dim()) if mask.shape[d] > 1 and not bool((mask == mask.narrow(d, 0, 1)).all())]
+    """Dims along which a (boolean or owner) map is not constant (a broadcast dim, stride 0, never is)."""
+    return [d for d in range(mask.dim()) if mask.shape[d] > 1 and mask.stride(d) != 0
+            and not bool((mask == mask.narrow(d, 0, 1)).all())]
+
+
+def compact(owner: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the map without its broadcast dims, how many elements each of its elements stands for): owner maps are
+    mostly broadcast views of per-channel assignments, so counting on the compact map is much cheaper."""
+    factor = 1
+    for d in range(owner.dim()):
+        if owner.shape[d] > 1 and owner.stride(d) == 0:
+            factor *= owner.shape[d]
+            owner = owner.narrow(d, 0, 1)
+    return owner, factor
+
+
+def held_counts(owner: torch.Tensor, nodes: int) -> list[int]:
+    """Elements each node holds (its own and replicated ones), as `holds(owner, k).sum()` for every k."""
+    small, factor = compact(owner)
+    ids = small.reshape(-1).long()
+    if ids.numel() and int(ids.min()) < REPLICATED:
+        return [int(holds(owner, k).sum()) for k in range(nodes)]
+    counts = torch.bincount(ids - REPLICATED, minlength=nodes - REPLICATED).tolist()
+    return [(counts[k - REPLICATED] + counts[0]) * factor for k in range(nodes)]
 
 
 def split_of(owner: torch.Tensor, node: int) -> tuple[int | None, torch.Tensor | None]:
@@ -70,6 +92,8 @@ def split_of(owner: torch.Tensor, node: int) -> tuple[int | None, torch.Tensor |
 def representable(owner: torch.Tensor, nodes: int) -> bool:
     """Every node's part is the whole value narrowed along one dim (what operations other than data movement
     run on)."""
+    if len(varying_dims(owner)) <= 1:  # every node's held elements follow the owners: one dim at most
+        return True
     return all(len(varying_dims(holds(owner, node))) <= 1 for node in range(nodes))
 
 

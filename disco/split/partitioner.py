@@ -16,7 +16,7 @@ from disco.split.analysis import GraphAnalysis
 from disco.split.attention import replace_attention
 from disco.split.balance import Balancer
 from disco.split.capture import Captured, capture, placeholder_values, static_nodes, static_values
-from disco.split.layers import DiscoLayer, plain_layers, to_disco
+from disco.split.layers import DiscoLayer, calling_for, plain_layers, to_disco
 from disco.split.plan import SplitPlan
 from disco.split.propagate import OutputChooser, propagate
 from disco.transport import get_transport_dtype
@@ -179,25 +179,28 @@ def partition(model: nn.Module, *, nodes: int, example_inputs, **options) -> nn.
                                                 conv_groups=call.conv_groups, channel_dim=call.channel_dim))
     for name, plan in plans.items():
         to_disco(simulated.get_submodule(name), plan)
+    for call in analysis.mixing:
+        if call.caller is not None and call.caller != call.module and call.module.startswith(_prefix(call.caller)):
+            calling_for(simulated.get_submodule(call.caller), call.module.removeprefix(_prefix(call.caller)))
     setattr(simulated, SPLIT_ATTRIBUTE, ModelSplit(opts.nodes, opts.node_weights, tuple(example.shape[1:]), analysis,
                                                    propagator.captured))
     _check_layers_compute(simulated, example, analysis)
     return set_transport(simulated, opts.transport_dtype)
 
 
-def _check_layers_compute(simulated: nn.Module, example: torch.Tensor, analysis: GraphAnalysis) -> None:
-    """A twin that intercepts its conv/linear call must see as many calls as the graph has: a weight read by some
-    other module's forward would otherwise run unmasked."""
-    from disco.split.layers import InterceptingLayer
+def _prefix(path: str) -> str:
+    return f"{path}." if path else ""
 
-    intercepting = {n: m for n, m in disco_layers(simulated).items() if isinstance(m, InterceptingLayer)}
-    if not intercepting:
-        return
-    for layer in intercepting.values():
+
+def _check_layers_compute(simulated: nn.Module, example: torch.Tensor, analysis: GraphAnalysis) -> None:
+    """Every layer must compute as many calls through its mask as the graph has: a weight read by some other
+    module's forward in a way not recognised would otherwise run unmasked."""
+    layers = disco_layers(simulated)
+    for layer in layers.values():
         layer.intercepted = 0
     with eval_mode(simulated), torch.no_grad():
         simulated(example)
-    for name, layer in intercepting.items():
+    for name, layer in layers.items():
         calls = sum(call.module == name for call in analysis.mixing)
         if layer.intercepted != calls:
             raise DiscoError(f"layer '{name}' ({layer._plain_type.__name__}) computes {calls} conv/linear call(s) in "

@@ -16,13 +16,12 @@ from typing import Callable
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves
 
 from disco.errors import DiscoError
 from disco.split.analysis import Fallback, GraphAnalysis, MixingCall, Redistribution, ValueRecord
-from disco.split.assignment import REPLICATED, holds
-from disco.split.capture import INPUT, PARAMETER, Captured, batch_axis
-from disco.split.layouts import needs, replicated, representable, transfers, varying_dims
+from disco.split.capture import PARAMETER, Captured
+from disco.split.layouts import held_counts, replicated, representable, transfers
 from disco.split.ops import Rule, op_name, rule_of
 
 # moves that only view their input: no memory of their own (activation accounting)
@@ -344,8 +343,8 @@ class OwnerPropagator(fx.Interpreter):
             return values[source]
 
         def arg(a):
-            if a is source:
-                return values[source]
+            if a is source:  # contiguous: ids carried through a copy that changed strides may not view as the graph's
+                return values[source].contiguous()
             if a in self.static:
                 return torch.zeros_like(self.kept[a], dtype=torch.float64) \
                     if a not in self.index_operands_of(n) else self.kept[a]
@@ -388,8 +387,7 @@ class OwnerPropagator(fx.Interpreter):
         counts = [0] * self.nodes
         for leaf in tree_leaves(owner):
             if isinstance(leaf, torch.Tensor):
-                for k in range(self.nodes):
-                    counts[k] += int(holds(leaf, k).sum())
+                counts = [c + h for c, h in zip(counts, held_counts(leaf, self.nodes))]
         return counts
 
     def _record_memory(self, n: fx.Node, value, owner) -> None:

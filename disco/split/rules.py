@@ -18,7 +18,7 @@ from disco.errors import DiscoError
 from disco.split.analysis import Exchange, Fallback, MixingCall, Products
 from disco.split.assignment import REPLICATED, broadcast_channels, channel_vector, holds
 from disco.split.balance import Balancer
-from disco.split.capture import batch_axis
+from disco.split.capture import batch_axis, calling_module
 from disco.split.layouts import fill_replicated, majority_along, needs, replicated, uniform_along
 from disco.split.ops import CONVOLUTIONS, INDEX_OPERANDS, PARTIAL, SPATIAL_DIMS, Rule, op_name
 
@@ -286,7 +286,7 @@ def mixing(p, n: fx.Node, value):
     groups = conv_groups(n)
     out_assign = p.choose_output(layer, p.model.get_submodule(layer), vector, value.shape, groups)
     call = MixingCall(layer, n.name, vector, out_assign, own.shape, value.shape, p.index_of(n), channel_dim, groups,
-                      weight.name)
+                      weight.name, bias.name if isinstance(bias, fx.Node) else "", calling_module(n))
     p.record(call)
     p.layer_outputs[n] = call
     return broadcast_channels(out_assign, value.shape, channel_dim)
@@ -336,8 +336,10 @@ def contract(p, n: fx.Node, value):
             return None
         lead = majority_along(ao, [ao.dim() - 2, ao.dim() - 1], p.nodes)
         _move_to(p, n, a, lead.expand(ao.shape), "a product reads elements held on several nodes")
-        _move_to(p, n, b, lead.broadcast_to((*bo.shape[:-2], 1, 1)).expand(bo.shape),
-                 "a product reads elements held on several nodes")
+        # b's batch dims may broadcast against a's (a lambda layer's one position matrix for every head): each of
+        # its matrices goes to every node whose products read it
+        b_lead = needs((*bo.shape[:-2], 1, 1), lead.broadcast_to((*value.shape[:-2], 1, 1)))
+        _move_to(p, n, b, b_lead.expand(bo.shape), "a product reads elements held on several nodes")
         result = lead.broadcast_to((*value.shape[:-2], 1, 1)).expand(value.shape)
     if isinstance(bias, fx.Node) and bias not in p.static and \
             not torch.equal(p.owner_of(bias).broadcast_to(result.shape), result):

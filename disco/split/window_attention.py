@@ -143,7 +143,6 @@ class WindowAttention(nn.Module):
         return torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2)) if any(shift) else out
 
 
-WINDOW_LEAVES = (WindowPad, WindowCrop, WindowAttention)  # traced as single calls: their shapes drive control flow
 
 
 def _relative_position_index(window_size: list[int]) -> torch.Tensor:
@@ -176,9 +175,6 @@ class SplitWindowAttention(nn.Module):
 
     @classmethod
     def from_torchvision(cls, original: nn.Module) -> "SplitWindowAttention":
-        if hasattr(original, "logit_scale"):
-            raise DiscoError("Swin V2 attention (cosine attention with a position MLP) cannot be split yet; "
-                             "use swin_t/swin_s/swin_b")
         twin = cls(original.qkv.in_features, original.window_size, original.shift_size, original.num_heads,
                    qkv_bias=original.qkv.bias is not None, proj_bias=original.proj.bias is not None,
                    attention_dropout=original.attention_dropout, dropout=original.dropout)

@@ -1,4 +1,5 @@
 """The `disco` command line: one module per sub-command (`disco/cli/NAME_cmd.py`, with `add_parser(sub)`)."""
+from disco.model_specs import MODEL_SPECS  # noqa: F401  (the commands' --model help reads it from here)
 
 # Each command's one-line help, read by its module's parser and by `disco --help`, which imports no command
 # module: a command's module (and torch, torchvision...) is loaded only when that command runs or explains itself.
@@ -13,7 +14,4 @@ COMMAND_HELP = {
     "bench": "run a benchmark (writes docs/results/)",
     "keygen": "make a key pair for signing deployments",
 }
-# what --model takes (disco/models.py), in the help of every command that builds a model
-MODEL_SPECS = ("torchvision:NAME (e.g. torchvision:resnet50), timm:NAME (e.g. timm:resnet18), hf:MODEL_TYPE "
-               "(transformers, e.g. hf:vit) or hf:FOLDER (a save_pretrained folder), disco:NAME or "
-               "path/to/file.py:factory")
+

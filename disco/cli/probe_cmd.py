@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from disco.cli import COMMAND_HELP
-from disco.errors import DiscoError
-from disco.fields import add_options, from_args, option, option_of
-from disco.runtime.options import RunOptions
+from disco.fields import add_options, from_args
+from disco.runtime.options import ProbeOptions, check_out
 
 DESCRIPTION = (
     "Start one process per node of the deployment with torchrun (as `disco run` does) and measure, with rank 0 "
@@ -34,40 +30,6 @@ DESCRIPTION = (
     "for ResNet-50 at 224x224 on one core; the links about a second per pair). On several hosts run `torchrun "
     "--nnodes N --node-rank K --nproc-per-node 1 --rdzv-endpoint HOST:PORT -m disco.runtime.probe DEPLOY --out "
     "topology.json` on each instead (rank 0 writes the file).")
-
-
-def check_out(path: str) -> None:
-    """The topology file can be written there: refused before anything is measured."""
-    target = Path(path)
-    if target.is_dir():
-        raise DiscoError(f"--out {path} is a folder; give the file to write, e.g. {target / 'topology.json'}")
-    folder = target.parent
-    if not folder.is_dir():
-        raise DiscoError(f"--out {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise DiscoError(f"--out {path}: folder {folder} is not writable")
-
-
-@dataclass(kw_only=True)
-class ProbeOptions:
-    deploy: str = option(positional=True, help="deployment folder written by `disco export` (its model is timed "
-                                               "and its node count is the number of ranks)")
-    out: str = option("topology.json", help="the topology file rank 0 writes")
-    timeout: float = option(60.0, help="seconds to wait for a peer before failing with an error naming it (more "
-                                       "than the slowest node's compute probe)")
-    threads: int | None = option(None, help="CPU threads per rank (default: as `disco run`: cores / nodes, or "
-                                            "OMP_NUM_THREADS)")
-    pin_cores: bool = option_of(RunOptions, "pin_cores")
-    model_code: str | None = option_of(RunOptions, "model_code")
-    verbose: bool = option(False, help="on failure, show the traceback (and torchrun's own log and reports)")
-
-    def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise DiscoError("--timeout must be positive (seconds)")
-        if self.threads is not None and self.threads < 1:
-            raise DiscoError("--threads must be at least 1")
-        if not self.out:
-            raise DiscoError("--out must name a file")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

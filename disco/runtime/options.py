@@ -2,9 +2,11 @@
 line is derived from these fields (disco/fields.py)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from disco.fields import option
+from disco.fields import option, option_of
 from disco.errors import DiscoError
 
 
@@ -61,3 +63,37 @@ class RunOptions:
             raise DiscoError("--profile times one batch at a time: leave out --inflight (or give 1)")
         if self.timeout <= 0:
             raise DiscoError("--timeout must be positive (seconds)")
+
+
+def check_out(path: str) -> None:
+    """The topology file can be written there: refused before anything is measured."""
+    target = Path(path)
+    if target.is_dir():
+        raise DiscoError(f"--out {path} is a folder; give the file to write, e.g. {target / 'topology.json'}")
+    folder = target.parent
+    if not folder.is_dir():
+        raise DiscoError(f"--out {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise DiscoError(f"--out {path}: folder {folder} is not writable")
+
+
+@dataclass(kw_only=True)
+class ProbeOptions:
+    deploy: str = option(positional=True, help="deployment folder written by `disco export` (its model is timed "
+                                               "and its node count is the number of ranks)")
+    out: str = option("topology.json", help="the topology file rank 0 writes")
+    timeout: float = option(60.0, help="seconds to wait for a peer before failing with an error naming it (more "
+                                       "than the slowest node's compute probe)")
+    threads: int | None = option(None, help="CPU threads per rank (default: as `disco run`: cores / nodes, or "
+                                            "OMP_NUM_THREADS)")
+    pin_cores: bool = option_of(RunOptions, "pin_cores")
+    model_code: str | None = option_of(RunOptions, "model_code")
+    verbose: bool = option(False, help="on failure, show the traceback (and torchrun's own log and reports)")
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise DiscoError("--timeout must be positive (seconds)")
+        if self.threads is not None and self.threads < 1:
+            raise DiscoError("--threads must be at least 1")
+        if not self.out:
+            raise DiscoError("--out must name a file")

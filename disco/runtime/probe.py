@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disco.cli.probe_cmd import ProbeOptions, check_out
+from disco.runtime.options import ProbeOptions, check_out
 from disco.errors import DiscoError
 from disco.export.manifest import MANIFEST_NAME, Manifest, sha256_of
 from disco.export.trust import build_deployed_model

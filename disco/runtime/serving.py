@@ -1,4 +1,4 @@
-"""Rank 0 under `disco serve`: batches come from the HTTP front end over its link (disco/serve/link.py), run on
+"""Rank 0 under `disco serve`: batches come from the HTTP front end over its link (disco/runtime/link.py), run on
 the Coordinator's lanes like any batch, and their outputs go back the same way.
 
 A batch that fails (a peer died or hung: PeerFailure names it) is answered with an error, and then this rank
@@ -19,7 +19,7 @@ from disco.errors import DiscoError
 from disco.export.manifest import Manifest
 from disco.runtime.inputs import check_input
 from disco.runtime.roles import Coordinator
-from disco.serve.link import Link, LinkClosed
+from disco.runtime.link import Link, LinkClosed
 
 COUNTERS_EVERY_S = 1.0
 POLL_S = 0.2  # how often the receive loop looks up from the link to see whether a lane failed

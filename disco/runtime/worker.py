@@ -32,7 +32,7 @@ from disco.runtime.profiling import gather_profiles, pace_table, write_tables
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
 from disco.runtime.serving import answer_requests
-from disco.serve.link import connect_from_environment
+from disco.runtime.link import connect_from_environment
 from disco.runtime.summary import print_summary, summarise
 from disco.tasks.registry import get_task
 

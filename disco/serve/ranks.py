@@ -25,7 +25,7 @@ from multiprocessing import AuthenticationError
 from disco.errors import DiscoError
 from disco.runtime.launch import rank_environment, relay_rank_output, torchrun_command
 from disco.serve.local_ranks import first_to_end, local_children, local_ranks
-from disco.serve.link import Link, LinkClosed, LinkListener
+from disco.runtime.link import Link, LinkClosed, LinkListener
 from disco.serve.metrics import ServiceMetrics
 from disco.serve.options import ServeOptions
 

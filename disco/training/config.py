@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from disco.cli import MODEL_SPECS
+from disco.model_specs import MODEL_SPECS
 from disco.fields import option
 from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError

@@ -24,7 +24,7 @@ def _mb(value: float) -> str:
 def measure(nodes: int, size: int) -> dict:
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.zeros(1, 3, size, size)
-    return disco.cost_report(disco.partition(model, nodes=nodes, example_inputs=x), x)
+    return disco.cost_report(disco.partition(model, nodes=nodes, example_inputs=x), x).to_json()
 
 
 def render(reports: dict[int, dict], size: int) -> str:

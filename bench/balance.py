@@ -55,8 +55,8 @@ def measure() -> list[dict]:
         x = torch.randn(1, channels, size, size)
         simulated = disco.partition(model, nodes=nodes, example_inputs=x, node_weights=weights)
         report = disco.cost_report(simulated, x)
-        macs = max(share_over_weight(report["macs_per_node"], weights))
-        params = max(share_over_weight(report["param_bytes_per_node"], weights))
+        macs = max(share_over_weight(report.compute.macs_per_node, weights))
+        params = max(share_over_weight(report.memory.param_bytes_per_node, weights))
         rows.append({"model": name, "nodes": nodes, "weights": list(weights) if weights else "equal",
                      "macs": macs, "params": params,
                      "coarse": coarse_layers(model, simulated, nodes) if macs > TARGET else []})

@@ -153,7 +153,7 @@ def render(table: dict, manifest: Manifest, phases, command: str, elapsed: float
              f"Produced by `{command}` in {elapsed / 60:.0f} min (as root: the service in a network namespace whose "
              "loopback, MTU 1500, is shaped by `tc tbf` and changed in place between phases). One deployment: "
              "ResNet-50, 224x224, 2 nodes, random weights, nested budgets "
-             + ", ".join(f"{b} ({manifest.expected_at(k)['bytes']:,} bytes/image)" for k, b in enumerate(nested.budgets))
+             + ", ".join(f"{b} ({manifest.expected_at(k).bytes:,} bytes/image)" for k, b in enumerate(nested.budgets))
              + f". One closed-loop client sends one photograph again and again. Adaptive: target {TARGET_MS:.0f} ms "
              "per batch at the ranks, starting at 0.2 (disco/serve/adapt.py: 8 batches at a budget before a step; "
              "down when the average is over the target, up when under half of it). Latency is the client's, per "

@@ -182,16 +182,16 @@ def _split(model, spec, x, reference, nodes, classes) -> dict:
         run_s = time.perf_counter() - began
     error = float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
     per_image = {category: [[v // len(x) for v in row] for row in matrix] for category, matrix in sent.items()}
-    counted = {"activations": report["bytes_matrix"], "norm": report["norm_bytes_matrix"],
-               "fallback": report["fallback_bytes_matrix"]}
+    counted = {"activations": report.traffic.bytes_matrix, "norm": report.traffic.norm_bytes_matrix,
+               "fallback": report.traffic.fallback_bytes_matrix}
     bytes_equal = all(per_image[c] == m for c, m in counted.items())
-    ops = collections.Counter(entry["op"] or "(layout)" for entry in report["fallbacks"])
+    ops = collections.Counter(entry.op or "(layout)" for entry in report.fallbacks)
     return {"status": "equal" if error < EQUAL and bytes_equal else "wrong", "relative_error": error,
-            "bytes_equal_report": bytes_equal, "dense_bytes": report["dense_bytes"],
-            "fallback_bytes": report["fallback_bytes"], "norm_bytes": report["norm_bytes"],
-            "fallback_share": report["fallback_bytes"] / report["dense_bytes"] if report["dense_bytes"] else 0.0,
-            "fallback_ops": dict(ops), "macs_per_node": report["dense_macs_per_node"],
-            "model_macs": report["model_macs"], "partition_s": partition_s, "run_s": run_s, "output": output}
+            "bytes_equal_report": bytes_equal, "dense_bytes": report.traffic.dense_bytes,
+            "fallback_bytes": report.traffic.fallback_bytes, "norm_bytes": report.traffic.norm_bytes,
+            "fallback_share": report.traffic.fallback_bytes / report.traffic.dense_bytes if report.traffic.dense_bytes else 0.0,
+            "fallback_ops": dict(ops), "macs_per_node": report.compute.dense_macs_per_node,
+            "model_macs": report.compute.model_macs, "partition_s": partition_s, "run_s": run_s, "output": output}
 
 
 def distributed(spec: str, nodes_list: tuple[int, ...]) -> dict:
@@ -233,13 +233,13 @@ def distributed(spec: str, nodes_list: tuple[int, ...]) -> dict:
             output = safetensors.torch.load_file(str(folder / "y.safetensors"))["output"]
             sent = json.loads((folder / "s.json").read_text())["bytes_sent"]
         error = float((output - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
-        counted = {"activations": report["bytes_matrix"], "norm": report["norm_bytes_matrix"],
-                   "fallback": report["fallback_bytes_matrix"]}
+        counted = {"activations": report.traffic.bytes_matrix, "norm": report.traffic.norm_bytes_matrix,
+                   "fallback": report.traffic.fallback_bytes_matrix}
         equal = all([[v // len(x) for v in row] for row in sent[c]] == m for c, m in counted.items())
         result["nodes"][str(nodes)] = {
             "status": "equal" if error < EQUAL and equal else "wrong", "relative_error": error,
-            "bytes_equal_report": equal, "bytes": report["bytes"], "norm_bytes": report["norm_bytes"],
-            "fallback_bytes": report["fallback_bytes"], "ratio": report["ratio"], "wall_s": wall}
+            "bytes_equal_report": equal, "bytes": report.traffic.bytes, "norm_bytes": report.traffic.norm_bytes,
+            "fallback_bytes": report.traffic.fallback_bytes, "ratio": report.traffic.ratio, "wall_s": wall}
     statuses = {r["status"] for r in result["nodes"].values()}
     result["status"] = "equal" if statuses == {"equal"} else sorted(statuses - {"equal"})[0]
     return result

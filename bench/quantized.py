@@ -74,7 +74,7 @@ def untrained_rows(dense_run: Path, test_subset: int | None) -> list[dict]:
         disco.set_transport(simulated, dtype)
         costs = disco.cost_report(simulated, example, transport_dtype=dtype)
         rows.append({"row": "dense split (no training)", "dtype": dtype, "seeds": 1, "accuracy": score(simulated),
-                     "spread": None, "bytes": costs["bytes"]})
+                     "spread": None, "bytes": costs.traffic.bytes})
     return rows
 
 
@@ -99,7 +99,7 @@ def switched_rows(runs: Path, dense_run: Path, test_subset: int | None) -> list[
             checkpoint.load_model_state(simulated, run / "disco.safetensors")
             disco.set_transport(simulated.eval(), dtype)
             accuracies.append(score(simulated))
-            sizes.append(disco.cost_report(simulated, example, transport_dtype=dtype)["bytes"])
+            sizes.append(disco.cost_report(simulated, example, transport_dtype=dtype).traffic.bytes)
         if accuracies:
             rows.append(_row(f"DISCO {BUDGET}, trained for fp32, sent as {dtype}", dtype, accuracies, sizes))
     return rows

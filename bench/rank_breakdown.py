@@ -62,7 +62,7 @@ def compute_alone(deploy: Path) -> tuple[list[float], list[list[str]]]:
                 program.forward(x, link)
                 times.append(time.perf_counter() - began)
         medians.append(statistics.median(times[2:]) * 1e3)
-        orders.append([step.node.name for step in program.steps])
+        orders.append([step.graph_node.name for step in program.steps])
     return medians, orders
 
 

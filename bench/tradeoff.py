@@ -445,7 +445,7 @@ def bicubic_psnr(family: dict) -> float:
     """PSNR of plain bicubic x2 upscaling on the super-resolution family's test images (the baseline)."""
     import torch
     from disco.data.superres import bicubic_upscale, psnr
-    from disco.data.tasks import load_task_data
+    from disco.tasks.data import load_task_data
     data = load_task_data("superres", test_size=family["test_subset"])
     low, high = (torch.stack(t) for t in zip(*(data.test[i] for i in range(len(data.test)))))
     return float(psnr(bicubic_upscale(low, 2), high))

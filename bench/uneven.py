@@ -104,7 +104,7 @@ def measure_ranks(deploy: Path, repeat: int, *, network=None, groups=None, prefi
 
 
 def predicted(deploy: Path, topology: Topology) -> float:
-    return predict(Manifest.load(deploy).expected, topology).latency_s
+    return predict(Manifest.load(deploy).expected_at(0), topology).latency_s
 
 
 # --- part 1: prediction on the latency benchmark's rows ------------------------------------------------------

@@ -16,6 +16,7 @@ _LAZY = {  # name -> the module that defines it
     "disco_layers": "disco.split.partitioner",
     "partition": "disco.split.partitioner",
     "set_transport": "disco.split.partitioner",
+    "register_op_rule": "disco.split.ops",
     "cost_report": "disco.accounting",
     "Sparsifier": "disco.sparsify",
     "SparsifyOptions": "disco.sparsify",

@@ -67,8 +67,9 @@ def output_shapes(original: nn.Module, x: torch.Tensor) -> dict[str, torch.Size]
     return shapes
 
 
-def _channels_sent(layer, nodes: int) -> list[list[int]]:
-    """[src][dst] input channels of `layer` that src must send dst: read off its buffers channel by channel."""
+def channels_sent(layer, nodes: int, *, masked: bool = True) -> list[list[int]]:
+    """[src][dst] input channels of `layer` that src must send dst: read off its buffers channel by channel
+    (masked=False: every channel dst's output rows read, whatever the group mask keeps)."""
     channels = layer.in_assign.numel()
     groups = getattr(layer, "groups", 1)
     out_per_group = layer.out_assign.numel() // groups
@@ -78,7 +79,7 @@ def _channels_sent(layer, nodes: int) -> list[list[int]]:
     for c in range(channels):
         src = assign_in[c]
         for k in readers[c // (channels // groups)]:
-            if src >= 0 and k != src and mask[k][c] > 0:
+            if src >= 0 and k != src and (mask[k][c] > 0 or not masked):
                 sent[src][k] += 1
     return sent
 
@@ -103,7 +104,7 @@ def _hook_bytes(original, simulated, x, message_bytes) -> list[list[int]]:
     nodes = next(iter(plans.values())).nodes
     matrix = [[0] * nodes for _ in range(nodes)]
     for name, calls in input_shapes(original, x).items():
-        sent = _channels_sent(plans[name], nodes)
+        sent = channels_sent(plans[name], nodes)
         for shape in calls:
             values = shape.numel() // (shape[0] * plans[name].in_assign.numel())
             for src in range(nodes):

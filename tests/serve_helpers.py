@@ -1,16 +1,19 @@
-"""Helpers for `disco serve` tests: start the service on a free port, wait until it is ready, find its ranks."""
+"""Helpers for `disco serve` tests: start the service on a free port, wait until it is ready, find its ranks; a
+stand-in Service for tests of the HTTP layer alone."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
 from disco.errors import DiscoError
 from disco.serve.client import interrupt, wait_ready
 from disco.serve.local_ranks import local_children
+from disco.serve.metrics import ServiceMetrics
 from runtime_helpers import free_port
 
 
@@ -49,6 +52,13 @@ class Served:
         self.client.close()
         interrupt(self.process)
         return self.log.read_text()
+
+
+def stub_service(token: str | None = None) -> SimpleNamespace:
+    """What `create_app` and the routes that need no model read of a Service: no deployment, no ranks (ready)."""
+    return SimpleNamespace(options=SimpleNamespace(token=token, top_k=5, max_body_bytes=1024, max_pixels=10**6),
+                           metrics=ServiceMetrics(), lifespan=None, model_card=lambda: {"task": "classification"},
+                           ranks=SimpleNamespace(ended=False, ready=True, reason=""), manifest=SimpleNamespace(nodes=2))
 
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

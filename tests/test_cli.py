@@ -11,7 +11,7 @@ import torch
 import disco
 from disco.cli import COMMAND_HELP
 from runtime_helpers import disco_here
-from tests_helpers import tiny_model_spec
+from tests_helpers import load_tiny_model, tiny_model_spec
 
 
 def run_disco(*args):
@@ -26,16 +26,46 @@ def test_inspect_json_equals_library_report():
     from disco.models import build_model
     model = build_model(tiny_model_spec())
     x = torch.zeros(1, 1, 12, 12)
-    assert report == json.loads(json.dumps(disco.cost_report(disco.partition(model, nodes=2, example_inputs=x), x)))
+    expected = disco.cost_report(disco.partition(model, nodes=2, example_inputs=x), x).to_json()
+    assert report == json.loads(json.dumps(expected))
     # hand count: each input channel goes once to the other node: 8 of 12x12, 16 of 6x6, 16 features of 1
     assert report["dense_bytes"] == (8 * 144 + 16 * 36 + 16) * 4
 
 
-def test_inspect_table_mentions_totals():
-    result = run_disco("inspect", "--model", tiny_model_spec(), "--nodes", "3", "--input-size", "1,12,12",
-                       "--verbose", "--keep-random", "0.5")
-    assert result.returncode == 0, result.stderr
-    assert "node 2" in result.stdout and "dense split" in result.stdout and "ratio" in result.stdout
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """{first cell: the other cells} of every row of the rich tables in `text`."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) > 1:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_inspect_tables_show_the_cost_report_and_the_hooks_count(capsys):
+    from disco.cli.main import main  # in this process: capsys sees what a user sees
+    from disco.split.masks import keep_random_groups
+    from reference import hook_count
+
+    assert main(["inspect", "--model", tiny_model_spec(), "--nodes", "3", "--input-size", "1,48,48", "--verbose",
+                 "--keep-random", "0.5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    original, x = load_tiny_model().eval(), torch.zeros(1, 1, 48, 48)
+    simulated = disco.partition(original, nodes=3, example_inputs=x)
+    keep_random_groups(simulated, 0.5, seed=3)
+    report, counted = disco.cost_report(simulated, x), hook_count(original, simulated, x, 4)
+    rows, traffic = _table_rows(out), report.traffic
+    assert f"communication: {sum(map(sum, counted)):,} of {traffic.dense_bytes:,} dense bytes per image " \
+           f"(ratio {traffic.ratio:.3f}); groups kept {traffic.groups_kept:,}/{traffic.groups_total:,}" in out
+    assert 0 < traffic.bytes < traffic.dense_bytes
+    for layer in report.layers:  # the per-layer table, and its rows add up to the totals
+        assert rows[layer.name][-2:] == [f"{layer.bytes:,}", f"{layer.dense_bytes:,}"]
+    assert sum(int(rows[layer.name][-2].replace(",", "")) for layer in report.layers) == traffic.bytes
+    sent = [sum(row) for row in counted]  # per node, and the total column
+    assert rows["sent (this split)"] == [f"{b / 1e6:,.2f} MB" for b in [*sent, sum(sent)]]
+    parameters = report.memory.param_bytes_per_node
+    assert rows["parameters"] == [f"{b / 1e6:,.2f} MB" for b in [*parameters, sum(parameters)]]
+    assert f"input scattered from node 0: {traffic.io_bytes.input:,} B" in out
 
 
 @pytest.mark.parametrize("args,needle", [

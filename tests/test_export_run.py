@@ -7,10 +7,14 @@ import pytest
 import safetensors.torch
 import torch
 
+import disco
 from disco.data.datasets import load_dataset
 from disco.export.manifest import Manifest
+from disco.models import build_for_data
 from disco.training import pipeline
+from disco.training.checkpoint import load_model_state
 from disco.training.config import TrainConfig
+from reference import hook_count
 from runtime_helpers import disco_cli, disco_here
 from synthetic import make_image_folder
 from tests_helpers import tiny_model_file, tiny_model_spec
@@ -32,7 +36,15 @@ def test_export_writes_shards_and_manifest(trained, capsys):
     result = disco_here(capsys, "export", str(root / "run"), "--out", str(root / "deploy"))
     assert result.returncode == 0, result.stderr
     manifest = Manifest.load(root / "deploy")
-    assert manifest.nodes == 2 and manifest.expected["bytes"] == report["bytes_per_image"]
+    assert manifest.nodes == 2 and manifest.expected_at(0).bytes == report["bytes_per_image"]
+    # independent count: the trained weights and masks rebuilt from the run, every sent channel seen by hooks
+    spec = manifest.model
+    original = build_for_data(tiny_model_spec(), channels=spec.channels, classes=spec.classes, **spec.kwargs).eval()
+    x = torch.zeros(1, spec.channels, *manifest.input_shape[1:])
+    simulated = disco.partition(original, nodes=2, example_inputs=x)
+    load_model_state(simulated, root / "run" / "disco.safetensors")
+    assert manifest.expected_at(0).bytes_matrix == hook_count(original, simulated, x, 4)
+    assert 0 < report["bytes_per_image"] < report["dense_bytes_per_image"]  # the masks dropped groups
     assert [s["file"] for s in manifest.shards] == ["node0.safetensors", "node1.safetensors"]
     assert manifest.reference["accuracy"] == report["disco_accuracy"]
 

@@ -11,6 +11,7 @@ from disco.export import ModelSpec, export
 from disco.models import build_for_data
 from disco.runtime.inprocess import run_in_process
 from disco.split.masks import keep_random_groups
+from disco.split.ops import Rule
 from reference import hand_zeroed, hook_count
 
 
@@ -61,9 +62,9 @@ def test_user_module_dense_equals_original_and_masks_match_reference(nodes):
     with torch.no_grad():
         torch.testing.assert_close(simulated(x), hand_zeroed(model, simulated)(x), atol=1e-5, rtol=1e-4)
     report = disco.cost_report(simulated, x)
-    assert report["bytes_matrix"] == hook_count(model, simulated, x, 4)
+    assert report.traffic.bytes_matrix == hook_count(model, simulated, x, 4)
     if nodes == 1:
-        assert report["dense_bytes"] == 0
+        assert report.traffic.dense_bytes == 0
 
 
 def test_data_movement_is_followed_exactly():
@@ -129,25 +130,65 @@ def test_layer_reading_channels_along_another_dim_gets_its_input_moved(tmp_path)
             src, dst = int(channels[channel]), int(rows[row])
             if src != dst:
                 moved[src][dst] += 8 * 4  # the row's 8 positions of that channel, fp32
-    assert report["fallback_bytes_matrix"] == moved
-    assert [entry["node"] for entry in report["fallbacks"]] == ["conv2d_1"]
+    assert report.traffic.fallback_bytes_matrix == moved
+    assert [entry.graph_node for entry in report.fallbacks] == ["conv2d_1"]
     assert _per_image(sent["fallback"]) == moved
 
 
 def test_mean_over_split_channels_exchanges_partial_sums(tmp_path):
     _, report, sent = _deployed(tmp_path, "make_reduces_channels")
     expected = [[0, 8 * 8 * 4], [8 * 8 * 4, 0]]  # one fp32 partial sum per position, each node to the other
-    assert report["norm_bytes_matrix"] == expected and report["fallback_bytes"] == 0
+    assert report.traffic.norm_bytes_matrix == expected and report.traffic.fallback_bytes == 0
     assert _per_image(sent["norm"]) == expected
 
 
 def test_operation_without_rule_runs_on_one_node_and_is_listed(tmp_path):
     _, report, sent = _deployed(tmp_path, "make_unknown_op")
-    (entry,) = report["fallbacks"]
-    assert entry["op"] == "aten.cummax" and entry["executor"] == 0 and "no rule" in entry["reason"]
+    (entry,) = report.fallbacks
+    assert entry.op == "aten.cummax" and entry.executor == 0 and "no rule" in entry.reason
     expected = [[0, 0], [4 * 8 * 8 * 4, 0]]  # node 1's 4 channels of 8x8 fp32 gathered on node 0
-    assert report["fallback_bytes_matrix"] == expected and entry["bytes"] == sum(map(sum, expected))
+    assert report.traffic.fallback_bytes_matrix == expected and entry.bytes == sum(map(sum, expected))
     assert _per_image(sent["fallback"]) == expected
+
+
+@torch.library.custom_op("disco_tests::doubled", mutates_args=())
+def doubled(x: torch.Tensor) -> torch.Tensor:
+    """An operation of the user's own, outside ATen: DISCO has no rule for it until one is registered."""
+    return x * 2
+
+
+@doubled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class DoublesBetweenLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.b(doubled(self.a(x)))
+
+
+def test_a_registered_rule_replaces_the_fallback_of_a_custom_op():
+    model, x = DoublesBetweenLayers().eval(), torch.randn(1, 3, 6, 6)
+
+    def split_and_report():
+        simulated = disco.partition(model, nodes=2, example_inputs=x).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(simulated(x), model(x), atol=1e-6, rtol=0)
+        return disco.cost_report(simulated, x)
+
+    without_rule = split_and_report()
+    (entry,) = without_rule.fallbacks
+    assert entry.op == "disco_tests.doubled" and "disco.register_op_rule(op, rule)" in entry.reason
+    assert without_rule.traffic.fallback_bytes > 0
+    # the op exists only in this test: registering its rule for good changes no other test
+    disco.register_op_rule(torch.ops.disco_tests.doubled.default, Rule.POINTWISE)
+    with_rule = split_and_report()
+    assert not with_rule.fallbacks and with_rule.traffic.fallback_bytes == 0
+
 
 
 def test_a_single_node_partition_of_a_model_without_channels_is_refused():

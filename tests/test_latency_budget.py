@@ -68,14 +68,14 @@ def test_a_groups_price_is_its_bytes_over_its_link_plus_its_macs_over_its_node()
 def test_the_last_cut_meets_the_latency_budget_and_spares_the_slow_link():
     _, simulated, x = _model_and_input()
     topology = Topology.from_dict(SLOW_NODE_3)
-    everything = predict(disco.cost_report(simulated, x), topology).latency_s
+    everything = predict(disco.cost_report(simulated, x).expected(), topology).latency_s
     budget = LatencyBudget(topology, everything * 0.6, x)
     sparsifier = Sparsifier(simulated, x, SparsifyOptions(budget=0.5, total_steps=1), latency=budget)
     sparsifier.cut_to_latency()
     report = disco.cost_report(simulated, x)
-    assert predict(report, topology).latency_s <= budget.seconds
-    dense = torch.tensor(report["dense_bytes_matrix"], dtype=torch.float)
-    kept = torch.tensor(report["bytes_matrix"], dtype=torch.float)
+    assert predict(report.expected(), topology).latency_s <= budget.seconds
+    dense = torch.tensor(report.traffic.dense_bytes_matrix, dtype=torch.float)
+    kept = torch.tensor(report.traffic.bytes_matrix, dtype=torch.float)
     slow = (kept[3].sum() + kept[:, 3].sum()) / (dense[3].sum() + dense[:, 3].sum())
     fast = kept[:3, :3].sum() / dense[:3, :3].sum()
     assert slow < fast  # a byte over node 3's 10 Mbit/s link costs 10x one over the others
@@ -99,9 +99,9 @@ def test_a_run_with_node_weights_and_a_latency_budget_exports_what_it_reports(tm
     assert report["predicted_latency_ms"] <= budget_ms
     export_run(tmp_path / "run", tmp_path / "deploy")
     manifest = Manifest.load(tmp_path / "deploy")
-    rows = [sum(int((plan.out_assign == k).sum()) for plan in manifest.layers.values()) for k in (0, 1)]
+    rows = [sum(int((plan.out_assign == k).sum()) for plan in manifest.plans.values()) for k in (0, 1)]
     assert rows[0] > 1.5 * rows[1]  # node 0 computes about twice node 1's output channels
-    exported = predict(manifest.expected, Topology.load(tmp_path / "topology.json")).latency_s * 1e3
+    exported = predict(manifest.expected_at(0), Topology.load(tmp_path / "topology.json")).latency_s * 1e3
     assert exported == pytest.approx(report["predicted_latency_ms"], rel=1e-6)
     with pytest.raises(DiscoError, match="needs --topology"):
         TrainConfig(out=str(tmp_path / "x"), latency_budget_ms=1.0, **{**common, "topology": None})
@@ -118,8 +118,8 @@ def test_per_link_budgets_hold_on_every_link_and_the_rest_keep_the_budget():
     sparsifier.steps_done = options.end_step  # the schedule's end: every link at its own budget
     sparsifier.cut_to(0.5)
     report = disco.cost_report(simulated, x)
-    kept = torch.tensor(report["bytes_matrix"], dtype=torch.float)
-    dense = torch.tensor(report["dense_bytes_matrix"], dtype=torch.float)
+    kept = torch.tensor(report.traffic.bytes_matrix, dtype=torch.float)
+    dense = torch.tensor(report.traffic.dense_bytes_matrix, dtype=torch.float)
     largest = max(float(c.max()) for c in group_bytes(simulated, x).values())
     for src in range(4):
         for dst in range(4):

@@ -7,6 +7,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import disco
+from disco.accounting.costs import ExpectedCosts
 from disco.split.masks import keep_random_groups
 from reference import hand_zeroed, hook_count, hook_message_bytes, plain_layers
 
@@ -43,18 +44,18 @@ def test_cost_report_bytes_equal_hook_count(name, nodes, dtype, size):
         expected = hook_message_bytes(model, simulated, x, int(dtype[3:]))
     else:
         expected = hook_count(model, simulated, x, size)
-    assert report["bytes_matrix"] == expected
-    assert report["bytes"] == sum(map(sum, expected))
+    assert report.traffic.bytes_matrix == expected
+    assert report.traffic.bytes == sum(map(sum, expected))
     full = disco.partition(model, nodes=nodes, example_inputs=x)
     if dtype.startswith("int"):
         dense = hook_message_bytes(model, full, x, int(dtype[3:]))
         # the budget's ratio counts values; the (low, step) pairs add a little to both sides
-        assert report["ratio"] == pytest.approx(report["bytes"] / report["dense_bytes"], rel=0.05)
+        assert report.traffic.ratio == pytest.approx(report.traffic.bytes / report.traffic.dense_bytes, rel=0.05)
     else:
         dense = hook_count(model, full, x, size)
-        assert report["ratio"] == pytest.approx(report["bytes"] / report["dense_bytes"])
-    assert report["dense_bytes"] == sum(map(sum, dense))
-    assert 0.1 < report["ratio"] < 0.3  # a random 20% of groups
+        assert report.traffic.ratio == pytest.approx(report.traffic.bytes / report.traffic.dense_bytes)
+    assert report.traffic.dense_bytes == sum(map(sum, dense))
+    assert 0.1 < report.traffic.ratio < 0.3  # a random 20% of groups
 
 
 @pytest.mark.parametrize("name,nodes", CASES)
@@ -64,8 +65,8 @@ def test_macs_and_parameters_follow_the_masks(name, nodes):
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
             model(x[:1])
-    assert report["model_macs"] == counter.get_total_flops() // 2
-    assert sum(report["dense_macs_per_node"]) == report["model_macs"]
+    assert report.compute.model_macs == counter.get_total_flops() // 2
+    assert sum(report.compute.dense_macs_per_node) == report.compute.model_macs
 
     # Hand count: every weight still non-zero in the hand-zeroed model costs one MAC per output position.
     dropped = {}
@@ -83,31 +84,37 @@ def test_macs_and_parameters_follow_the_masks(name, nodes):
         h.remove()
     layers = plain_layers(reference)
     kept_macs = sum((m.weight.numel() - dropped.get(n, 0)) * out_positions[n] for n, m in layers.items())
-    assert sum(report["macs_per_node"]) == kept_macs
+    assert sum(report.compute.macs_per_node) == kept_macs
 
     removed = sum(dropped.values()) * 4
     all_params = sum(p.numel() * 4 for p in model.parameters())
-    assert sum(report["dense_param_bytes_per_node"]) == all_params
-    assert sum(report["param_bytes_per_node"]) == all_params - removed
-    assert report["param_bytes_per_node"] != report["dense_param_bytes_per_node"]
+    assert sum(report.memory.dense_param_bytes_per_node) == all_params
+    assert sum(report.memory.param_bytes_per_node) == all_params - removed
+    assert report.memory.param_bytes_per_node != report.memory.dense_param_bytes_per_node
 
 
 def test_report_is_json_serialisable_and_has_contract_keys():
     import json
     _, simulated, x = _setup("resnet18", 2)
-    report = json.loads(json.dumps(disco.cost_report(simulated, x)))
+    report = disco.cost_report(simulated, x)
+    raw = json.loads(json.dumps(report.to_json()))
     for key in ("nodes", "dense_bytes", "bytes", "ratio", "bytes_matrix", "macs_per_node", "param_bytes_per_node",
                 "io_bytes", "layers"):
-        assert key in report
-    assert report["io_bytes"]["input"] == 3 * 64 * 64 * 4 * (2 - 1)
-    assert report["io_bytes"]["output"] == 5 * 4  # classes 5..9 live on node 1
+        assert key in raw
+    assert raw["io_bytes"] == {"input": report.traffic.io_bytes.input, "output": report.traffic.io_bytes.output}
+    assert {key: raw[key] for key in report.expected().to_json()} == report.expected().to_json()  # a subset
+    assert ExpectedCosts.from_json(report.expected().to_json()) == report.expected()
+    with pytest.raises(TypeError, match=r"report\.traffic\.ratio"):  # read as the dict it was: told what to read
+        report["ratio"]
+    assert report.traffic.io_bytes.input == 3 * 64 * 64 * 4 * (2 - 1)
+    assert report.traffic.io_bytes.output == 5 * 4  # classes 5..9 live on node 1
 
 
 def test_example_from_design_doc_two_nodes_budget_fifth():
     """docs/method.md 2: N=2 keeping 20% of groups, each node does about 1/2*(1/2 + 1/2*0.2) = 0.3 of the MACs."""
     _, simulated, x = _setup("resnet50", 2, keep=0.2)
     report = disco.cost_report(simulated, x)
-    shares = [m / report["model_macs"] for m in report["macs_per_node"]]
+    shares = [m / report.compute.model_macs for m in report.compute.macs_per_node]
     assert all(math.isclose(s, 0.3, abs_tol=0.02) for s in shares)
 
 
@@ -121,10 +128,10 @@ def test_peak_activation_memory_matches_hand_count():
     model, x = load_tiny_model(num_classes=10, in_channels=1).eval(), torch.zeros(1, 1, 12, 12)
     # One node: the peak is BatchNorm reading conv1's output (8x12x12) while writing its own: 2 * 1152 floats.
     one = disco.cost_report(disco.partition(model, nodes=1, example_inputs=x), x)
-    assert one["activation_bytes_per_node"] == [2 * 8 * 144 * 4]
+    assert one.memory.activation_bytes_per_node == [2 * 8 * 144 * 4]
     # Two nodes: at conv2 each node holds its 4 relu channels (4x144), its 8 conv2 outputs (8x36) and the
     # 4 channels it received (4x144): 1440 floats, more than BatchNorm's 2 * 4 * 144.
     two = disco.cost_report(disco.partition(model, nodes=2, example_inputs=x), x)
-    assert two["activation_bytes_per_node"] == [1440 * 4, 1440 * 4]
-    assert two["memory_bytes_per_node"] == [p + a for p, a in zip(two["param_bytes_per_node"],
-                                                                   two["activation_bytes_per_node"])]
+    assert two.memory.activation_bytes_per_node == [1440 * 4, 1440 * 4]
+    assert two.memory.memory_bytes_per_node == [p + a for p, a in zip(two.memory.param_bytes_per_node,
+                                                                   two.memory.activation_bytes_per_node)]

@@ -18,7 +18,7 @@ from disco.export import ModelSpec, export
 from disco.export.budgets import NestedExport
 from disco.export.manifest import Manifest
 from disco.runtime.inprocess import run_in_process
-from disco.sparsify.nested import load_norm_statistics, norm_statistics
+from disco.split.modules import load_norm_statistics, norm_statistics
 from disco.split.attention import replace_attention
 from reference import hook_count
 from test_runtime_inprocess import MODELS, _randomised, model_code
@@ -78,7 +78,7 @@ def test_every_budget_of_one_deployment_equals_its_simulation_and_hook_count(tmp
             torch.testing.assert_close(actual, wanted, atol=1e-4, rtol=1e-4)
         hooks = hook_count(reference, at, x[:1], 4)
         assert sent["activations"] == [[b * len(x) for b in row] for row in hooks]
-        assert manifest.expected_at(level)["bytes_matrix"] == hooks
+        assert manifest.expected_at(level).bytes_matrix == hooks
     assert manifest.reference_at(2) == {"accuracy": pytest.approx(0.7)}
 
 
@@ -96,7 +96,7 @@ def test_batches_switch_budget_one_after_another(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(output[index:index + 1], _at_level(simulated, levels, norms, level)(x[index:index + 1]),
                                        atol=1e-4, rtol=1e-4)
-        total += manifest.expected_at(level)["bytes"]
+        total += manifest.expected_at(level).bytes
     assert sum(map(sum, sent["activations"])) == total
 
 
@@ -133,7 +133,7 @@ def test_disco_run_runs_at_the_budget_asked_on_real_processes(tmp_path):
                                atol=1e-4, rtol=1e-4)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["budget"] == 0.05
-    assert summary["bytes_per_image"]["activations"] == Manifest.load(tmp_path).expected_at(2)["bytes"]
+    assert summary["bytes_per_image"]["activations"] == Manifest.load(tmp_path).expected_at(2).bytes
     refused = disco_cli("run", str(tmp_path), "--input", str(tmp_path / "inputs.safetensors"), "--budget", "0.1")
     assert refused.returncode == 2 and "carries the budgets 0.5, 0.2, 0.05" in refused.stderr
 
@@ -183,7 +183,7 @@ def test_disco_serve_runs_each_request_at_the_budget_it_asks(tmp_path):
         service.wait_ready()
         card = service.client.get("/v1/model").json()
         assert [(b["budget"], b["default"]) for b in card["budgets"]] == [(0.5, False), (0.2, True), (0.05, False)]
-        assert [b["bytes_per_image"] for b in card["budgets"]] == [manifest.expected_at(k)["bytes"] for k in range(3)]
+        assert [b["bytes_per_image"] for b in card["budgets"]] == [manifest.expected_at(k).bytes for k in range(3)]
         for budget in BUDGETS + [None]:
             answer = service.predict(buffer.getvalue(), **({} if budget is None else {"budget": budget}))
             assert answer.status_code == 200, answer.text

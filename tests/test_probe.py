@@ -102,7 +102,7 @@ def test_the_fitted_rate_predicts_the_whole_model_time(probed, deployment):
     finally:
         torch.set_num_threads(threads)
     measured = statistics.median(times[1:])
-    macs, calls = counter.get_total_flops() / 2, len(manifest.layers)
+    macs, calls = counter.get_total_flops() / 2, len(manifest.plans)
     for node in topology.nodes:
         predicted = calls * node.layer_overhead_s + macs / node.macs_per_s
         assert measured / 2 < predicted < measured * 2, (node, predicted, measured)

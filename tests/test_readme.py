@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,12 +45,40 @@ COMMANDS = [c for b in ALL_BLOCKS if b.language == "sh" for c in commands(b) if 
 def test_readme_has_what_this_test_reads():
     assert PYTHON and COMMANDS
     assert {b.language for b in ALL_BLOCKS} <= {"sh", "python"}, "a block this test does not run"
+    assert sum(len(_claims(b.text)) for b in PYTHON) >= 2  # the snippets' printed claims are checked
+
+
+CLAIM = re.compile(r"print\(.*\)\s*#\s*(<=|~)\s*([0-9.]+)")  # `print(x)  # <= 0.1`: the README says x <= 0.1
+
+
+def _claims(text: str) -> dict[int, tuple[str, float]]:
+    """{line number in the block: (relation, bound)} of every print whose comment states what it prints."""
+    found = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = CLAIM.search(line)
+        if match:
+            found[number] = (match.group(1), float(match.group(2)))
+    return found
+
+
+def _holds(value: float, relation: str, bound: float) -> bool:
+    return value <= bound + 1e-9 if relation == "<=" else abs(value - bound) <= 0.25 * bound  # "~": within 25%
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.where for b in PYTHON])
-def test_python_snippet_runs(block, tmp_path, monkeypatch):
+def test_python_snippet_runs_and_prints_what_it_claims(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(block.text, block.where, "exec"), {"__name__": "__readme__"})
+    printed: dict[int, tuple] = {}
+
+    def record(*values, **_):  # the snippet's print: what each line printed, by its line number in the block
+        printed[sys._getframe(1).f_lineno] = values
+
+    exec(compile(block.text, block.where, "exec"), {"__name__": "__readme__", "print": record})
+    for number, (relation, bound) in _claims(block.text).items():
+        assert number in printed, f"{block.where}: line {number} printed nothing"
+        (value,) = printed[number]
+        assert _holds(float(value), relation, bound), f"{block.where}: line {number} printed {value}, " \
+                                                      f"the README says {relation} {bound}"
 
 
 def _disco_parser(argv: tuple[str, ...]):

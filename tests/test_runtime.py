@@ -59,11 +59,11 @@ def test_distributed_output_and_bytes_equal_simulation(deployments, model, nodes
     images = deployment.inputs.shape[0]
     assert summary["images"] == summary["images_run"] == images and summary["inflight"] == (2 if streamed else 1)
     assert summary["images_per_s"] > 0
-    per_image = [[b * images for b in row] for row in deployment.costs["bytes_matrix"]]
+    per_image = [[b * images for b in row] for row in deployment.costs.traffic.bytes_matrix]
     assert summary["bytes_sent"]["activations"] == per_image  # counted at every send call, [src][dst]
-    assert sum(map(sum, summary["bytes_sent"]["input"])) == deployment.costs["io_bytes"]["input"] * images
-    assert sum(map(sum, summary["bytes_sent"]["output"])) == deployment.costs["io_bytes"]["output"] * images
-    assert 0 < deployment.costs["ratio"] < 0.5  # masks really dropped groups
+    assert sum(map(sum, summary["bytes_sent"]["input"])) == deployment.costs.traffic.io_bytes.input * images
+    assert sum(map(sum, summary["bytes_sent"]["output"])) == deployment.costs.traffic.io_bytes.output * images
+    assert 0 < deployment.costs.traffic.ratio < 0.5  # masks really dropped groups
 
 
 def test_fp16_transport_halves_bytes(deployments):
@@ -72,7 +72,7 @@ def test_fp16_transport_halves_bytes(deployments):
     with torch.no_grad():
         expected = half.simulated(half.inputs)
     torch.testing.assert_close(output, expected, atol=2e-3, rtol=2e-2)
-    assert summary["bytes_per_image"]["activations"] * 2 == full.costs["bytes"]
+    assert summary["bytes_per_image"]["activations"] * 2 == full.costs.traffic.bytes
 
 
 def _hand_slices(simulated, node: int) -> dict[str, torch.Tensor]:
@@ -104,7 +104,7 @@ def test_each_rank_loads_only_its_slices(deployments, model, nodes):
             assert torch.equal(shard[key], tensor), key
         parameters = sum(t.numel() * t.element_size() for k, t in shard.items()
                          if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-        assert parameters == deployment.costs["param_bytes_per_node"][node]
+        assert parameters == deployment.costs.memory.param_bytes_per_node[node]
         # the rank's program is built from the manifest and its tensors: they are the shard's, nothing more
         program = load_program(manifest, deployment.folder, node, torch.device("cpu"))
         assert program.tensors.keys() == shard.keys()

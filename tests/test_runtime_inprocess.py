@@ -100,9 +100,9 @@ def _check_runtime_against_simulation_and_hooks(tmp_path, name, nodes, node_weig
     hooks = hook_count(reference, simulated, x[:1], 4)
     assert sent["activations"] == [[b * len(x) for b in row] for row in hooks]
     costs = disco.cost_report(simulated, x[:1])
-    assert sum(map(sum, sent["norm"])) == costs["norm_bytes"] * len(x)
-    assert sum(map(sum, sent["input"])) == costs["io_bytes"]["input"] * len(x)
-    assert sum(map(sum, sent["output"])) == costs["io_bytes"]["output"] * len(x)
+    assert sum(map(sum, sent["norm"])) == costs.traffic.norm_bytes * len(x)
+    assert sum(map(sum, sent["input"])) == costs.traffic.io_bytes.input * len(x)
+    assert sum(map(sum, sent["output"])) == costs.traffic.io_bytes.output * len(x)
     return simulated, x
 
 
@@ -132,16 +132,16 @@ def test_quantized_messages_equal_the_simulation_and_count_their_bytes(tmp_path,
         hand = hook_count(replace_attention(copy.deepcopy(original)), simulated, x[:1], 2)
     assert sent["activations"] == [[b * len(x) for b in row] for row in hand]
     costs = disco.cost_report(simulated, x[:1], transport_dtype=dtype)
-    assert costs["bytes_matrix"] == hand
-    assert sum(map(sum, sent["input"])) == costs["io_bytes"]["input"] * len(x)  # input and output stay fp32
-    assert costs["io_bytes"]["input"] == x[0].numel() * 4 * (nodes - 1)
+    assert costs.traffic.bytes_matrix == hand
+    assert sum(map(sum, sent["input"])) == costs.traffic.io_bytes.input * len(x)  # input and output stay fp32
+    assert costs.traffic.io_bytes.input == x[0].numel() * 4 * (nodes - 1)
 
 
 def test_manifest_sends_and_received_order_match_a_hand_reading_of_the_masks(tmp_path):
     _, simulated, _ = _deploy(tmp_path, "mobilenet_v2", 3)
     manifest = Manifest.load(tmp_path)
     for name, layer in disco.disco_layers(simulated).items():
-        loaded = manifest.layers[name]
+        loaded = manifest.plans[name]
         in_assign, mask = layer.in_assign.tolist(), layer.group_mask.tolist()  # set_group_mask zeroes non-groups
         for src in range(3):
             for dst in range(3):
@@ -158,10 +158,10 @@ def test_batch_norms_after_convs_are_folded_and_outputs_still_equal_the_simulati
     manifest = Manifest.load(tmp_path)
     for rank in range(3):
         program = load_program(manifest, tmp_path, rank, torch.device("cpu"))
-        layer_calls = {call.node for call in program.analysis.mixing}
+        layer_calls = {call.graph_node for call in program.analysis.mixing}
         after_conv = {n for n in program.captured.graph_module.graph.nodes if n.target in BATCH_NORMS
                       and n.args[0].name in layer_calls and len(n.args[0].users) == 1}
-        folded = {s.node for s in program.steps if isinstance(s, Folded)}
+        folded = {s.graph_node for s in program.steps if isinstance(s, Folded)}
         assert after_conv and folded == after_conv  # densenet's norms that follow a concat stay as they are
     output, _ = run_in_process(tmp_path, x)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from disco.errors import DiscoError
 from disco.sparsify import SparsifyOptions
 from disco.training.config import TrainConfig
-from disco.training.schedule import plan_phase, plan_phases
+from disco.training.schedule import schedule_phase, schedule_phases
 
 
 def _config(**overrides) -> TrainConfig:
@@ -17,20 +17,20 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_small_data_gets_whole_epochs_until_the_minimum_steps():
-    plans = plan_phases(_config(min_phase_steps=300), steps_per_epoch=32)  # 4,000 images at batch 128
-    assert (plans["dense"].epochs, plans["dense"].lr, plans["dense"].warmup_steps) == (2, 2e-3, 0)
-    assert (plans["sparsify"].epochs, plans["sparsify"].asked_epochs, plans["sparsify"].steps) == (10, 2, 320)
-    assert plans["finetune"].lr == pytest.approx(1e-3) and plans["finetune"].warmup_steps == 16  # 5% of 320
+    schedules = schedule_phases(_config(min_phase_steps=300), steps_per_epoch=32)  # 4,000 images at batch 128
+    assert (schedules["dense"].epochs, schedules["dense"].lr, schedules["dense"].warmup_steps) == (2, 2e-3, 0)
+    assert (schedules["sparsify"].epochs, schedules["sparsify"].asked_epochs, schedules["sparsify"].steps) == (10, 2, 320)
+    assert schedules["finetune"].lr == pytest.approx(1e-3) and schedules["finetune"].warmup_steps == 16  # 5% of 320
 
 
 def test_enough_data_runs_as_asked_and_zero_epochs_stay_zero():
-    plans = plan_phases(_config(min_phase_steps=300), steps_per_epoch=469)  # 60,000 images
-    assert [plan.epochs for plan in plans.values()] == [2, 2, 2]
-    assert plan_phase(_config(finetune_epochs=0), "finetune", steps_per_epoch=1).epochs == 0
+    schedules = schedule_phases(_config(min_phase_steps=300), steps_per_epoch=469)  # 60,000 images
+    assert [plan.epochs for plan in schedules.values()] == [2, 2, 2]
+    assert schedule_phase(_config(finetune_epochs=0), "finetune", steps_per_epoch=1).epochs == 0
 
 
 def test_without_warm_up_the_learning_rate_is_torchs_cosine():
-    plan = plan_phase(_config(), "dense", steps_per_epoch=7)
+    plan = schedule_phase(_config(), "dense", steps_per_epoch=7)
     ours, reference = [], []
     for build, seen in ((plan.scheduler, ours), (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 14), reference)):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=plan.lr)
@@ -43,7 +43,7 @@ def test_without_warm_up_the_learning_rate_is_torchs_cosine():
 
 
 def test_warm_up_rises_linearly_then_decays_to_zero():
-    plan = plan_phase(_config(min_phase_steps=0, lr_warmup=0.25), "sparsify", steps_per_epoch=10)  # 20 steps
+    plan = schedule_phase(_config(min_phase_steps=0, lr_warmup=0.25), "sparsify", steps_per_epoch=10)  # 20 steps
     factors = [plan.lr_factor(step) for step in range(plan.steps + 1)]
     assert plan.warmup_steps == 5 and factors[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
     assert factors[5] == 1.0 and all(b <= a for a, b in zip(factors[5:], factors[6:])) and factors[-1] == 0.0

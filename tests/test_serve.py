@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from runtime_helpers import disco_cli, make_deployment
-from serve_helpers import CHROMEDRIVER, CHROMIUM, Served, browser, upload_in_page
+from serve_helpers import CHROMEDRIVER, CHROMIUM, Served, browser, stub_service, upload_in_page
 
 TOKEN = "s3cret-token"
 CLASSES = [f"class {i}" for i in range(10)]
@@ -83,8 +83,8 @@ def test_health_ready_and_model_card(served, deployment):
     card = served.client.get("/v1/model").json()
     assert (card["task"], card["nodes"], card["input_shape"], card["class_names"]) == \
         ("classification", 2, [3, 32, 32], CLASSES)
-    assert card["bytes_per_image"] == deployment.costs["bytes"]
-    assert card["cost_report"]["bytes_matrix"] == deployment.costs["bytes_matrix"]
+    assert card["bytes_per_image"] == deployment.costs.traffic.bytes
+    assert card["cost_report"]["bytes_matrix"] == deployment.costs.traffic.bytes_matrix
 
 
 def test_answers_equal_disco_run_on_the_same_files(served, images, reference):
@@ -133,7 +133,7 @@ def test_metrics_count_requests_errors_and_the_bytes_each_rank_sent(served, imag
     assert _metric(text, "disco_errors_total", kind="not_an_image") >= 1
     assert _metric(text, "disco_ready") == 1
     images_run = _metric(text, "disco_batch_size_sum")
-    matrix = deployment.costs["bytes_matrix"]
+    matrix = deployment.costs.traffic.bytes_matrix
     for src, dst in ((0, 1), (1, 0)):
         sent = _metric(text, "disco_bytes_sent_total", category="activations", dst=dst, src=src)
         assert sent == matrix[src][dst] * images_run
@@ -164,6 +164,66 @@ def test_wrong_method_path_query_and_token(served, images):
     assert served.client.get("/metrics", headers={"Authorization": ""}).status_code == 401
     assert served.client.get("/health", headers={"Authorization": ""}).status_code == 200  # probes need no token
     assert "<title>DISCO</title>" in served.client.get("/", headers={"Authorization": ""}).text
+
+
+def _path_labels(text: str) -> dict[str, float]:
+    """{path label: requests counted under it, all statuses} from a /metrics text."""
+    counted: dict[str, float] = {}
+    for path, count in re.findall(r'disco_requests_total\{path="([^"]*)",status="\d+"\} ([0-9.e+]+)', text):
+        counted[path] = counted.get(path, 0) + float(count)
+    return counted
+
+
+def test_every_route_is_counted_under_its_path_and_any_other_url_under_one_label():
+    from fastapi.testclient import TestClient
+
+    from disco.serve.app import create_app
+
+    service = stub_service()
+    client = TestClient(create_app(service))
+    routes = {*client.app.openapi()["paths"], client.app.openapi_url}
+    assert routes >= {"/", "/health", "/ready", "/v1/model", "/v1/predict", "/metrics"}
+    for path in routes:
+        client.get(path)  # POST-only /v1/predict: 405, still its own label
+    client.get("/v2/scan/0")
+    series = service.metrics.exposition().decode().count("disco_requests_total{")
+    for i in range(1, 200):
+        assert client.get(f"/v2/scan/{i}", params={"q": i}).json()["error"]["kind"] == "not_found"
+    counted = _path_labels(service.metrics.exposition().decode())
+    assert counted == {**{path: 1 for path in routes}, "other": 200}
+    assert service.metrics.exposition().decode().count("disco_requests_total{") == series  # no new series
+
+
+def test_the_token_guards_v1_and_metrics_in_process():
+    from fastapi.testclient import TestClient
+
+    from disco.serve.app import create_app
+
+    service = stub_service(token=TOKEN)
+    client = TestClient(create_app(service))
+    for path in ("/v1/model", "/v1/anything", "/metrics"):
+        refused = client.get(path, headers={"Authorization": "Bearer wrong"})
+        assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer")
+        assert refused.json() == {"error": {"kind": "unauthorized",
+                                            "message": "this service needs `Authorization: Bearer TOKEN`"}}
+    for path in ("/", "/health", "/ready", "/openapi.json"):
+        assert client.get(path).status_code == 200
+    assert client.get("/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).json() == service.model_card()
+    assert _metric(service.metrics.exposition().decode(), "disco_errors_total", kind="unauthorized") == 3
+    assert _path_labels(service.metrics.exposition().decode())["other"] == 1  # /v1/anything: refused, one label
+    assert TestClient(create_app(stub_service())).get("/v1/model").status_code == 200  # no --token: no check
+
+
+def test_a_route_with_parameters_is_labelled_by_its_template():
+    from fastapi.routing import APIRoute
+
+    from disco.serve.middleware import PathLabels
+
+    labels = PathLabels([APIRoute("/v2/models/{name}/infer", lambda name: None, methods=["POST"]),
+                         APIRoute("/v2/health/live", lambda: None)])
+    assert labels("/v2/models/a/infer") == labels("/v2/models/b/infer") == "/v2/models/{name}/infer"
+    assert labels("/v2/health/live") == "/v2/health/live"
+    assert labels("/v2/models/a/b/infer") == labels("/v2") == "other"
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,7 @@ from disco.errors import DiscoError
 from disco.sparsify import Sparsifier, SparsifyOptions
 from disco.sparsify.selection import cubic_target, keep_within_budget
 from disco.training.loops import DistillationLoss
-
-
-def _train(model, sparsifier, steps, x, y):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y) + sparsifier.regularizer()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sparsifier.step()
+from tests_helpers import train_with_sparsifier
 
 
 def _setup(nodes=3, budget=0.2, method="learned", steps=12):
@@ -34,8 +25,8 @@ def _setup(nodes=3, budget=0.2, method="learned", steps=12):
 @pytest.mark.parametrize("method", ["learned", "gates", "random"])
 def test_budget_is_met_exactly(budget, method):
     simulated, sparsifier, x, y = _setup(budget=budget, method=method)
-    _train(simulated, sparsifier, 12, x, y)
-    ratio = disco.cost_report(simulated, x[:1])["ratio"]  # the accounting, not the sparsifier's own sum
+    train_with_sparsifier(simulated, sparsifier, 12, x, y)
+    ratio = disco.cost_report(simulated, x[:1]).traffic.ratio  # the accounting, not the sparsifier's own sum
     assert ratio <= budget + 1e-9
     assert ratio >= 0.98 * budget
     assert sparsifier.ratio == pytest.approx(ratio)
@@ -47,7 +38,7 @@ def test_schedule_is_cubic_and_masks_only_shrink_until_the_final_fill():
     assert cubic_target(15, 30, 0.1) == pytest.approx(0.1 + 0.9 * 0.125)
     ratios = []
     for _ in range(40):
-        _train(simulated, sparsifier, 1, x, y)
+        train_with_sparsifier(simulated, sparsifier, 1, x, y)
         ratios.append(sparsifier.ratio)
     assert all(b <= a + 0.02 for a, b in zip(ratios, ratios[1:]))
     assert ratios[29] <= 0.1 and ratios[-1] == ratios[29]  # reached at 75% of the steps, then held
@@ -55,10 +46,10 @@ def test_schedule_is_cubic_and_masks_only_shrink_until_the_final_fill():
 
 def test_frozen_masks_stay_frozen():
     simulated, sparsifier, x, y = _setup(budget=0.3)
-    _train(simulated, sparsifier, 12, x, y)
+    train_with_sparsifier(simulated, sparsifier, 12, x, y)
     sparsifier.freeze()
     masks = {n: l.group_mask.clone() for n, l in disco.disco_layers(simulated).items()}
-    _train(simulated, sparsifier, 10, x, y)
+    train_with_sparsifier(simulated, sparsifier, 10, x, y)
     for name, layer in disco.disco_layers(simulated).items():
         assert torch.equal(layer.group_mask, masks[name])
         assert not layer.group_mask.requires_grad
@@ -71,7 +62,7 @@ def test_frozen_sparsifier_ignores_steps():
     simulated, sparsifier, x, y = _setup(budget=0.3)
     sparsifier.freeze()
     before = {n: l.group_mask.clone() for n, l in disco.disco_layers(simulated).items()}
-    _train(simulated, sparsifier, 12, x, y)
+    train_with_sparsifier(simulated, sparsifier, 12, x, y)
     for name, layer in disco.disco_layers(simulated).items():
         assert torch.equal(layer.group_mask, before[name])
 
@@ -111,7 +102,7 @@ def test_nested_budgets_are_each_met_and_never_regrown():
     layers = disco.disco_layers(simulated)
     recorded = 0
     for _ in range(20):
-        _train(simulated, sparsifier, 1, x, y)
+        train_with_sparsifier(simulated, sparsifier, 1, x, y)
         if sparsifier.nested.passed:
             allowed = sparsifier.nested.masks_at(sparsifier.nested.passed - 1)
             assert all(bool((layer.group_mask[~allowed[name]] == 0).all()) for name, layer in layers.items())
@@ -120,7 +111,7 @@ def test_nested_budgets_are_each_met_and_never_regrown():
     ratios = []
     for index, budget in enumerate((0.5, 0.2, 0.1)):
         sparsifier.use_budget(index)
-        ratio = disco.cost_report(simulated, x[:1])["ratio"]
+        ratio = disco.cost_report(simulated, x[:1]).traffic.ratio
         assert 0.95 * budget <= ratio <= budget + 1e-9
         ratios.append(ratio)
     sparsifier.freeze()
@@ -145,7 +136,7 @@ def test_learned_selection_prefers_important_groups():
     y = (x.mean((1, 2, 3)) > 0).long()
     simulated = disco.partition(model, nodes=2, example_inputs=x[:1])
     sparsifier = Sparsifier(simulated, x[:1], SparsifyOptions(budget=0.5, total_steps=4, regularization=0))
-    _train(simulated, sparsifier, 4, x, y)
+    train_with_sparsifier(simulated, sparsifier, 4, x, y)
     mask = disco.disco_layers(simulated)["1"].group_mask
     assert bool((mask[1, 0:4] > 0).all()) and not bool((mask[0, 4:8] > 0).any())
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from disco.data.datasets import DEBIAN_FASHION_MNIST, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from disco.data.scenes import FashionScenes, SceneOptions, collate_scenes, detection_targets
 from disco.data.superres import DownscaledPairs, bicubic_upscale, psnr
-from disco.data.tasks import load_task_data
+from disco.tasks.data import load_task_data
 from disco.errors import DiscoError
 
 needs_fashion_mnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed "

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from disco.cli.main import build_parser
 from disco.data.datasets import GREY_MODES, DataSpec, image_channels
-from disco.data.tasks import load_task_data
+from disco.tasks.data import load_task_data
 from disco.errors import DiscoError
 from disco.models import build_model, builtin_models
 from disco.tasks import registry

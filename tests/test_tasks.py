@@ -63,8 +63,8 @@ def test_groups_removed_equal_hand_zeroed_reference_and_bytes_equal_hook_count(t
     with torch.no_grad():
         _close(simulated(x), reference(x))
     report = disco.cost_report(simulated, x[:1])
-    assert report["bytes_matrix"] == hook_count(model, simulated, x[:1], 4)
-    assert 0.2 < report["ratio"] < 0.4
+    assert report.traffic.bytes_matrix == hook_count(model, simulated, x[:1], 4)
+    assert 0.2 < report.traffic.ratio < 0.4
 
 
 def test_pixel_shuffle_keeps_each_run_of_channels_on_one_node():
@@ -92,7 +92,7 @@ def test_distributed_output_equals_simulation(tmp_path, task, nodes, expected_te
     names = ["output"] if len(expected) == 1 else [f"output.{i}" for i in range(len(expected))]
     _close([saved[n] for n in names], expected)
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["bytes_sent"]["activations"] == [[b * 2 for b in row] for row in deployment.costs["bytes_matrix"]]
+    assert summary["bytes_sent"]["activations"] == [[b * 2 for b in row] for row in deployment.costs.traffic.bytes_matrix]
 
 
 def test_detection_decoding_equals_torchvision_retinanet():

@@ -87,17 +87,17 @@ def test_vit_costs_equal_independent_counts(nodes):
     keep_random_groups(simulated, 0.5, seed=1)
     report = disco.cost_report(simulated, x)
     reference = replace_attention(copy.deepcopy(model)).eval()
-    assert report["bytes_matrix"] == hook_count(reference, simulated, x, 4)
+    assert report.traffic.bytes_matrix == hook_count(reference, simulated, x, 4)
     norms = sum(isinstance(m, nn.LayerNorm) for m in model.modules())  # 2 per block + final
     tokens = (28 // 4) ** 2 + 1
-    assert report["norm_bytes"] == norms * tokens * 2 * 4 * nodes * (nodes - 1)
+    assert report.traffic.norm_bytes == norms * tokens * 2 * 4 * nodes * (nodes - 1)
     # softmax(QK^T)V of each head counted on its node: tokens^2 x (32 + 32) MACs per head and layer
     heads = simulated.encoder.layers[0].self_attention.q_proj.out_assign[::32]
     per_head = tokens * tokens * 2 * 32
-    assert report["attention_macs_per_node"] == (2 * per_head * torch.bincount(heads, minlength=nodes)).tolist()
+    assert report.compute.attention_macs_per_node == (2 * per_head * torch.bincount(heads, minlength=nodes)).tolist()
     # every parameter counted once across nodes (class token, position embedding and LayerNorms split)
     dense = disco.partition(model, nodes=nodes, example_inputs=x)
-    assert sum(disco.cost_report(dense, x)["param_bytes_per_node"]) == report["model_param_bytes"]
+    assert sum(disco.cost_report(dense, x).memory.param_bytes_per_node) == report.memory.model_param_bytes
 
 
 def test_class_token_and_position_embedding_are_split_by_channel(tmp_path):
@@ -140,12 +140,12 @@ def test_swin_with_groups_removed_equals_hand_zeroed_reference_and_counts(nodes)
         torch.testing.assert_close(simulated(x), expected, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(expected, model(x), atol=1e-3)  # the removed groups do matter
     report = disco.cost_report(simulated, x[:1])
-    assert report["bytes_matrix"] == hook_count(reference, simulated, x[:1], 4)
+    assert report.traffic.bytes_matrix == hook_count(reference, simulated, x[:1], 4)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x[:1])  # torchvision's own fused attention: linears, QK^T and AV as matmuls
-    assert report["model_macs"] == counter.get_total_flops() // 2
+    assert report.compute.model_macs == counter.get_total_flops() // 2
     dense = disco.cost_report(disco.partition(model, nodes=nodes, example_inputs=x[:1]), x[:1])
-    assert sum(dense["param_bytes_per_node"]) == report["model_param_bytes"]  # bias tables split by head
+    assert sum(dense.memory.param_bytes_per_node) == report.memory.model_param_bytes  # bias tables split by head
 
 
 class BadHeads(nn.Module):
@@ -171,7 +171,7 @@ def test_heads_a_split_would_cut_are_kept_whole_by_reassigning_their_layers():
     assert all(torch.equal(h, heads[0]) for h in heads)  # q, k and v of a head on the same node
     assert len(set(heads[0][:, 0].tolist())) == 4
     report = disco.cost_report(simulated, x[:1])
-    assert report["fallback_bytes"] == 0 and report["fallbacks"] == []
+    assert report.traffic.fallback_bytes == 0 and report.fallbacks == ()
     with torch.no_grad():
         torch.testing.assert_close(simulated(x), model(x), atol=1e-6, rtol=1e-6)
 
@@ -194,8 +194,8 @@ def test_small_vit_distributed_equals_simulation(tmp_path, nodes):
                                atol=1e-4, rtol=1e-4)
     summary = json.loads((tmp_path / "s.json").read_text())
     report = disco.cost_report(simulated, x[:1])
-    assert summary["bytes_sent"]["activations"] == [[b * 3 for b in row] for row in report["bytes_matrix"]]
-    assert summary["bytes_sent"]["norm"] == [[b * 3 for b in row] for row in report["norm_bytes_matrix"]]
+    assert summary["bytes_sent"]["activations"] == [[b * 3 for b in row] for row in report.traffic.bytes_matrix]
+    assert summary["bytes_sent"]["norm"] == [[b * 3 for b in row] for row in report.traffic.norm_bytes_matrix]
 
 
 def test_swin_t_distributed_equals_simulation(tmp_path):
@@ -210,8 +210,8 @@ def test_swin_t_distributed_equals_simulation(tmp_path):
     torch.testing.assert_close(safetensors.torch.load_file(str(tmp_path / "y.safetensors"))["output"], expected,
                                atol=1e-4, rtol=1e-4)
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["bytes_sent"]["activations"] == [[b * 2 for b in row] for row in deployment.costs["bytes_matrix"]]
-    assert summary["bytes_sent"]["norm"] == [[b * 2 for b in row] for row in deployment.costs["norm_bytes_matrix"]]
+    assert summary["bytes_sent"]["activations"] == [[b * 2 for b in row] for row in deployment.costs.traffic.bytes_matrix]
+    assert summary["bytes_sent"]["norm"] == [[b * 2 for b in row] for row in deployment.costs.traffic.norm_bytes_matrix]
     attention = deployment.simulated.features[1][0].attn
     heads = attention.q.out_assign[::32]
     for node in range(4):  # each shard holds the bias-table columns of its own heads only

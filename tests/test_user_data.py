@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from disco.data.checks import BadFile, decode_image
-from disco.data.tasks import load_task_data
+from disco.tasks.data import load_task_data
 from disco.errors import DiscoError
 from disco.runtime.inputs import eval_batches
 from disco.training.config import TrainConfig

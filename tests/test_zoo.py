@@ -69,7 +69,7 @@ def test_zoo_model_runs_split_equal_to_the_original(tmp_path, name, nodes):
     images, costs = len(deployment.inputs), deployment.costs
     for category, key in (("activations", "bytes_matrix"), ("norm", "norm_bytes_matrix"),
                           ("fallback", "fallback_bytes_matrix")):
-        assert sent[category] == [[value * images for value in row] for row in costs[key]], category
+        assert sent[category] == [[value * images for value in row] for row in getattr(costs.traffic, key)], category
 
 
 def test_a_layer_computed_by_its_parent_is_masked_there():

@@ -13,3 +13,17 @@ def tiny_model_spec() -> str:
 def load_tiny_model(**kwargs):
     from disco.models import build_model
     return build_model(tiny_model_spec(), **kwargs)
+
+
+def train_with_sparsifier(model, sparsifier, steps, x, y):
+    """`steps` SGD steps on one batch with the sparsifier's regulariser and schedule, as a training loop calls it."""
+    import torch
+    from torch import nn
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y) + sparsifier.regularizer()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()

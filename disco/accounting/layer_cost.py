@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disco.accounting.costs import LayerCosts
 from disco.split.layers import DiscoLayer
 from disco.transport import TransportDtype
 from disco.split.analysis import MixingCall
@@ -42,18 +43,15 @@ class LayerCost:
         return torch.tensor([[dtype.message_bytes(int(n), self.elements_per_channel) for n in row]
                              for row in channels.tolist()], dtype=torch.long)
 
-    def as_dict(self, dtype: TransportDtype) -> dict:
+    def costs(self, dtype: TransportDtype) -> LayerCosts:
+        """The report's row of this call, its bytes in `dtype`."""
         matrix = self.bytes_matrix(dtype)
-        return {
-            "name": self.name, "type": self.kind, "in_channels": self.in_channels,
-            "out_channels": self.out_channels, "elements_per_channel": self.elements_per_channel,
-            "groups_total": self.groups_total, "groups_kept": self.groups_kept,
-            "dense_bytes": int(self.bytes_matrix(dtype, dense=True).sum()),
-            "bytes": int(matrix.sum()),
-            "bytes_matrix": matrix.tolist(),
-            "macs_per_node": self.macs_per_node, "dense_macs_per_node": self.dense_macs_per_node,
-            "received_macs_per_node": self.received_macs_per_node, "conv_groups": self.conv_groups,
-        }
+        return LayerCosts(name=self.name, type=self.kind, in_channels=self.in_channels, out_channels=self.out_channels,
+                          elements_per_channel=self.elements_per_channel, groups_total=self.groups_total,
+                          groups_kept=self.groups_kept, dense_bytes=int(self.bytes_matrix(dtype, dense=True).sum()),
+                          bytes=int(matrix.sum()), bytes_matrix=matrix.tolist(), macs_per_node=self.macs_per_node,
+                          dense_macs_per_node=self.dense_macs_per_node,
+                          received_macs_per_node=self.received_macs_per_node, conv_groups=self.conv_groups)
 
 
 def elements_per_channel(shape: torch.Size, channels: int, batch: int) -> int:

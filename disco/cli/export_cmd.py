@@ -47,17 +47,17 @@ def run(args: argparse.Namespace) -> int:
                           budget=args.budget, budgets=budgets)
     nested = manifest.budgets()
     if nested is None:
-        expected = manifest.expected
+        expected = manifest.expected_at(0)
         print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}: "
-              f"{expected['bytes']:,} bytes per image between nodes ({manifest.transport_dtype}, "
-              f"ratio {expected['ratio']:.3f} of the dense split)")
+              f"{expected.bytes:,} bytes per image between nodes ({manifest.transport_dtype}, "
+              f"ratio {expected.ratio:.3f} of the dense split)")
     else:
         print(f"exported {manifest.nodes} shards of {manifest.model.model} to {args.out}, carrying "
               f"{len(nested.budgets)} budgets (`disco run --budget B`, `disco serve` ?budget=B):")
         for level, budget in enumerate(nested.budgets):
             expected = manifest.expected_at(level)
-            print(f"  budget {budget}{' (default)' if level == nested.default else ''}: {expected['bytes']:,} bytes "
-                  f"per image between nodes ({manifest.transport_dtype}, ratio {expected['ratio']:.3f} of the dense "
+            print(f"  budget {budget}{' (default)' if level == nested.default else ''}: {expected.bytes:,} bytes "
+                  f"per image between nodes ({manifest.transport_dtype}, ratio {expected.ratio:.3f} of the dense "
                   "split)")
     for node, shard in enumerate(manifest.shards):
         print(f"  node {node}: {shard['file']}  sha256 {shard['sha256'][:16]}...")

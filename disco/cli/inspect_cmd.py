@@ -11,6 +11,7 @@ from disco.cli import COMMAND_HELP, MODEL_SPECS
 from disco.cli.arguments import weights_argument
 
 if TYPE_CHECKING:  # rich is imported when a table is drawn, not for --help
+    from disco.accounting.costs import CostReport
     from rich.table import Table
 
 
@@ -56,32 +57,33 @@ def _gmacs(value: float) -> str:
     return f"{value / 1e9:,.3f} G"
 
 
-def _summary_table(report: dict, title: str, weights: tuple[float, ...] | None) -> "Table":
+def _summary_table(report: "CostReport", title: str, weights: tuple[float, ...] | None) -> "Table":
     from rich.table import Table
 
     from disco.accounting.report import share_over_weight
 
     table = Table(title=title)
     table.add_column("per image")
-    for k in range(report["nodes"]):
+    for k in range(report.nodes):
         table.add_column(f"node {k}", justify="right")
     table.add_column("total", justify="right")
 
     def row(label, values, fmt):
         table.add_row(label, *(fmt(v) for v in values), fmt(sum(values)))
-    row("sent (this split)", [sum(r) for r in report["bytes_matrix"]], _mb)
-    row("sent (dense split)", [sum(r) for r in report["dense_bytes_matrix"]], _mb)
-    row("MACs", report["macs_per_node"], _gmacs)
-    row("parameters", report["param_bytes_per_node"], _mb)
-    row("activations (peak)", report["activation_bytes_per_node"], _mb)
-    row("memory", report["memory_bytes_per_node"], _mb)
-    table.add_row("MACs / weight share", *(f"{r:.2f}x" for r in share_over_weight(report["macs_per_node"], weights)), "")
+    traffic, macs, memory = report.traffic, report.compute.macs_per_node, report.memory
+    row("sent (this split)", [sum(r) for r in traffic.bytes_matrix], _mb)
+    row("sent (dense split)", [sum(r) for r in traffic.dense_bytes_matrix], _mb)
+    row("MACs", macs, _gmacs)
+    row("parameters", memory.param_bytes_per_node, _mb)
+    row("activations (peak)", memory.activation_bytes_per_node, _mb)
+    row("memory", memory.memory_bytes_per_node, _mb)
+    table.add_row("MACs / weight share", *(f"{r:.2f}x" for r in share_over_weight(macs, weights)), "")
     table.add_row("params / weight share",
-                  *(f"{r:.2f}x" for r in share_over_weight(report["param_bytes_per_node"], weights)), "")
+                  *(f"{r:.2f}x" for r in share_over_weight(memory.param_bytes_per_node, weights)), "")
     return table
 
 
-def _layer_table(report: dict) -> "Table":
+def _layer_table(report: "CostReport") -> "Table":
     from rich.table import Table
 
     table = Table(title="channel-mixing layers")
@@ -89,27 +91,27 @@ def _layer_table(report: dict) -> "Table":
         # whole layer names, never "layer1.…": wrapped if they must be, on a terminal or in a file
         table.add_column(column, justify="left" if column in ("layer", "type") else "right", overflow="fold",
                          no_wrap=column != "layer")
-    for layer in report["layers"]:
-        table.add_row(layer["name"], layer["type"], str(layer["in_channels"]), str(layer["out_channels"]),
-                      str(layer["elements_per_channel"]), f"{layer['groups_kept']}/{layer['groups_total']}",
-                      f"{layer['bytes']:,}", f"{layer['dense_bytes']:,}")
+    for layer in report.layers:
+        table.add_row(layer.name, layer.type, str(layer.in_channels), str(layer.out_channels),
+                      str(layer.elements_per_channel), f"{layer.groups_kept}/{layer.groups_total}",
+                      f"{layer.bytes:,}", f"{layer.dense_bytes:,}")
     return table
 
 
-def _fallback_table(report: dict) -> "Table":
+def _fallback_table(report: "CostReport") -> "Table":
     from rich.table import Table
 
     table = Table(title="data moved where no rule splits an operation as its operands lie (fallbacks)")
     for column in ("graph node", "operation", "runs on", "bytes", "MACs", "why"):
         table.add_column(column, justify="right" if column in ("bytes", "MACs") else "left", overflow="fold")
-    for entry in report["fallbacks"]:
-        runs_on = "its nodes" if entry["executor"] is None else f"node {entry['executor']}"
-        table.add_row(entry["node"], entry["op"] or "(layout change)", runs_on, f"{entry['bytes']:,}",
-                      f"{entry['macs']:,}", entry["reason"])
+    for entry in report.fallbacks:
+        runs_on = "its nodes" if entry.executor is None else f"node {entry.executor}"
+        table.add_row(entry.graph_node, entry.op or "(layout change)", runs_on, f"{entry.bytes:,}",
+                      f"{entry.macs:,}", entry.reason)
     return table
 
 
-def _print(report: dict, args: argparse.Namespace) -> None:
+def _print(report: "CostReport", args: argparse.Namespace) -> None:
     import sys
 
     from rich.console import Console
@@ -118,19 +120,20 @@ def _print(report: dict, args: argparse.Namespace) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if args.verbose:
         console.print(_layer_table(report))
-    console.print(_summary_table(report, f"{args.model} on {report['nodes']} nodes, input {args.input_size}, "
-                                         f"{report['transport_dtype']} transport", args.node_weights))
-    model_macs, model_params = report["model_macs"], report["model_param_bytes"]
-    console.print(f"communication: {report['bytes']:,} of {report['dense_bytes']:,} dense bytes per image "
-                  f"(ratio {report['ratio']:.3f}); groups kept {report['groups_kept']:,}/{report['groups_total']:,}")
+    traffic = report.traffic
+    console.print(_summary_table(report, f"{args.model} on {report.nodes} nodes, input {args.input_size}, "
+                                         f"{traffic.transport_dtype} transport", args.node_weights))
+    model_macs, model_params = report.compute.model_macs, report.memory.model_param_bytes
+    console.print(f"communication: {traffic.bytes:,} of {traffic.dense_bytes:,} dense bytes per image "
+                  f"(ratio {traffic.ratio:.3f}); groups kept {traffic.groups_kept:,}/{traffic.groups_total:,}")
     console.print(f"whole model on one device: {_gmacs(model_macs)}MACs, {_mb(model_params)} parameters; "
-                  f"largest node does {max(report['macs_per_node']) / model_macs:.1%} of the MACs")
-    console.print(f"input scattered from node 0: {report['io_bytes']['input']:,} B; output gathered on node 0: "
-                  f"{report['io_bytes']['output']:,} B (reported apart, same for every split)")
-    console.print(f"partial sums of norms and reductions over split channels: {report['norm_bytes']:,} B; data moved "
-                  f"by fallbacks: {report['fallback_bytes']:,} B ({len(report['fallbacks'])} operations"
-                  f"{', listed below' if report['fallbacks'] else ''}; both fp32, reported apart)")
-    if report["fallbacks"]:
+                  f"largest node does {max(report.compute.macs_per_node) / model_macs:.1%} of the MACs")
+    console.print(f"input scattered from node 0: {traffic.io_bytes.input:,} B; output gathered on node 0: "
+                  f"{traffic.io_bytes.output:,} B (reported apart, same for every split)")
+    console.print(f"partial sums of norms and reductions over split channels: {traffic.norm_bytes:,} B; data moved "
+                  f"by fallbacks: {traffic.fallback_bytes:,} B ({len(report.fallbacks)} operations"
+                  f"{', listed below' if report.fallbacks else ''}; both fp32, reported apart)")
+    if report.fallbacks:
         console.print(_fallback_table(report))
 
 
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     report = cost_report(simulated, example, transport_dtype=args.dtype)
     prediction = _prediction(report, args.topology)
     if args.json:
-        print(json.dumps({**report, **({"prediction": prediction.as_dict()} if prediction else {})}, indent=1))
+        print(json.dumps({**report.to_json(), **({"prediction": prediction.as_dict()} if prediction else {})},
+                         indent=1))
     else:
         _print(report, args)
         if prediction is not None:
@@ -162,10 +166,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prediction(report: dict, topology: str | None):
+def _prediction(report: "CostReport", topology: str | None):
     if topology is None:
         return None
     from disco.planning.latency import predict
     from disco.topology import Topology
 
-    return predict(report, Topology.load(topology))
+    return predict(report.expected(), Topology.load(topology))

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from disco.cli import COMMAND_HELP, MODEL_SPECS
 from disco.cli.arguments import weights_argument
 from disco.transport import TRANSPORT_DTYPES
+
+if TYPE_CHECKING:  # torch-free --help: the costs module is read only for its type
+    from disco.accounting.costs import ExpectedCosts
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +47,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def cost_report_of(args: argparse.Namespace) -> dict:
+def cost_report_of(args: argparse.Namespace) -> "ExpectedCosts":
     from disco.errors import DiscoError
 
     if (args.deployment is None) == (args.model is None):
@@ -71,7 +75,7 @@ def cost_report_of(args: argparse.Namespace) -> dict:
                           node_weights=args.node_weights)
     if args.keep < 1.0:
         keep_random_groups(simulated, args.keep, seed=0)
-    return cost_report(simulated, example, transport_dtype=args.dtype)
+    return cost_report(simulated, example, transport_dtype=args.dtype).expected()
 
 
 def print_prediction(prediction, title: str) -> None:
@@ -110,5 +114,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(prediction.as_dict(), indent=1))
     else:
-        print_prediction(prediction, args.deployment or f"{args.model} on {report['nodes']} nodes")
+        print_prediction(prediction, args.deployment or f"{args.model} on {report.nodes} nodes")
     return 0

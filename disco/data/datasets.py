@@ -54,7 +54,7 @@ class DataSpec:
 class DataRequest:
     """What a task's data loader is asked for (disco.tasks.registry.Task): the cache folder, the seed, how many
     train/test samples (None: all; a loader that generates samples makes only that many, the rest are cut by
-    disco.data.tasks.load_task_data) and image_size (its meaning is the loader's: a resize, a canvas side)."""
+    disco.tasks.data.load_task_data) and image_size (its meaning is the loader's: a resize, a canvas side)."""
     cache: Path | None = None
     seed: int = 0
     train_size: int | None = None

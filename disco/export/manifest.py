@@ -2,7 +2,8 @@
 
 A rank rebuilds the architecture from `model` (on the meta device: no weights), re-runs the owner
 propagation with each layer's exported output assignment, and checks that the channels it then expects
-agree with `layers`: the split plan of every channel-mixing layer (disco/split/plan.py), serialised.
+agree with `plans` (JSON key `layers`): the split plan of every channel-mixing layer (disco/split/plan.py),
+serialised.
 `shards` holds the sha256 of every node's safetensors file, checked before any communication, and every shard's
 metadata holds the digest of the rest of the manifest (`Manifest.digest`: the plans, model, dtype... it was cut
 for) and its node, so no edit of the manifest and no swap of shards goes unnoticed. The model is data too:
@@ -17,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from disco.accounting.costs import ExpectedCosts
 from disco.errors import DiscoError
 from disco.export.budgets import NestedBudgets
 from disco.model_sources import weight_kwargs
@@ -37,6 +39,8 @@ SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.safetensors")  # a p
 SHA256 = re.compile(r"[0-9a-f]{64}")
 HF_MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}")  # `hf:vit`, `hf:data2vec-vision`: a name, never a folder
 DIGEST_KEY, NODE_KEY = "disco.manifest_digest", "disco.node"  # each shard's safetensors metadata
+# `Manifest.plans` in the JSON: the field's first name, kept so that deployments exported before still load
+PLANS_KEY = "layers"
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Manifest:
     nodes: int
     input_shape: list[int]  # one input without the batch dimension, e.g. [1, 28, 28]
     transport_dtype: str
-    layers: dict[str, SplitPlan]  # the split plan of every channel-mixing layer
+    plans: dict[str, SplitPlan]  # the split plan of every channel-mixing layer, by layer name (JSON: PLANS_KEY)
     shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ...}] in node order
     expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...); nested: the default's
     preprocess: dict | None = None  # {"channels", "size", "mean", "std"} for reading image files
@@ -84,15 +88,16 @@ class Manifest:
     reference: dict | None = None  # the simulation's result to compare with, e.g. {"accuracy": ...}
     task: str = "classification"  # how node 0 reads the output: classification, segmentation, detection, superres
     transport_scheme: str = ""  # how transport_dtype's messages are laid out (disco/transport.py: TransportDtype.scheme)
-    nested: dict | None = None  # several nested budgets (disco/export/budgets.py): `layers` plan the largest
+    nested: dict | None = None  # several nested budgets (disco/export/budgets.py): `plans` plan the largest
     graph_digest: str = ""  # the captured graph's fingerprint (disco/split/capture.py): ranks must capture the same
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
     def as_json(self) -> dict:
-        fields_ = asdict(replace(self, layers={}))
-        fields_["layers"] = {name: plan.to_json() for name, plan in self.layers.items()}
-        return fields_
+        fields_ = asdict(replace(self, plans={}))
+        fields_["plans"] = {name: plan.to_json() for name, plan in self.plans.items()}
+        # renamed where it stands: the JSON's keys keep the fields' order
+        return {PLANS_KEY if key == "plans" else key: value for key, value in fields_.items()}
 
     def digest(self) -> str:
         """sha256 of everything but the shard list: what the shards were cut for (their metadata holds it)."""
@@ -120,7 +125,7 @@ class Manifest:
                              "deployment again with this version of disco (`disco export RUN --out DIR`)")
         try:
             raw["model"] = ModelSpec(**raw["model"])
-            raw["layers"] = {name: _plan(name, plan, raw["nodes"]) for name, plan in raw["layers"].items()}
+            raw["plans"] = {name: _plan(name, plan, raw["nodes"]) for name, plan in raw.pop(PLANS_KEY).items()}
             manifest = cls(**raw)
         except (KeyError, TypeError, AttributeError) as error:
             raise DiscoError(f"{path} is missing or has unexpected fields ({error})") from error
@@ -135,7 +140,7 @@ class Manifest:
             raise DiscoError(f"manifest task must be a task name, got {self.task!r}")
         self.model.validate()
         self._validate_shards()
-        for name, plan in self.layers.items():
+        for name, plan in self.plans.items():
             if plan.nodes != self.nodes:
                 raise DiscoError(f"layer {name!r} is planned for {plan.nodes} nodes, the deployment for {self.nodes}")
         self.budgets()
@@ -146,7 +151,7 @@ class Manifest:
             return None
         cached = self.__dict__.get("_budgets")  # parsed once per `nested` value: a check reads every channel
         if cached is None or cached[0] is not self.nested:
-            cached = self.__dict__["_budgets"] = (self.nested, NestedBudgets.from_json(self.nested, self.layers))
+            cached = self.__dict__["_budgets"] = (self.nested, NestedBudgets.from_json(self.nested, self.plans))
         return cached[1]
 
     def level_of(self, budget: float | None) -> int:
@@ -155,15 +160,15 @@ class Manifest:
         nested = self.budgets()
         if nested is not None:
             return nested.level_of(budget)
-        ratio = self.expected.get("ratio")
+        ratio = self.expected_at(0).ratio
         if budget is not None and (ratio is None or abs(budget - ratio) > 0.01):
             raise DiscoError(f"the deployment carries one budget (ratio {ratio:.4f} of the dense bytes); export the "
                              "run with --budgets to carry several, or leave out --budget")
         return 0
 
-    def expected_at(self, level: int) -> dict:
-        """The simulation's cost report per image at `level`."""
-        return self.expected if self.nested is None else self.nested["expected"][level]
+    def expected_at(self, level: int) -> ExpectedCosts:
+        """The simulation's costs per image at `level` (the manifest's JSON `expected`, typed)."""
+        return ExpectedCosts.from_json(self.expected if self.nested is None else self.nested["expected"][level])
 
     def reference_at(self, level: int) -> dict | None:
         """The simulation's score at `level`."""

@@ -25,13 +25,9 @@ from disco.split.layers import DiscoLayer
 from disco.split.capture import graph_digest
 from disco.split.partitioner import ModelSplit, as_input_tuple, disco_layers, model_split, transport_of
 from disco.split.placement import placements
-from disco.sparsify.nested import load_norm_statistics
+from disco.split.modules import load_norm_statistics
 
 PLAN_BUFFERS = ("in_assign", "out_assign", "group_mask")
-# the cost report's figures a deployment is checked by, and `disco plan` predicts its latency from
-EXPECTED_KEYS = ("nodes", "bytes", "dense_bytes", "ratio", "bytes_matrix", "io_bytes", "norm_bytes", "norm_bytes_matrix",
-                 "fallback_bytes", "fallback_bytes_matrix", "macs_per_node", "attention_macs_per_node",
-                 "param_bytes_per_node", "layers")
 
 
 def mixing_tensors(name: str, layer: DiscoLayer, node: int, weight: torch.Tensor,
@@ -98,43 +94,50 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
     dtype = get_transport_dtype(transport_dtype or transport_of(model))
     if sign_key is not None:
         read_private_key(sign_key)  # a bad key is refused before anything is written
-    inputs = as_input_tuple(example_inputs)
-    if len(inputs) != 1:
-        raise DiscoError("the runtime supports models with one input tensor")
-    example = inputs[0][:1].cpu()
-    model = model.cpu()
+    example, model = _one_example(example_inputs), model.cpu()
     check_spec(model, spec)
-    split = model_split(model, example)
-    nodes = split.nodes
-    nested_field, level_tensors = None, [{} for _ in range(nodes)]
-    if nested is not None:
+    split = model_split(model, example)  # analysed once: the costs, placements and shards all read it
+    nested_field, level_tensors = None, [{} for _ in range(split.nodes)]
+    if nested is not None:  # (it leaves the model at level 0, the largest budget: what the shards hold)
         nested_field, level_tensors = _levels(model, split, example, dtype.name, nested)
         expected, reference = nested_field["expected"][nested.default], nested.reference[nested.default]
-    else:
-        costs = cost_report(model, example, transport_dtype=dtype.name)
-        expected = {key: costs[key] for key in EXPECTED_KEYS}
-    manifest = Manifest(model=deployable_model(spec), nodes=nodes,
+    parts = placements(model, split)
+    if nested is None:
+        expected = cost_report(model, example, transport_dtype=dtype.name, split=split, parts=parts).expected()
+        expected = expected.to_json()
+    manifest = Manifest(model=deployable_model(spec), nodes=split.nodes,
                         input_shape=list(example.shape[1:]), transport_dtype=dtype.name, transport_scheme=dtype.scheme,
-                        layers={name: layer.plan for name, layer in layers.items()}, shards=[], expected=expected,
+                        plans={name: layer.plan for name, layer in layers.items()}, shards=[], expected=expected,
                         preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
                         task=task or getattr(model, "disco_task", "classification"), nested=nested_field,
                         graph_digest=graph_digest(split.captured))
-    folder = Path(folder)
+    _write(model, Path(folder), manifest, split, parts, level_tensors)
+    if sign_key is not None:
+        sign_deployment(folder, sign_key)
+    return manifest
+
+
+def _one_example(example_inputs) -> torch.Tensor:
+    inputs = as_input_tuple(example_inputs)
+    if len(inputs) != 1:
+        raise DiscoError("the runtime supports models with one input tensor")
+    return inputs[0][:1].cpu()
+
+
+def _write(model: nn.Module, folder: Path, manifest: Manifest, split: ModelSplit, parts: dict,
+           level_tensors: list[dict[str, torch.Tensor]]) -> None:
+    """Every node's shard, bound to the manifest's digest, then the manifest (and no stale signature)."""
     folder.mkdir(parents=True, exist_ok=True)
     digest = manifest.digest()  # of everything but the shard list: bound into every shard
-    parts, weights = placements(model, split), layer_weights(model, split)
-    for node in range(nodes):
+    weights = layer_weights(model, split)
+    for node in range(split.nodes):
         path = folder / f"node{node}.safetensors"
         safetensors.torch.save_file({**node_tensors(model, split, node, parts, weights), **level_tensors[node]},
-                                    str(path),
-                                    metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
+                                    str(path), metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
         manifest.shards.append({"file": path.name, "sha256": sha256_of(path)})
     manifest.validate()
     manifest.save(folder)
     (folder / SIGNATURE_NAME).unlink(missing_ok=True)  # a previous export's signature would not verify
-    if sign_key is not None:
-        sign_deployment(folder, sign_key)
-    return manifest
 
 
 def _levels(model: nn.Module, split: ModelSplit, example: torch.Tensor, dtype: str,
@@ -150,9 +153,9 @@ def _levels(model: nn.Module, split: ModelSplit, example: torch.Tensor, dtype: s
         for name, layer in layers.items():
             layer.set_group_mask(nested.group_levels[name] > level)
         load_norm_statistics(model, nested.norms[level])
-        costs = cost_report(model, example, transport_dtype=dtype)
-        expected.insert(0, {key: costs[key] for key in EXPECTED_KEYS})
-        parts = placements(model, split) if level else {}
+        parts = placements(model, split)
+        expected.insert(0, cost_report(model, example, transport_dtype=dtype, split=split, parts=parts).expected()
+                        .to_json())
         for node in range(nodes) if level else ():
             per_node[node].update({level_prefix(level) + key: _storable(parts[key].part(node))
                                    for key in nested.norms[level] if key in parts})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from disco.accounting.costs import ExpectedCosts, LayerCosts
 from disco.errors import DiscoError
 from disco.topology import Topology
 
@@ -115,17 +116,18 @@ class Prediction:
                                     for s in self.by_layer()]}
 
 
-def predict(report: dict, topology: Topology) -> Prediction:
-    """Per-image latency (batch 1) of a split model whose cost report is `report`, on `topology`."""
-    if "layers" not in report:
+def predict(report: ExpectedCosts, topology: Topology) -> Prediction:
+    """Per-image latency (batch 1) of a split model whose costs are `report` (a cost report's `expected()`, or a
+    deployment's), on `topology`."""
+    if report.layers is None:
         raise DiscoError("this deployment's manifest has no per-layer costs (exported by an older disco): export it "
                          "again to predict its latency")
-    nodes = report["nodes"]
+    nodes = report.nodes
     topology.check_nodes(nodes, "the model")
     links = _Links(topology)
     compute = [0.0] * nodes
     paths = _scatter_input(report, topology, links)
-    for layer in report["layers"]:
+    for layer in report.layers:
         paths = _layer(layer, paths, topology, links, compute)
     paths = _attention(report, paths, topology, compute)
     paths = _apart(report, paths, topology, links, compute)
@@ -140,9 +142,9 @@ def _resource_name(resource) -> str:
     return "the shared medium" if resource == "medium" else f"node {resource[1]}'s {resource[0]}link"
 
 
-def _scatter_input(report: dict, topology: Topology, links: _Links) -> list[_Path]:
-    nodes = report["nodes"]
-    per_node = report["io_bytes"]["input"] // max(nodes - 1, 1)
+def _scatter_input(report: ExpectedCosts, topology: Topology, links: _Links) -> list[_Path]:
+    nodes = report.nodes
+    per_node = report.io_bytes.input // max(nodes - 1, 1)
     start = _Path(0.0)
     paths = [start]
     for k in range(1, nodes):
@@ -151,32 +153,32 @@ def _scatter_input(report: dict, topology: Topology, links: _Links) -> list[_Pat
     return paths
 
 
-def _layer(layer: dict, paths: list[_Path], topology: Topology, links: _Links, compute: list[float]) -> list[_Path]:
+def _layer(layer: LayerCosts, paths: list[_Path], topology: Topology, links: _Links, compute: list[float]) -> list[_Path]:
     nodes = len(paths)
-    sizes = layer["bytes_matrix"]
+    sizes = layer.bytes_matrix
     arrivals = [[] for _ in range(nodes)]  # per destination: (arrival, source)
     messages = sorted((paths[src].time, src, dst) for src in range(nodes) for dst in range(nodes)
                       if src != dst and sizes[src][dst] > 0)  # the wires take them in the order they are posted
     for posted, src, dst in messages:
         arrivals[dst].append((links.send(src, dst, sizes[src][dst], posted), src))
-    received = layer.get("received_macs_per_node", [0] * nodes)  # (deployments exported before: all local)
+    received = layer.received_macs_per_node or [0] * nodes  # (deployments exported before: all local)
     ready = []
     for k in range(nodes):
         node = topology.nodes[k]
-        macs, after = layer["macs_per_node"][k], received[k]
-        if layer.get("conv_groups", 1) > 1 and arrivals[k]:
+        macs, after = layer.macs_per_node[k], received[k]
+        if layer.conv_groups > 1 and arrivals[k]:
             after = macs  # a grouped conv assembles its inputs first, then runs once
         local_s = _seconds(node, macs - after) if macs - after > 0 else 0.0
         after_s = _seconds(node, after) if after > 0 else 0.0
         compute[k] += local_s + after_s
-        path = paths[k].then(Segment("compute", layer["name"], local_s, node=k), paths[k].time + local_s)
+        path = paths[k].then(Segment("compute", layer.name, local_s, node=k), paths[k].time + local_s)
         if arrivals[k]:
             arrival, src = max(arrivals[k])
             if arrival > path.time:
-                transfer = Segment("transfer", layer["name"], arrival - paths[src].time, link=(src, k))
+                transfer = Segment("transfer", layer.name, arrival - paths[src].time, link=(src, k))
                 path = paths[src].then(transfer, arrival)
         if after_s:
-            path = path.then(Segment("compute", layer["name"] + " (received)", after_s, node=k), path.time + after_s)
+            path = path.then(Segment("compute", layer.name + " (received)", after_s, node=k), path.time + after_s)
         ready.append(path)
     return ready
 
@@ -185,11 +187,11 @@ def _seconds(node, macs: int) -> float:
     return node.layer_overhead_s + macs / node.macs_per_s
 
 
-def _attention(report: dict, paths: list[_Path], topology: Topology, compute: list[float]) -> list[_Path]:
+def _attention(report: ExpectedCosts, paths: list[_Path], topology: Topology, compute: list[float]) -> list[_Path]:
     """Attention's own products (QK^T, AV) happen inside the blocks; counted here, once, per node."""
     ready = []
     for k, path in enumerate(paths):
-        macs = report.get("attention_macs_per_node", [0] * len(paths))[k]
+        macs = report.attention_macs_per_node[k]
         seconds = macs / topology.nodes[k].macs_per_s
         compute[k] += seconds
         ready.append(path.then(Segment("compute", "attention products", seconds, node=k), path.time + seconds)
@@ -197,23 +199,24 @@ def _attention(report: dict, paths: list[_Path], topology: Topology, compute: li
     return ready
 
 
-def _apart(report: dict, paths: list[_Path], topology: Topology, links: _Links, compute: list[float]) -> list[_Path]:
+def _apart(report: ExpectedCosts, paths: list[_Path], topology: Topology, links: _Links, compute: list[float]) -> list[_Path]:
     """Partial sums of norms and reductions, and data moved by fallbacks (docs/method.md 3): they happen between the
     layers; counted here, once, as one exchange every node waits for."""
     nodes = len(paths)
-    zero = [[0] * nodes for _ in range(nodes)]
-    norms, moved = report.get("norm_bytes_matrix", zero), report.get("fallback_bytes_matrix", zero)
+    norms, moved = report.norm_bytes_matrix, report.fallback_bytes_matrix
     sizes = [[norms[s][d] + moved[s][d] for d in range(nodes)] for s in range(nodes)]
     if not any(map(any, sizes)):
         return paths
-    exchange = {"name": "norms and fallbacks", "bytes_matrix": sizes, "macs_per_node": [0] * nodes,
-                "received_macs_per_node": [0] * nodes}
+    total, nothing = sum(map(sum, sizes)), [0] * nodes
+    exchange = LayerCosts(name="norms and fallbacks", type="exchange", in_channels=0, out_channels=0,
+                          elements_per_channel=0, groups_total=0, groups_kept=0, dense_bytes=total, bytes=total,
+                          bytes_matrix=sizes, macs_per_node=nothing, dense_macs_per_node=nothing)
     return _layer(exchange, paths, topology, links, compute)
 
 
-def _gather_output(report: dict, paths: list[_Path], links: _Links) -> _Path:
+def _gather_output(report: ExpectedCosts, paths: list[_Path], links: _Links) -> _Path:
     nodes = len(paths)
-    per_node = report["io_bytes"]["output"] // max(nodes - 1, 1)
+    per_node = report.io_bytes.output // max(nodes - 1, 1)
     end = paths[0]
     for k in range(1, nodes):
         if per_node:

@@ -284,7 +284,7 @@ def memory_group(world: int, timeout: float = 60.0) -> list[MemoryComm]:
     return [MemoryComm(rank, queues, world, timeout) for rank in range(world)]
 
 
-# --- small collectives over point-to-point messages (disco probe's; category "control") -----------------------
+# --- small collectives over point-to-point messages (category "control") -------------------------------------
 def tiny_message() -> torch.Tensor:
     """One float: a signal whose content does not matter (arrived, go, acknowledged)."""
     return torch.zeros(1)
@@ -301,14 +301,15 @@ def barrier(comm: Comm, what: str) -> None:
         comm.receive((1,), torch.float32, 0, what=what)
 
 
-def gather(comm: Comm, tensor: torch.Tensor, what: str) -> dict[int, torch.Tensor] | None:
-    """Rank 0: every rank's `tensor` (same shape and dtype on all) by rank; the others: None."""
+def gather(comm: Comm, tensor: torch.Tensor, what: str) -> list[torch.Tensor] | None:
+    """Rank 0: every rank's `tensor` (same shape and dtype on all) in rank order, its own as it is and the others'
+    on the CPU; the others: None."""
     if comm.rank != 0:
         comm.send(tensor, 0, category="control", what=what)
         return None
     others = {k: (tuple(tensor.shape), tensor.dtype) for k in range(1, comm.world)}
     received = comm.exchange({}, others, category="control", what=what).wait()
-    return {0: tensor, **received}
+    return [tensor] + [received[k].cpu() for k in range(1, comm.world)]
 
 
 def broadcast(comm: Comm, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

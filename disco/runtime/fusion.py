@@ -36,30 +36,32 @@ class Folded(Step):
 
 def fold_batch_norms(steps: list[Step], tensors_of) -> list[Step]:
     """The steps with every foldable BatchNorm folded into its conv (and replaced by a Folded step).
-    `tensors_of(node)`: this rank's values of a node's weight, bias, mean and variance (None where absent)."""
-    by_node = {step.node: index for index, step in enumerate(steps)}
+    `tensors_of(graph_node)`: this rank's values of a graph node's weight, bias, mean and variance (None where
+    absent)."""
+    by_graph_node = {step.graph_node: index for index, step in enumerate(steps)}
     steps = list(steps)
     for index, step in enumerate(steps):
         if not _is_frozen_norm(step):
             continue
-        source = step.node.args[0]
-        producer = steps[by_node[source]] if source in by_node else None
+        source = step.graph_node.args[0]
+        producer = steps[by_graph_node[source]] if source in by_graph_node else None
         if isinstance(producer, Exchanging) and len(source.users) == 1 and \
-                _fold(producer.call, *tensors_of(step.node), _eps(step.node)):
-            steps[index] = Folded(step.node, source, step.node.target is not aten.batch_norm.default)
+                _fold(producer.call, *tensors_of(step.graph_node), _eps(step.graph_node)):
+            steps[index] = Folded(step.graph_node, source, step.graph_node.target is not aten.batch_norm.default)
     return steps
 
 
-def _eps(node) -> float:
-    return node.args[7] if node.target is aten.batch_norm.default else node.args[6]
+def _eps(graph_node) -> float:
+    return graph_node.args[7] if graph_node.target is aten.batch_norm.default else graph_node.args[6]
 
 
 def _is_frozen_norm(step: Step) -> bool:
-    node = step.node
-    if not isinstance(step, Local) or node.target not in BATCH_NORMS or step.operands.moves or step.operands.narrowings:
+    graph_node = step.graph_node
+    if not isinstance(step, Local) or graph_node.target not in BATCH_NORMS or step.operands.moves or \
+            step.operands.narrowings:
         return False
-    training = node.target is aten.batch_norm.default and node.args[5]
-    return not training and node.args[3] is not None and node.args[4] is not None
+    training = graph_node.target is aten.batch_norm.default and graph_node.args[5]
+    return not training and graph_node.args[3] is not None and graph_node.args[4] is not None
 
 
 def _fold(layer, weight, bias, mean, variance, eps: float) -> bool:

@@ -12,7 +12,8 @@ from disco.export.manifest import Manifest
 from disco.runtime.comm import PeerFailure, memory_group
 from disco.runtime.evaluation import join_batches
 from disco.runtime.levels import build_programs
-from disco.runtime.program import DeploymentGraph, load_shard
+from disco.runtime.deployment_graph import DeploymentGraph
+from disco.runtime.program import load_shard
 from disco.runtime.protocol import gather_counters
 from disco.runtime.roles import Coordinator, serve
 

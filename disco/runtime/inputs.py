@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from disco.data.datasets import image_transform, subset
-from disco.data.tasks import load_task_data
+from disco.tasks.data import load_task_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
 

@@ -16,7 +16,8 @@ import torch
 from disco.errors import DiscoError
 from disco.export.budgets import LEVEL_KEYS, level_prefix
 from disco.export.manifest import Manifest
-from disco.runtime.program import DeploymentGraph, LocalProgram, load_shard
+from disco.runtime.deployment_graph import DeploymentGraph
+from disco.runtime.program import LocalProgram, load_shard
 from disco.split.plan import WEIGHT_REMOTE
 
 
@@ -79,9 +80,9 @@ def build_programs(manifest: Manifest, tensors: dict[str, torch.Tensor], rank: i
     tensors = {key: value.to(device) for key, value in tensors.items()}  # once: the levels share them
     programs = []
     for level in range(len(nested.budgets)):
-        plans = nested.plans_at(level, manifest.layers)
-        programs.append(LocalProgram(manifest, level_tensors(tensors, manifest.layers, plans, rank, level), rank,
-                                     device, model_code, layers=plans, fold=False, graph=graph))
+        plans = nested.plans_at(level, manifest.plans)
+        programs.append(LocalProgram(manifest, level_tensors(tensors, manifest.plans, plans, rank, level), rank,
+                                     device, model_code, plans=plans, fold=False, graph=graph))
     return Programs(programs, default)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from disco.runtime.comm import Comm
+from disco.runtime.comm import Comm, gather
 
 FIELDS = ("compute_s", "wait_s", "bytes_sent")
 TABLE_ROWS = 15
@@ -50,9 +50,8 @@ class StepProfile:
 
 def gather_profiles(comm: Comm, profile: StepProfile) -> torch.Tensor | None:
     """Rank 0: [ranks, FIELDS, steps] per-run means of every rank (all run the same program graph)."""
-    from disco.runtime.protocol import gather_tensor  # protocol imports the program side; import late
     mean = profile.totals / max(1, profile.runs)
-    gathered = gather_tensor(comm, mean, what="collecting profiles")
+    gathered = gather(comm, mean, "collecting profiles")
     return None if gathered is None else torch.stack(gathered)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from disco.runtime.comm import CATEGORIES, Comm, Exchange
+from disco.runtime.comm import CATEGORIES, Comm, Exchange, gather
 from disco.transport import IO_DTYPE as IO_TRANSPORT
 
 IO_DTYPE = IO_TRANSPORT.torch_dtype  # the input and outputs on the wire (disco/transport.py says why)
@@ -72,20 +72,10 @@ def run_batch(program, comm: Comm, x: torch.Tensor | None, batch: int):
     return gather_output(comm, program, local)
 
 
-def gather_tensor(comm: Comm, mine: torch.Tensor, *, what: str) -> list[torch.Tensor] | None:
-    """Rank 0: every rank's tensor of the same shape and dtype as its own, in rank order; the others: None."""
-    if comm.rank != 0:
-        comm.send(mine, 0, category="control", what=what)
-        return None
-    receives = {k: (tuple(mine.shape), mine.dtype) for k in _others(comm)}
-    received = comm.exchange({}, receives, category="control", what=what).wait()
-    return [mine] + [received[k].cpu() for k in range(1, comm.world)]
-
-
 def gather_counters(comm: Comm) -> dict[str, list[list[int]]] | None:
     """Rank 0: every rank's bytes sent per category as [src][dst]; the others: None."""
     mine = torch.tensor([comm.sent[c] for c in CATEGORIES], dtype=torch.int64)
-    gathered = gather_tensor(comm, mine, what="collecting byte counts")
+    gathered = gather(comm, mine, "collecting byte counts")
     if gathered is None:
         return None
     table = torch.stack(gathered)  # [src, category, dst]

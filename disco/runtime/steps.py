@@ -1,9 +1,9 @@
 """The steps of a rank's program: one per graph node, all with the same interface, `run(env, comm)`, which reads
-the node's operands from `env` (graph node -> this rank's value) and returns the node's value.
+the graph node's operands from `env` (graph node -> this rank's value) and returns the graph node's value.
 
 Steps that talk to other ranks (channel-mixing layers, norms and reductions over split elements, data moved to
-another layout) do it through `comm`; the others are local. Which step a node becomes is decided once, when the
-program is built (program.py)."""
+another layout) do it through `comm`; the others are local. Which step a graph node becomes is decided once,
+when the program is built (step_builder.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ INPUT, BATCH = "input", "batch"  # env keys besides graph nodes: the rank's inpu
 
 @dataclass
 class Step:
-    node: fx.Node
+    graph_node: fx.Node
 
     def run(self, env: dict, comm: Comm):
         raise NotImplementedError
@@ -45,26 +45,26 @@ class Constant(Step):
 
 @dataclass
 class Operands:
-    """A node's operands as this rank runs it: moved to another layout first (`moves`, by position among its
-    tensor operands) or cut to what its result needs (`narrowings`)."""
+    """A graph node's operands as this rank runs it: moved to another layout first (`moves`, by position among
+    its tensor operands) or cut to what its result needs (`narrowings`)."""
 
-    node: fx.Node
+    graph_node: fx.Node
     positions: list[int]  # leaf index (in the flattened args, kwargs) of each tensor operand
     moves: dict[int, Redistribution] = field(default_factory=dict)
     narrowings: dict[int, Narrowing] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, node: fx.Node, tensor_operands: list[fx.Node]) -> "Operands":
-        leaves = tree_flatten((node.args, node.kwargs))[0]
+    def of(cls, graph_node: fx.Node, tensor_operands: list[fx.Node]) -> "Operands":
+        leaves = tree_flatten((graph_node.args, graph_node.kwargs))[0]
         positions, remaining = [], list(tensor_operands)
         for index, leaf in enumerate(leaves):
             if remaining and leaf is remaining[0]:
                 positions.append(index)
                 remaining.pop(0)
-        return cls(node, positions)
+        return cls(graph_node, positions)
 
     def fetch(self, env: dict, comm: Comm):
-        leaves, spec = tree_flatten((self.node.args, self.node.kwargs))
+        leaves, spec = tree_flatten((self.graph_node.args, self.graph_node.kwargs))
         values = [env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
         for operand, index in enumerate(self.positions):
             if operand in self.moves:
@@ -75,7 +75,7 @@ class Operands:
 
     def value(self, env: dict, comm: Comm, operand: int) -> torch.Tensor:
         """One tensor operand as the operation sees it."""
-        leaves = tree_flatten((self.node.args, self.node.kwargs))[0]
+        leaves = tree_flatten((self.graph_node.args, self.graph_node.kwargs))[0]
         value = env[leaves[self.positions[operand]]]
         if operand in self.moves:
             value = self.moves[operand](value, env[BATCH], comm)
@@ -92,14 +92,14 @@ class Local(Step):
 
     def run(self, env: dict, comm: Comm):
         args, kwargs = self.operands.fetch(env, comm)
-        return self.node.target(*args, **kwargs)
+        return self.graph_node.target(*args, **kwargs)
 
 
 @dataclass
-class Nothing(Step):
-    """A node of which this rank holds no element (it owns none of its channels, or another rank runs it): empty
-    tensors of the rank's local shapes, without calling an operation that may refuse empty input. The moves of
-    its operands still run: this rank may have to send its part."""
+class NothingHeld(Step):
+    """A graph node's value of which this rank holds no element (it owns none of its channels, or another rank
+    runs it): empty tensors of the rank's local shapes, without calling an operation that may refuse empty input.
+    The moves of its operands still run: this rank may have to send its part."""
 
     operands: Operands
     layouts: list[Layout]
@@ -167,7 +167,7 @@ class Reducing(Step):
         leaves = tree_flatten((args, kwargs))[0]
         x = leaves[self.operands.positions[0]]
         if self.batch_args:
-            return self.call(comm, x, env[BATCH], self.node.meta["val"].dtype)
+            return self.call(comm, x, env[BATCH], self.graph_node.meta["val"].dtype)
         params = [leaves[self.operands.positions[i]] if i is not None else None for i in self.params]
         return self.call(comm, x, *params)
 

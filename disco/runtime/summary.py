@@ -24,8 +24,9 @@ def summarise(result: dict, sent: dict, manifest: Manifest, nodes: int, backend:
         "reference": manifest.reference_at(level),
         "budget": nested.budgets[level] if nested is not None else None,
         "bytes_sent": sent, "bytes_per_image": per_image,
-        "expected_per_image": {"activations": expected["bytes"], "norm": expected.get("norm_bytes", 0),
-                               "fallback": expected.get("fallback_bytes", 0), **expected["io_bytes"]},
+        "expected_per_image": {"activations": expected.bytes, "norm": expected.norm_bytes,
+                               "fallback": expected.fallback_bytes, "input": expected.io_bytes.input,
+                               "output": expected.io_bytes.output},
         "predictions": result["predictions"],
     }
 

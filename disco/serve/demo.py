@@ -16,7 +16,7 @@ import urllib.request
 import torch
 from PIL import Image
 
-from disco.data.tasks import load_task_data
+from disco.tasks.data import load_task_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
 from disco.serve.client import interrupt, post_image, wait_ready

@@ -9,8 +9,9 @@ import uvicorn
 from disco.errors import DiscoError
 from disco.export.signing import verify_deployment
 from disco.export.trust import model_to_build
-from disco.serve.app import Service, create_app
+from disco.serve.app import create_app
 from disco.serve.options import ServeOptions
+from disco.serve.service import Service
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 
 from disco.errors import DiscoError
+from disco.files import write_atomically  # files a kill leaves whole
 
 NESTED = "nested.safetensors"  # a run folder's nested order: each layer's group levels, the budgets as metadata
 
@@ -67,8 +68,6 @@ class NestedLevels:
 def save_levels(levels: NestedLevels, norm_statistics: list[dict[str, torch.Tensor]], path: Path) -> None:
     """The nested order, once: each layer's group levels (uint8), and each budget's BatchNorm statistics
     (`norms/K/NAME`: a norm normalises other channels at each budget); the budgets in the metadata."""
-    from disco.training.checkpoint import write_atomically  # files a kill leaves whole
-
     tensors = {f"levels/{name}": level.cpu().contiguous() for name, level in levels.level.items()}
     for index, statistics in enumerate(norm_statistics):
         tensors.update({f"norms/{index}/{name}": value.cpu().contiguous() for name, value in statistics.items()})
@@ -87,20 +86,3 @@ def load_levels(path: Path) -> tuple[tuple[float, ...], dict[str, torch.Tensor],
     norms = [{name[len(f"norms/{k}/"):]: t for name, t in tensors.items() if name.startswith(f"norms/{k}/")}
              for k in range(len(budgets))]
     return budgets, levels, norms
-
-
-def norm_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's BatchNorm running statistics, by state-dict name."""
-    return {f"{name}.{buffer}": getattr(module, buffer).detach().clone()
-            for name, module in model.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-            and module.track_running_stats for buffer in ("running_mean", "running_var")}
-
-
-def load_norm_statistics(model: torch.nn.Module, statistics: dict[str, torch.Tensor]) -> None:
-    buffers = dict(model.named_buffers())
-    missing = set(statistics) - set(buffers)
-    if missing:
-        raise DiscoError(f"the nested statistics name buffers this model lacks ({sorted(missing)[:3]}...)")
-    with torch.no_grad():
-        for name, value in statistics.items():
-            buffers[name].copy_(value)

@@ -16,6 +16,11 @@ method gives every group a learned gate score trained jointly with the weights b
 (the hard 0/1 mask in the forward pass, its gradient into the score), and each cut keeps the best scores per byte
 among all groups, so a group dropped earlier can come back. The "random" method keeps random groups on the same
 schedule (a baseline).
+
+The parts: what ranks groups, one class per method (scoring.py); what limits a cut, one class per kind of budget:
+the whole split's bytes, each link's, or a predicted latency (limits.py); the groups a cut chooses among
+(candidates.py); the knapsack and the cubic (selection.py); nested budgets (nested.py). This module holds the
+options and drives the schedule.
 """
 from __future__ import annotations
 
@@ -29,12 +34,14 @@ from disco.accounting.groups import group_bytes
 from disco.errors import DiscoError
 from disco.split.layers import DiscoLayer
 from disco.split.modules import running_norms
-from disco.split.partitioner import disco_layers, node_count
+from disco.split.partitioner import disco_layers
+from disco.sparsify.budgets import check_nested
+from disco.sparsify.candidates import Candidates, candidate_groups
+from disco.sparsify.limits import budget_limit
 from disco.sparsify.methods import METHODS
-from disco.sparsify.budgets import check_nested, link_fractions
 from disco.sparsify.nested import NestedLevels
-from disco.sparsify.selection import cubic_target, keep_within_budget
-
+from disco.sparsify.scoring import make_scorer, unused_tables
+from disco.sparsify.selection import cubic_target
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +139,8 @@ def group_norms(layer: DiscoLayer) -> torch.Tensor:
 
 
 class Sparsifier:
-    """Drives a partitioned model's group masks to a byte budget during training (see module doc)."""
+    """Drives a partitioned model's group masks to a byte budget during training (see module doc): a GroupScorer
+    (disco/sparsify/scoring.py) values the groups, a BudgetLimit (disco/sparsify/limits.py) decides how many fit."""
 
     def __init__(self, model: nn.Module, example_inputs, options: SparsifyOptions, latency=None, group=None):
         """latency: a disco.planning.prices.LatencyBudget, or None. With one, groups are priced in seconds on its
@@ -155,13 +163,12 @@ class Sparsifier:
         self.dense_price = float(sum(p.sum() for p in self.prices.values()))
         existing = torch.cat([p[p > 0] for p in self.prices.values()])
         self._mean_cost = float(existing.mean()) if existing.numel() else 1.0
-        self.link_budget = self._link_budget(options) if options.link_budgets else None
-        self.importance = {name: torch.zeros_like(c) for name, c in self.costs.items()}
-        self.gate_scores = {name: torch.zeros_like(c) for name, c in self.costs.items()}  # method "gates"
+        self.limit, self.link_budget = budget_limit(model, self.layers, self.costs, self.dense_price, options, latency)
+        self._generator = torch.Generator().manual_seed(options.seed)
+        self.scorer = make_scorer(options.method, self.costs, self._generator)
         self.steps_done = 0
         self.cuts: list[dict] = []  # every cut: after which step, to what target, the ratio reached
         self.frozen = False
-        self._generator = torch.Generator().manual_seed(options.seed)
         # BatchNorm layers keep running statistics for evaluation; a cut changes what they normalise
         self._norms = running_norms(model)
         self._norm_momenta = [m.momentum for m in self._norms]
@@ -170,6 +177,20 @@ class Sparsifier:
         self._track_mask_gradients(True)
         if latency is not None:  # the schedule aims at the priced fraction that meets the latency budget
             self.options = replace(options, budget=self.latency_fraction())
+
+    @property
+    def importance(self) -> dict[str, torch.Tensor]:
+        """"learned": {layer: each group's squared mask gradient summed since the last cut} (zeros otherwise)."""
+        return self._score_table("importance")
+
+    @property
+    def gate_scores(self) -> dict[str, torch.Tensor]:
+        """"gates": {layer: each group's gate score} (zeros otherwise)."""
+        return self._score_table("gate_scores")
+
+    def _score_table(self, key: str) -> dict[str, torch.Tensor]:
+        tables = self.scorer.tables()
+        return tables[key] if key in tables else unused_tables(self.scorer, self.costs)[key]
 
     # --- the training-loop interface ---------------------------------------------------------------
     def regularizer(self) -> torch.Tensor:
@@ -189,15 +210,15 @@ class Sparsifier:
         found them non-finite and skipped the optimiser's step (this step then adds no importance)."""
         if self.frozen:
             return
-        self._gather_importance(gradient_scale, skipped)
+        self._gather(gradient_scale, skipped)
         self.steps_done += 1
         if self.options.is_cut_step(self.steps_done):
             target, last = self.options.target_at(self.steps_done), None
             for last in self.nested.due(target) if self.nested is not None else ():
                 self.cut_to(last)  # exactly each nested budget the schedule passes, recorded
                 self.nested.record({n: layer.group_mask.detach() for n, layer in self.layers.items()})
-            if self.latency is not None and self.steps_done == self.options.end_step:
-                self.cut_to_latency()
+            if self.limit.own_last_cut and self.steps_done == self.options.end_step:
+                self._last_cut()
             elif last is None or last > target:
                 self.cut_to(target)
 
@@ -252,134 +273,65 @@ class Sparsifier:
     # --- mask selection ----------------------------------------------------------------------------
     def cut_to(self, target_ratio: float) -> None:
         """Keep the most valuable groups per byte (per priced second with a latency budget) within target_ratio
-        times the dense split's total.
+        times the dense split's total (each link's own share of it with per-link budgets).
 
         Groups still kept rank first (by importance per byte, or at random); groups dropped earlier rank
         after all of them and only fill capacity left over by the granularity of groups, so the budget is
         met to within the smallest group while masks otherwise only ever shrink."""
         candidates = self._candidates()
-        if self.link_budget is not None:
-            self._apply_per_link(candidates, target_ratio)
-        else:
-            self._apply(candidates, target_ratio)
+        self._write_masks(candidates.masks(self.limit.keep(candidates, target_ratio, self.steps_done)))
         self._after_cut(target_ratio)
-
-    def _link_budget(self, options: SparsifyOptions) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """({layer: [nodes, in_channels] link of each group, src * nodes + dst}, [links] byte fraction each)."""
-        if self.latency is not None:
-            raise DiscoError("a latency budget prices every link already: give it or per-link budgets, not both")
-        nodes = node_count(self.model)
-        fractions = torch.tensor(link_fractions(options.link_budgets, nodes, options.budget)).flatten()
-        links = {}
-        for name, layer in self.layers.items():
-            source = layer.in_assign.clamp(min=0).to(self.costs[name].device)
-            links[name] = source[None, :] * nodes + torch.arange(nodes, device=source.device)[:, None]
-        return links, fractions
 
     def cut_to_latency(self) -> None:
         """The last cut of a latency-budget run: the largest priced fraction, in the same order of value, whose
         predicted latency is within the budget (groups dropped earlier come back, by value, if it allows)."""
         if self.latency is None:
             raise DiscoError("cut_to_latency needs a Sparsifier made with a latency budget (latency=...)")
-        fraction = self._largest_fraction_within_latency(self._candidates())
-        self._after_cut(fraction)
+        self._last_cut()
+
+    def _last_cut(self) -> None:
+        self._after_cut(self.limit.last_cut(self._candidates(), self._write_masks))
 
     def latency_fraction(self) -> float:
         """Before any cut: the priced fraction at which keeping the cheapest groups meets the latency budget; the
         schedule aims there, and the last cut meets the budget with the groups training found important."""
-        names, existing, prices, _ = self._candidates()
+        if self.latency is None:
+            raise DiscoError("latency_fraction needs a Sparsifier made with a latency budget (latency=...)")
+        candidates = self._candidates()  # valued, and so drawn by "random", as ever: seeded runs repeat
         masks = {name: layer.group_mask.detach().clone() for name, layer in self.layers.items()}
-        fraction = self._largest_fraction_within_latency((names, existing, prices, 1.0 / prices))
-        for name, mask in masks.items():
+        fraction = self.limit.cheapest_fraction(candidates, self._write_masks)
+        for name, mask in masks.items():  # the masks as they were: only the fraction counts
             self.layers[name].set_group_mask(mask)
         self._changed = False
         return fraction
 
-    def _largest_fraction_within_latency(self, candidates: tuple, steps: int = 16) -> float:
-        """Bisection: predicted latency only grows as the priced capacity (a prefix in value order) grows. Leaves
-        the masks of the fraction returned set."""
-        self.latency.check_reachable(self.model)
-        self._apply(candidates, 1.0)
-        if self.latency.latency(self.model) <= self.latency.seconds:
-            return 1.0
-        low, high = 0.0, 1.0
-        for _ in range(steps):
-            middle = (low + high) / 2
-            self._apply(candidates, middle)
-            low, high = (middle, high) if self.latency.latency(self.model) <= self.latency.seconds else (low, middle)
-        self._apply(candidates, low)
-        return low
-
-    def _candidates(self) -> tuple:
+    def _candidates(self) -> Candidates:
+        """Every group a cut may keep, valued by the scorer."""
         if self.frozen:
             raise DiscoError("masks are frozen (fine-tuning): cutting would change what is sent")
-        names = list(self.layers)
-        existing = [(self.costs[n] > 0) & (self.nested.allowed[n] if self.nested is not None else True)
-                    for n in names]  # nested: only groups the last recorded budget kept
-        prices = torch.cat([self.prices[n][e] for n, e in zip(names, existing)]).cpu()
-        was_kept = torch.cat([(self.layers[n].group_mask.detach() > 0)[e] for n, e in zip(names, existing)]).cpu()
-        if self.options.method == "random":
-            value = torch.rand(prices.shape, generator=self._generator)
-        elif self.options.method == "gates":
-            scores = torch.cat([self.gate_scores[n][e] for n, e in zip(names, existing)]).cpu()
-            value = scores / prices
-        else:
-            importance = torch.cat([self.importance[n][e] for n, e in zip(names, existing)]).cpu()
-            value = importance / prices
-            value = value / (value.max() + 1e-30)
-        if self.options.method != "gates":  # values lie in [0, 1]: kept groups come first, masks only shrink
-            value = torch.where(was_kept, value + 2.0, value)
-        return names, existing, prices, value
+        groups = candidate_groups(self.layers, self.costs, self.prices,
+                                  self.nested.allowed if self.nested is not None else None)
+        was_kept = groups.take({name: layer.group_mask.detach() > 0 for name, layer in self.layers.items()})
+        return groups.valued(self.scorer.value(groups, was_kept))
 
-    def _apply_per_link(self, candidates: tuple, target_ratio: float) -> None:
-        """Per-link budgets: every link its own knapsack, its capacity falling from its dense bytes to its own
-        fraction of them as the schedule falls from 1 to the budget (the cubic's remaining share, by step)."""
-        names, existing, prices, value = candidates
-        links = torch.cat([self.link_budget[0][n][e] for n, e in zip(names, existing)]).cpu()
-        options = self.options
-        remaining = cubic_target(max(0, self.steps_done - options.first_cut_step),
-                                 options.end_step - options.first_cut_step, 0.0)
-        if target_ratio <= options.budget:  # the schedule's end, or the exact cut after a phase that ran short
-            remaining = 0.0
-        keep = torch.zeros_like(value, dtype=torch.bool)
-        for link in links.unique().tolist():
-            chosen = links == link
-            fraction = float(self.link_budget[1][link])
-            capacity = (fraction + (1 - fraction) * remaining) * float(prices[chosen].sum())
-            keep[chosen] = keep_within_budget(value[chosen], prices[chosen], capacity)
-        self._set_masks(names, existing, keep)
-
-    def _apply(self, candidates: tuple, target_ratio: float) -> None:
-        names, existing, prices, value = candidates
-        self._set_masks(names, existing, keep_within_budget(value, prices, target_ratio * self.dense_price))
-
-    def _set_masks(self, names: list[str], existing: list[torch.Tensor], keep: torch.Tensor) -> None:
-        offset = 0
-        for name, mask in zip(names, existing):
-            count = int(mask.sum())
-            new_mask = torch.zeros_like(mask)
-            new_mask[mask] = keep[offset:offset + count].to(mask.device)
+    def _write_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
             before = self.layers[name].group_mask.detach() > 0
-            self.layers[name].set_group_mask(new_mask)
+            self.layers[name].set_group_mask(mask)
             self._changed = self._changed or not torch.equal(before, self.layers[name].group_mask.detach() > 0)
-            offset += count
 
     def _after_cut(self, target_ratio: float) -> None:
         if self.group is not None:  # every process computed the same cut; rank 0's is the one, bit for bit
             self.group.share([layer.group_mask for layer in self.layers.values()])
-        for importance in self.importance.values():
-            importance.zero_()
+        self.scorer.after_cut()
         self.cuts.append({"step": self.steps_done, "target": round(target_ratio, 6), "ratio": round(self.ratio, 6)})
         if self._changed:
             self._restart_norm_statistics()
         self._changed = False
 
-    def _gather_importance(self, gradient_scale: float = 1.0, skipped: bool = False) -> None:
-        """"learned": the squared mask gradient summed since the last cut (what removing a group costs, either
-        sign). "gates": each group's gate score takes a plain gradient step with the mask's gradient as its own
-        (straight-through: the forward pass uses the hard 0/1 mask), i.e. it sums -d loss / d mask over the whole
-        phase: a kept group scores what dropping it would cost, a dropped one (its gradient taken at 0) what
-        bringing it back would gain, and noise averages out instead of adding up. Scores carry across cuts."""
+    def _gather(self, gradient_scale: float = 1.0, skipped: bool = False) -> None:
+        """The step's mask gradients, unscaled and averaged over processes, to the scorer; a layer's non-finite
+        gradient, or a skipped step's, adds nothing."""
         gradients = {name: layer.group_mask.grad.detach() / gradient_scale for name, layer in self.layers.items()
                      if layer.group_mask.grad is not None}
         for layer in self.layers.values():
@@ -388,13 +340,7 @@ class Sparsifier:
             self.group.average(list(gradients.values()))
         if skipped:
             return
-        for name, gradient in gradients.items():
-            if not bool(torch.isfinite(gradient).all()):
-                continue
-            if self.options.method == "gates":
-                self.gate_scores[name] -= gradient
-            else:
-                self.importance[name] += gradient.pow(2)
+        self.scorer.gather({name: g for name, g in gradients.items() if bool(torch.isfinite(g).all())})
 
     def _track_mask_gradients(self, enabled: bool) -> None:
         for layer in self.layers.values():
@@ -403,11 +349,14 @@ class Sparsifier:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The schedule's progress, the nested levels and the scorer's state (with zero tables for the score keys
+        another method keeps: the keys every checkpoint has always had)."""
+        unused = {key: {n: t.cpu() for n, t in table.items()}
+                  for key, table in unused_tables(self.scorer, self.costs).items()}
         return {"steps_done": self.steps_done, "frozen": self.frozen, "generator": self._generator.get_state(),
                 "cuts": list(self.cuts),
                 "nested": self.nested.state_dict() if self.nested is not None else None,
-                "importance": {n: t.cpu() for n, t in self.importance.items()},
-                "gate_scores": {n: t.cpu() for n, t in self.gate_scores.items()}}
+                **unused, **self.scorer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_done = int(state["steps_done"])
@@ -418,9 +367,6 @@ class Sparsifier:
             for norm in self._norms:
                 norm.momentum = None
         self._generator.set_state(state["generator"])
-        for name, value in state["importance"].items():
-            self.importance[name].copy_(value)
-        for name, value in state.get("gate_scores", {}).items():
-            self.gate_scores[name].copy_(value)
+        self.scorer.load_state_dict(state)
         if state["frozen"]:
             self.freeze()

@@ -1,5 +1,6 @@
 """What following channel ownership through a captured graph finds (propagate.py): the records the plans, the
-cost report, the shard writer and the runtime read. All counts are per image."""
+cost report, the shard writer and the runtime read. All counts are per image. A record's `graph_node` field is
+the name of its graph node."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ class MixingCall:
     """One call of a channel-mixing layer (a conv or linear with a weight of the model)."""
 
     module: str  # the layer: the module that owns the weight
-    node: str  # graph node
+    graph_node: str  # the graph node's name
     in_assign: torch.Tensor
     out_assign: torch.Tensor
     in_shape: torch.Size  # per image
@@ -29,8 +30,8 @@ class MixingCall:
 class ValueRecord:
     """Elements of one activation held by each node (replicated data counts on every node)."""
 
-    index: int
-    node: str
+    index: int  # position in graph order
+    graph_node: str  # the graph node's name
     elements_per_node: list[int]
     element_size: int
     last_use: int
@@ -41,7 +42,7 @@ class Exchange:
     """Partial results of a norm or reduction over dims whose elements span nodes: `values[src][dst]` fp32
     numbers per image that src sends dst (docs/method.md 3)."""
 
-    node: str
+    graph_node: str  # the graph node's name
     op: str
     kind: str  # layer_norm, group_norm, sum, mean, max, min, prod, var
     values: torch.Tensor
@@ -49,11 +50,11 @@ class Exchange:
 
 @dataclass
 class Redistribution:
-    """A value moved to another layout before (`operand` = its position among the node's tensor operands) or
-    after (`operand` None) a node's operation: the general fallback's gather and re-split, and the layout changes
+    """A value moved to another layout before (`operand` = its position among the operation's tensor operands)
+    or after (`operand` None) an operation: the general fallback's gather and re-split, and the layout changes
     that let an operation run where its result lives."""
 
-    node: str
+    graph_node: str  # the graph node's name
     operand: int | None
     target: torch.Tensor  # owner map after the move
     elements: torch.Tensor  # [src, dst] elements moved per image
@@ -65,7 +66,7 @@ class Redistribution:
 class Fallback:
     """An operation run whole on one node because no rule splits it (`reason`)."""
 
-    node: str
+    graph_node: str  # the graph node's name
     op: str
     executor: int
     reason: str
@@ -77,7 +78,7 @@ class Products:
     """Multiply-accumulates of a product between activations (attention's QK^T and AV, a contraction): local to
     the node that holds each output element."""
 
-    node: str
+    graph_node: str  # the graph node's name
     macs_per_node: list[int]
 
 
@@ -88,7 +89,7 @@ class StaticPlacement:
     says which node stores each element (REPLICATED: every node; -2: none)."""
 
     key: str  # shard key: the parameter's name, or `static.NODE` for a computed one
-    node: str
+    graph_node: str  # the graph node's name
     owner: torch.Tensor
     is_parameter: bool  # counted as parameter bytes (reads a parameter)
     element_size: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 REPLICATED = -1
+NOT_NEEDED = -2.0  # in a map of which node reads each element of a value (needs.py): no node does
 
 
 def balanced(channels: int, nodes: int) -> torch.Tensor:
@@ -50,12 +51,6 @@ def channel_vector(owner: torch.Tensor, dim: int) -> torch.Tensor | None:
     if not bool((moved == first).all()):
         return None
     return first.to(torch.long)
-
-
-def nodes_of(owner: torch.Tensor) -> list[int]:
-    """Distinct real nodes appearing in an owner map (replicated excluded)."""
-    values = torch.unique(owner)
-    return [int(v) for v in values if v >= 0]
 
 
 def holds(owner: torch.Tensor, node) -> torch.Tensor:

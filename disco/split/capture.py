@@ -2,7 +2,7 @@
 
 torch.export (non-strict) runs the model's own Python forward, so models that `torch.fx` symbolic tracing cannot
 follow (control flow on sizes, iteration over tensors: timm and transformers models) capture as they are. Shapes
-are those of the example input except the batch, which stays symbolic: every node's `meta["val"]` says which
+are those of the example input except the batch, which stays symbolic: every graph node's `meta["val"]` says which
 dim of its value holds the images (`batch_axis`), and the graph runs on any batch size.
 
 The graph is export's own (ATen operations before decomposition: conv2d, layer_norm, matmul...), which ranks run
@@ -12,15 +12,17 @@ three times the capture itself (5 s for mobilenet_v2), and every rank captures i
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from disco.errors import DiscoError
-from disco.split.ops import PRESERVED
+from disco.split.ops import CONVOLUTIONS, PRESERVED, Rule, rule_of
 
 INPUT, PARAMETER, BUFFER, CONSTANT = "input", "parameter", "buffer", "constant"
 
@@ -36,11 +38,8 @@ class Captured:
     out_spec: object = None  # the model's output structure (pytree spec) over the graph's flat outputs
 
     @property
-    def input_node(self) -> fx.Node:
-        return next(n for n, (role, _) in self.roles.items() if role == INPUT)
-
-    def nodes(self) -> list[fx.Node]:
-        return list(self.graph_module.graph.nodes)
+    def input_graph_node(self) -> fx.Node:
+        return next(graph_node for graph_node, (role, _) in self.roles.items() if role == INPUT)
 
 
 class _Logits(nn.Module):
@@ -96,19 +95,17 @@ def _runs_eagerly(model: nn.Module, example: torch.Tensor) -> None:
 def _writes_into_views(captured: Captured) -> bool:
     """Does an operation write in place into an activation that data movement views (or that is such a view)?
     Then a rank, whose views may be copies, would not see the write: the graph must be made functional."""
-    from disco.split.ops import Rule, rule_of
-
     static = static_nodes(captured)
-    for node in captured.graph_module.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
+    for graph_node in captured.graph_module.graph.nodes:
+        schema = getattr(graph_node.target, "_schema", None)
+        if graph_node.op != "call_function" or schema is None or not schema.is_mutable:
             continue
-        for arg, spec in zip(node.args, schema.arguments):
+        for arg, spec in zip(graph_node.args, schema.arguments):
             if not (isinstance(arg, fx.Node) and spec.alias_info is not None and spec.alias_info.is_write) \
                     or arg in static:
                 continue
             viewed = arg.op == "call_function" and rule_of(arg.target) is Rule.MOVE
-            if viewed or any(u is not node and u.op == "call_function" and rule_of(u.target) is Rule.MOVE
+            if viewed or any(u is not graph_node and u.op == "call_function" and rule_of(u.target) is Rule.MOVE
                              for u in arg.users):
                 return True
     return False
@@ -134,22 +131,23 @@ def _roles(exported, names: dict[str, str]) -> dict[fx.Node, tuple[str, str]]:
 
     kinds = {InputKind.USER_INPUT: INPUT, InputKind.PARAMETER: PARAMETER, InputKind.BUFFER: BUFFER,
              InputKind.CONSTANT_TENSOR: CONSTANT}
-    placeholders = [n for n in exported.graph.nodes if n.op == "placeholder"]
+    placeholders = [graph_node for graph_node in exported.graph.nodes if graph_node.op == "placeholder"]
     roles = {}
-    for node, spec in zip(placeholders, exported.graph_signature.input_specs):
+    for placeholder, spec in zip(placeholders, exported.graph_signature.input_specs):
         if spec.kind not in kinds:
-            raise DiscoError(f"could not capture the model: unsupported graph input {spec.kind.name} ({node.name})")
+            raise DiscoError(f"could not capture the model: unsupported graph input {spec.kind.name} "
+                             f"({placeholder.name})")
         target = spec.target or ""
         target = target.removeprefix("model.")
-        roles[node] = (kinds[spec.kind], names.get(target, target))
+        roles[placeholder] = (kinds[spec.kind], names.get(target, target))
     if sum(role == INPUT for role, _ in roles.values()) != 1:
         raise DiscoError("the runtime supports models with one input tensor")
     return roles
 
 
-def calling_module(node: fx.Node) -> str | None:
-    """The path of the module whose forward computed `node` ('' the model's own; None when not recorded)."""
-    stack = node.meta.get("nn_module_stack")
+def calling_module(graph_node: fx.Node) -> str | None:
+    """The path of the module whose forward computed a value ('' the model's own; None when not recorded)."""
+    stack = graph_node.meta.get("nn_module_stack")
     if not stack:
         return None
     path = list(stack.values())[-1][0]
@@ -160,7 +158,7 @@ def placeholder_values(captured: Captured, model: nn.Module, example: torch.Tens
     """Values for the graph's placeholders, in order: the model's own parameters and buffers, the capture's
     constants, and the example input."""
     values = []
-    for node, (role, name) in captured.roles.items():
+    for role, name in captured.roles.values():
         if role == INPUT:
             values.append(example)
         elif role == PARAMETER:
@@ -174,8 +172,8 @@ def placeholder_values(captured: Captured, model: nn.Module, example: torch.Tens
 
 
 # --- static values: computed from the model's own tensors alone ------------------------------------------------
-def _batch_symbols(node: fx.Node) -> bool:
-    value = node.meta.get("val")
+def _batch_symbols(graph_node: fx.Node) -> bool:
+    value = graph_node.meta.get("val")
     if isinstance(value, torch.SymInt):
         return bool(value.node.expr.free_symbols)
     if isinstance(value, torch.Tensor):
@@ -188,33 +186,31 @@ def _is_constant(size) -> bool:
 
 
 def static_nodes(captured: Captured) -> set[fx.Node]:
-    """Nodes whose value depends on the model's parameters, buffers and constants only (not on the input, not on
+    """Graph nodes whose value depends on the model's parameters, buffers and constants only (not on the input, not on
     the batch size): known before any image is seen. Data movement of such tensors that only activations read (an
     attention bias gathered from its table by a constant index) is left to the ranks: a shard then stores the
     table's part each node reads, not a gathered copy many times its size."""
-    from disco.split.ops import Rule, rule_of
-
     static: set[fx.Node] = set()
-    for node in captured.graph_module.graph.nodes:
-        if node.op == "get_attr":
-            static.add(node)  # a submodule of the graph (a higher-order operation's body)
-        elif node.op == "placeholder":
-            if captured.roles[node][0] != INPUT:
-                static.add(node)
-        elif node.op == "call_function" and all(a in static for a in node.all_input_nodes) \
-                and not _batch_symbols(node):
-            static.add(node)
-    for node in reversed(list(captured.graph_module.graph.nodes)):
-        if node in static and node.op == "call_function" and rule_of(node.target) is Rule.MOVE and node.users \
-                and all(u not in static and not _is_layer_weight(node, u) for u in node.users):
-            static.discard(node)
+    for graph_node in captured.graph_module.graph.nodes:
+        if graph_node.op == "get_attr":
+            static.add(graph_node)  # a submodule of the graph (a higher-order operation's body)
+        elif graph_node.op == "placeholder":
+            if captured.roles[graph_node][0] != INPUT:
+                static.add(graph_node)
+        elif graph_node.op == "call_function" and all(a in static for a in graph_node.all_input_nodes) \
+                and not _batch_symbols(graph_node):
+            static.add(graph_node)
+    for graph_node in reversed(list(captured.graph_module.graph.nodes)):
+        if graph_node in static and graph_node.op == "call_function" and rule_of(graph_node.target) is Rule.MOVE \
+                and graph_node.users and all(u not in static and not _is_layer_weight(graph_node, u)
+                                             for u in graph_node.users):
+            static.discard(graph_node)
     return static
 
 
-def _is_layer_weight(node: fx.Node, user: fx.Node) -> bool:
-    from disco.split.ops import CONVOLUTIONS
-
-    return (user.target in CONVOLUTIONS or user.target is torch.ops.aten.linear.default) and node in user.args[1:3]
+def _is_layer_weight(graph_node: fx.Node, user: fx.Node) -> bool:
+    return (user.target in CONVOLUTIONS or user.target is torch.ops.aten.linear.default) \
+        and graph_node in user.args[1:3]
 
 
 # --- where the images are in each value ---------------------------------------------------------------------
@@ -226,15 +222,14 @@ class BatchAxis:
     per_image: int = 1
 
 
-def batch_axis(node: fx.Node) -> BatchAxis | None:
+def batch_axis(graph_node: fx.Node) -> BatchAxis | None:
     """Where a value's images are, from its symbolic shape (None: the value has no batch dim)."""
-    return batch_axis_of(node.meta.get("val"), node.name)
+    return batch_axis_of(graph_node.meta.get("val"), graph_node.name)
 
 
-def batch_axes(node: fx.Node) -> list[BatchAxis | None]:
-    """The batch axis of each tensor a node makes (several for a multi-output operation)."""
-    from torch.utils._pytree import tree_leaves
-    return [batch_axis_of(v, node.name) for v in tree_leaves(node.meta.get("val"))
+def batch_axes(graph_node: fx.Node) -> list[BatchAxis | None]:
+    """The batch axis of each tensor an operation makes (several for a multi-output operation)."""
+    return [batch_axis_of(v, graph_node.name) for v in tree_leaves(graph_node.meta.get("val"))
             if isinstance(v, torch.Tensor)]
 
 
@@ -257,55 +252,55 @@ def batch_axis_of(value, name: str = "?") -> BatchAxis | None:
     return BatchAxis(dim, int(ratio))
 
 
-def shape_at(node: fx.Node, batch: int) -> tuple[int, ...]:
-    """The node's value's shape for `batch` images."""
-    value = node.meta["val"]
-    axis = batch_axis(node)
+def shape_at(graph_node: fx.Node, batch: int) -> tuple[int, ...]:
+    """The shape of a graph node's value for `batch` images."""
+    value = graph_node.meta["val"]
+    axis = batch_axis(graph_node)
     shape = [int(s) if _is_constant(s) else 0 for s in value.shape]
     if axis is not None:
         shape[axis.dim] = axis.per_image * batch
     return tuple(shape)
 
 
-def elements_per_image(node: fx.Node) -> int:
-    return math.prod(shape_at(node, 1))
+def elements_per_image(graph_node: fx.Node) -> int:
+    return math.prod(shape_at(graph_node, 1))
 
 
 def static_values(captured: Captured, model: nn.Module, wanted: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """The values of static nodes (`static_nodes`) computed from the model's current parameters: what a shard
+    """The values of static graph nodes (`static_nodes`) computed from the model's current parameters: what a shard
     stores of the tensors an operation reads (a gathered bias table, a standardised conv weight). Every static
-    operation up to the last wanted node runs, in order: one may write in place into another's value."""
+    operation up to the last wanted one runs, in order: one may write in place into another's value."""
     static = static_nodes(captured)
-    last = max((i for i, n in enumerate(captured.graph_module.graph.nodes) if n in set(wanted)), default=-1)
+    last = max((i for i, graph_node in enumerate(captured.graph_module.graph.nodes) if graph_node in set(wanted)),
+               default=-1)
     values: dict[fx.Node, object] = {}
-    placeholders = dict(zip([n for n in captured.roles], placeholder_values(captured, model, None)))
+    placeholders = dict(zip(list(captured.roles), placeholder_values(captured, model, None)))
     with torch.no_grad():
-        for index, node in enumerate(captured.graph_module.graph.nodes):
+        for index, graph_node in enumerate(captured.graph_module.graph.nodes):
             if index > last:
                 break
-            if node not in static:
+            if graph_node not in static:
                 continue
-            if node.op == "placeholder":
-                values[node] = placeholders[node]
-            elif node.op == "get_attr":
-                values[node] = getattr(captured.graph_module, node.target)
+            if graph_node.op == "placeholder":
+                values[graph_node] = placeholders[graph_node]
+            elif graph_node.op == "get_attr":
+                values[graph_node] = getattr(captured.graph_module, graph_node.target)
             else:
-                args = fx.node.map_arg(node.args, lambda a: values[a])
-                kwargs = fx.node.map_arg(node.kwargs, lambda a: values[a])
-                values[node] = node.target(*args, **kwargs)
-    return {node: values[node] for node in wanted}
+                args = fx.node.map_arg(graph_node.args, lambda a: values[a])
+                kwargs = fx.node.map_arg(graph_node.kwargs, lambda a: values[a])
+                values[graph_node] = graph_node.target(*args, **kwargs)
+    return {graph_node: values[graph_node] for graph_node in wanted}
 
 
 def graph_digest(captured: Captured) -> str:
     """A fingerprint of the graph's structure (operations, their arguments, shapes): a rank that captures the
     model again checks it captured the same graph as the exporter."""
-    import hashlib
-
     digest = hashlib.sha256()
-    for node in captured.graph_module.graph.nodes:
-        value = node.meta.get("val")
+    for graph_node in captured.graph_module.graph.nodes:
+        value = graph_node.meta.get("val")
         shape = tuple(str(s) for s in value.shape) if isinstance(value, torch.Tensor) else ()
-        digest.update(f"{node.op}|{node.name}|{node.target}|{node.args}|{node.kwargs}|{shape}\n".encode())
+        digest.update(f"{graph_node.op}|{graph_node.name}|{graph_node.target}|{graph_node.args}|{graph_node.kwargs}|"
+                      f"{shape}\n".encode())
     return digest.hexdigest()
 
 

@@ -15,14 +15,14 @@ from torch import fx
 from torch.utils._pytree import tree_leaves
 
 from disco.split.analysis import StaticPlacement
-from disco.split.assignment import REPLICATED, holds
+from disco.split.assignment import NOT_NEEDED, REPLICATED, holds
 from disco.split.layouts import needs, replicated, representable
-from disco.split.ops import Rule, rule_of
-from disco.split.rules import NOT_NEEDED, channel_aligned, index_operands, move_readers
+from disco.split.ops import Rule, index_operands, rule_of
+from disco.split.rules.movement import move_readers
+from disco.split.rules.norms import BATCH_NORMS, GROUP_NORMS, channel_aligned
+from disco.split.weights import reads_parameter
 
-
-_CHANNEL_NORMS = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default,
-                  torch.ops.aten.native_group_norm.default, torch.ops.aten.group_norm.default)
+_CHANNEL_NORMS = BATCH_NORMS + GROUP_NORMS  # their weight and bias are per channel (dim 1)
 
 
 def _result(p, user: fx.Node) -> list[torch.Tensor]:
@@ -69,54 +69,56 @@ def merge(previous: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
     return torch.where((need != NOT_NEEDED) & (need != merged), torch.full_like(merged, REPLICATED), merged)
 
 
-def need_of(p, node: fx.Node) -> torch.Tensor | None:
-    """Which node reads each element of `node` (merged over its readers), or None when a layer's plan holds it."""
+def need_of(p, graph_node: fx.Node) -> torch.Tensor | None:
+    """Which node reads each element of a value (merged over its readers), or None when a layer's plan holds it."""
     found = None
-    for user in node.users:
+    for user in graph_node.users:
         if user in p.static:
             continue
-        need = operand_need(p, user, node)
+        need = operand_need(p, user, graph_node)
         if need is None:
             continue
-        found = merge(found, need.broadcast_to(p.shape_of(node)).clone())
+        found = merge(found, need.broadcast_to(p.shape_of(graph_node)).clone())
     return found
 
 
 def narrow_constants(p) -> None:
     """Values computed from the model's tensors alone and made whole on every node (REPLICATED): each node keeps
     only what its readers read (the propagation's last step, readers first)."""
-    moved = {operand for node, changes in p.operand_changes.items() for position, _ in changes.items()
-             for operand in [p.tensor_operands(node)[position]]}
+    moved = {operand for changed, changes in p.operand_changes.items() for position, _ in changes.items()
+             for operand in [p.tensor_operands(changed)[position]]}
     constant = []
-    for node in p.graph.nodes:
-        if node.op == "call_function" and node not in p.static and isinstance(p.owners.get(node), torch.Tensor) \
-                and all(a in p.static or a in constant for a in p.tensor_operands(node)) \
-                and rule_of(node.target) in (Rule.MOVE, Rule.POINTWISE) and node not in p.executors:
-            constant.append(node)
-    for node in reversed(constant):
-        owner = p.owners[node]
-        if node in moved or node in p.result_changes or not bool((owner == REPLICATED).all()):
+    for graph_node in p.graph.nodes:
+        if graph_node.op == "call_function" and graph_node not in p.static \
+                and isinstance(p.owners.get(graph_node), torch.Tensor) \
+                and all(a in p.static or a in constant for a in p.tensor_operands(graph_node)) \
+                and rule_of(graph_node.target) in (Rule.MOVE, Rule.POINTWISE) and graph_node not in p.executors:
+            constant.append(graph_node)
+    for graph_node in reversed(constant):
+        owner = p.owners[graph_node]
+        if graph_node in moved or graph_node in p.result_changes or not bool((owner == REPLICATED).all()):
             continue
-        need = need_of(p, node)
+        need = need_of(p, graph_node)
         if need is not None and representable(need, p.nodes) and bool((need != REPLICATED).any()):
-            p.owners[node] = need
+            p.owners[graph_node] = need
 
 
 def place_statics(p) -> dict[str, StaticPlacement]:
     """Where each static tensor an operation reads is stored: on the nodes that read it (as a layout a node can run
     on), or whole on every node."""
     placed = {}
-    for node in p.graph.nodes:
-        if node not in p.static or node.op == "get_attr" or not any(u not in p.static for u in node.users):
+    for graph_node in p.graph.nodes:
+        if graph_node not in p.static or graph_node.op == "get_attr" \
+                or not any(u not in p.static for u in graph_node.users):
             continue
-        need = need_of(p, node)
+        need = need_of(p, graph_node)
         if need is None:
             continue
-        index = any(node in index_operands(u) for u in node.users)
+        index = any(graph_node in index_operands(u) for u in graph_node.users)
         if index or not representable(need, p.nodes):
             need = replicated(need.shape)
-        role, name = p.captured.roles.get(node, ("", ""))
-        key = name if node.op == "placeholder" else f"static.{node.name}"
-        placed[key] = StaticPlacement(key, node.name, need, p.reads_parameter(node),
-                                      node.meta["val"].element_size(), index)
+        role, name = p.captured.roles.get(graph_node, ("", ""))
+        key = name if graph_node.op == "placeholder" else f"static.{graph_node.name}"
+        placed[key] = StaticPlacement(key, graph_node.name, need, reads_parameter(p.captured, graph_node),
+                                      graph_node.meta["val"].element_size(), index)
     return placed

@@ -1,12 +1,13 @@
 """The rule of every operation of a captured graph (core ATen, plus the few ops capture keeps whole).
 
-A rule says what an operation does to channel ownership (docs/method.md 3); `disco/split/propagate.py` has one
+A rule says what an operation does to channel ownership (docs/method.md 3); `disco/split/rules/` has one
 function per rule. Core ATen is a closed set of about 190 operations, and most of them are classified by their
 own tags (`pointwise`, `reduction`); the lists below name the rest. Every operation without a rule, and every
 one whose operands' layout a rule cannot split, takes the one general fallback: its operands are gathered on one
 node, it runs there, and its result is split again (FALLBACK).
 
-`register_op_rule(op, rule)` teaches DISCO an operation of your own (a custom op, or one outside core ATen).
+`register_op_rule(op, rule)` (also `disco.register_op_rule`) teaches DISCO an operation of your own (a custom op,
+or one outside core ATen).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import re
 from enum import Enum
 
 import torch
+from torch import fx
+from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 
@@ -62,6 +65,17 @@ _MOVE = (
 INDEX_OPERANDS = {aten.index.Tensor: "indices", aten.index_select.default: "index", aten.gather.default: "index",
                   aten.index_put.default: "indices", aten.scatter.src: "index", aten.scatter.value: "index"}
 
+
+def index_operands(graph_node: fx.Node) -> set[fx.Node]:
+    """The operands of a data movement that hold indices (they must be constants of the model)."""
+    name = INDEX_OPERANDS.get(graph_node.target)
+    if name is None:
+        return set()
+    position = next(i for i, a in enumerate(graph_node.target._schema.arguments) if a.name == name)
+    value = graph_node.kwargs.get(name, graph_node.args[position] if position < len(graph_node.args) else None)
+    return {a for a in tree_leaves(value) if isinstance(a, fx.Node)}
+
+
 _POINTWISE_EXTRA = (
     aten._to_copy.default, aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
     aten.empty_like.default, aten.rand_like.default, aten.randn_like.default, aten.fill.Scalar, aten.hardswish.default,
@@ -107,7 +121,8 @@ _NORM = (aten.native_layer_norm.default, aten.native_group_norm.default,
 _MIXING = (aten.convolution.default, aten.linear.default, aten.conv1d.default, aten.conv2d.default,
            aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 CONVOLUTIONS = _MIXING[:1] + _MIXING[2:]
-_CONTRACT = (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.matmul.default)
+CONTRACTIONS = (aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.matmul.default)
+BIASED_CONTRACTIONS = (aten.addmm.default, aten.baddbmm.default)  # (bias, a, b): the product a @ b plus a bias
 _CREATE = (aten.arange.start_step, aten.arange.default, aten.arange.start, aten.full.default,
            aten.empty.memory_format, aten.empty_strided.default, aten.zeros.default, aten.ones.default,
            aten.scalar_tensor.default, aten.rand.default, aten.randn.default, aten.randperm.default)
@@ -122,7 +137,7 @@ PYTHON_SHAPE_FUNCTIONS = (operator.add, operator.sub, operator.mul, operator.flo
 _TABLE: dict = {}
 for _rule, _ops in ((Rule.MOVE, _MOVE), (Rule.POINTWISE, _POINTWISE_EXTRA), (Rule.WINDOW, _WINDOW),
                     (Rule.REDUCE, _REDUCE_EXTRA), (Rule.NORM, _NORM), (Rule.MIXING, _MIXING),
-                    (Rule.CONTRACT, _CONTRACT), (Rule.ATTENTION, (aten.scaled_dot_product_attention.default,)),
+                    (Rule.CONTRACT, CONTRACTIONS), (Rule.ATTENTION, (aten.scaled_dot_product_attention.default,)),
                     (Rule.CREATE, _CREATE), (Rule.SHAPE, _SHAPE)):
     for _op in _ops:
         _TABLE[_op] = _rule
@@ -130,14 +145,16 @@ _TABLE.update({f: Rule.SHAPE for f in PYTHON_SHAPE_FUNCTIONS})
 
 
 def register_op_rule(op, rule: Rule) -> None:
-    """Give an operation (an OpOverload such as `torch.ops.mylib.op.default`) one of the rules above."""
+    """Give an operation (an OpOverload such as `torch.ops.mylib.op.default`) one of the rules above in place of
+    the fallback, e.g. `disco.register_op_rule(torch.ops.mylib.scale.default, Rule.POINTWISE)` (`Rule` from
+    `disco.split.ops`)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a disco.split.ops.Rule, got {rule!r}")
     _TABLE[op] = rule
 
 
 def rule_of(target) -> Rule:
-    """The rule of a graph node's target; FALLBACK for anything DISCO has no rule for."""
+    """The rule of a graph node's target; FALLBACK for anything DISCO has no rule for (`register_op_rule`)."""
     found = _TABLE.get(target)
     if found is not None:
         return found

@@ -76,9 +76,9 @@ class ModelSplit:
     def static_values(self, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
         """The current values of static graph nodes by name (a layer's weight as its operation reads it, the tensors
         a shard stores for other operations), computed from the model's parameters."""
-        by_name = {node.name: node for node in self.captured.graph_module.graph.nodes}
+        by_name = {graph_node.name: graph_node for graph_node in self.captured.graph_module.graph.nodes}
         values = static_values(self.captured, model, [by_name[name] for name in names])
-        return {node.name: value for node, value in values.items()}
+        return {graph_node.name: value for graph_node, value in values.items()}
 
 
 def _chooser(nodes: int, weights: tuple[float, ...] | None):

@@ -45,5 +45,5 @@ class Placement:
 def placements(model: nn.Module, split) -> dict[str, Placement]:
     """{shard key: placement} of every tensor of the model an operation reads outside channel-mixing layers."""
     statics = split.analysis.statics
-    values = split.static_values(model, [s.node for s in statics.values()])
-    return {key: Placement(values[s.node], s.is_parameter, s.owner) for key, s in statics.items()}
+    values = split.static_values(model, [s.graph_node for s in statics.values()])
+    return {key: Placement(values[s.graph_node], s.is_parameter, s.owner) for key, s in statics.items()}

@@ -235,7 +235,7 @@ class TrainConfig:
 
     def load_data(self) -> DataSpec:
         """The run's data, cut to train_subset / test_subset (the same samples in training, export and eval)."""
-        from disco.data.tasks import load_task_data
+        from disco.tasks.data import load_task_data
 
         return load_task_data(self.task, self.dataset, self.data, seed=self.seed, train_size=self.train_subset,
                               test_size=self.test_subset, image_size=self.image_size,

@@ -12,7 +12,8 @@ from disco.export.budgets import NestedExport
 from disco.export.manifest import Manifest, ModelSpec
 from disco.export.shards import export
 from disco.models import build_for_data
-from disco.sparsify.nested import NESTED, load_levels, load_norm_statistics
+from disco.sparsify.nested import NESTED, load_levels
+from disco.split.modules import load_norm_statistics
 from disco.split.partitioner import disco_layers, partition, set_transport
 from disco.tasks.registry import get_task
 from disco.training import checkpoint

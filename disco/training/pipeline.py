@@ -28,6 +28,7 @@ from disco.errors import DiscoError
 from disco.models import build_for_data, load_pretrained, load_weights
 from disco.split.partitioner import partition
 from disco.sparsify import Sparsifier, SparsifyOptions
+from disco import files
 from disco.training import checkpoint
 from disco.training.checkpoint import Checkpoint
 from disco.training.config import PHASES, TOPOLOGY, TrainConfig
@@ -38,9 +39,10 @@ from disco.training.data_parallel import DataParallel, join, settle_strides
 from disco.training.precision import MixedPrecision
 from disco.training.loops import DistillationLoss, TaskLoss, evaluate, recalibrate_norms, train_epoch
 from disco.accounting import cost_report
-from disco.sparsify.nested import NESTED, load_norm_statistics, norm_statistics, save_levels
+from disco.sparsify.nested import NESTED, save_levels
+from disco.split.modules import load_norm_statistics, norm_statistics
 from disco.training.report import write_report
-from disco.training.schedule import PhasePlan, plan_phases
+from disco.training.schedule import PhaseSchedule, schedule_phases
 
 CONFIG, METRICS = "config.json", "metrics.jsonl"
 
@@ -76,10 +78,10 @@ class RunState:
         return self.train_loader.batch_sampler
 
     @property
-    def plans(self) -> dict[str, PhasePlan]:
+    def schedules(self) -> dict[str, PhaseSchedule]:
         """Each phase's epochs, steps and learning rate (disco.training.schedule); steps per epoch do not depend
         on the number of processes."""
-        return plan_phases(self.config, self.sampler.layout.steps)
+        return schedule_phases(self.config, self.sampler.layout.steps)
 
     def reseed(self, seed: int) -> None:
         """The random state of an epoch: the data's order, the loader workers' seeds, the rest."""
@@ -127,10 +129,10 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, trained: nn.Module, 
     model, or its DDP wrapper: RunState.parallel). Resuming inside the phase, the caller has loaded the model (and
     sparsifier) from the checkpoint; the optimiser and scheduler are loaded here. Each epoch reseeds the RNG and
     the loader from (seed, phase, epoch), so nothing else needs saving."""
-    config, plan = run.config, run.plans[phase]
-    epochs = plan.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=config.weight_decay)
-    scheduler = plan.scheduler(optimizer)
+    config, schedule = run.config, run.schedules[phase]
+    epochs = schedule.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=config.weight_decay)
+    scheduler = schedule.scheduler(optimizer)
     precision = MixedPrecision(config.precision, run.device)
     first_epoch = 0
     saved = run.saved_in(phase)
@@ -155,12 +157,11 @@ def _run_phase(run: RunState, phase: str, model: nn.Module, trained: nn.Module, 
             run.parallel.average_norm_statistics(model)
         metrics[f"test_{run.objective.metric_name}"] = evaluate(model, run.test_loader, run.objective,
                                                                  device=run.device, show=run.parallel.main)
-        schedule = {"lr": scheduler.get_last_lr()[0], "schedule": plan.record()}  # the schedule that ran
+        ran = {"lr": scheduler.get_last_lr()[0], "schedule": schedule.record()}  # the schedule that ran
         if sparsifier is not None and not sparsifier.frozen:
-            first_step = epoch * plan.steps_per_epoch
-            schedule["cuts"] = [cut for cut in sparsifier.cuts if cut["step"] > first_step]
-        _log(run, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began,
-                   **schedule})
+            first_step = epoch * schedule.steps_per_epoch
+            ran["cuts"] = [cut for cut in sparsifier.cuts if cut["step"] > first_step]
+        _log(run, {"phase": phase, "epoch": epoch + 1, **metrics, "seconds": time.perf_counter() - began, **ran})
         if run.parallel.main:
             training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "precision": precision.state_dict(),
@@ -198,7 +199,7 @@ def _dense_phase(run: RunState) -> None:
         run.dense_score = evaluate(run.dense, run.test_loader, run.objective, device=run.device, desc="dense eval",
                                    show=parallel.main)
         if parallel.main:
-            checkpoint.write_text_atomically(scored, json.dumps(
+            files.write_text_atomically(scored, json.dumps(
                 {f"test_{run.objective.metric_name}": run.dense_score, "weights": given}))
     elif parallel.main:  # (only rank 0 reports it)
         run.dense_score = json.loads(scored.read_text())[f"test_{run.objective.metric_name}"]
@@ -241,7 +242,7 @@ def _sparse_phases(run: RunState) -> tuple[nn.Module, Sparsifier]:
     # sparsify and fine-tune see what the network does to sent channels (int8: rounded, straight-through)
     simulated = partition(run.dense, example_inputs=run.example, **config.partition_options())
     latency = _latency_budget(config, run.example)
-    options = SparsifyOptions(budget=config.budget, total_steps=max(1, run.plans["sparsify"].steps),
+    options = SparsifyOptions(budget=config.budget, total_steps=max(1, run.schedules["sparsify"].steps),
                               regularization=config.regularization, method=config.method, seed=config.seed,
                               transport_dtype=config.transport_dtype, nested=tuple(config.nested),
                               link_budgets=tuple(tuple(entry) for entry in config.link_budget))
@@ -298,7 +299,7 @@ def resume(folder: str | Path, *, stop_after_epochs: int | None = None, device: 
             if (out / "report.json").is_file() and (out / "disco.safetensors").is_file():
                 print(f"{out}: the run is already complete; nothing to resume (its report is written again from "
                       "its final model)", flush=True)
-            checkpoint.remove_temporary_files(out)
+            files.remove_temporary_files(out)
             checkpoint.remove_stale_checkpoints(out)
         parallel.barrier()
         saved = checkpoint.latest_checkpoint(out)
@@ -351,10 +352,10 @@ def _prepare_folder(config: TrainConfig, out: Path, lines: int) -> None:
     lines (the epochs after it are redone)."""
     if not out.is_dir():
         out.mkdir(parents=True)
-        checkpoint.fsync_path(out.parent)
-    checkpoint.write_atomically(out / CONFIG, config.save)
+        files.fsync_path(out.parent)
+    files.write_atomically(out / CONFIG, config.save)
     if config.latency_budget_ms is not None and not (out / TOPOLOGY).is_file():
-        checkpoint.write_atomically(out / TOPOLOGY, config.load_topology().save)
+        files.write_atomically(out / TOPOLOGY, config.load_topology().save)
     checkpoint.cut_lines(out / METRICS, lines)
 
 
@@ -362,7 +363,7 @@ def nested_results(run: RunState, simulated: nn.Module, sparsifier: Sparsifier) 
     """Each nested budget's test score and bytes (the masks are left at the run's own budget), and the nested
     order saved once as nested.safetensors (disco/sparsify/nested.py)."""
     results, statistics = [], []
-    run.reseed(_seed_for(run.config, "finetune", run.plans["finetune"].epochs))
+    run.reseed(_seed_for(run.config, "finetune", run.schedules["finetune"].epochs))
     for index, budget in enumerate(sparsifier.nested.budgets):
         sparsifier.use_budget(index)
         # fine-tuning mixed every budget's statistics: each budget gets its own (saved with the nested order)
@@ -372,7 +373,8 @@ def nested_results(run: RunState, simulated: nn.Module, sparsifier: Sparsifier) 
                          show=run.parallel.main)
         costs = cost_report(simulated.cpu(), run.example.cpu(), transport_dtype=run.config.transport_dtype)
         simulated.to(run.device)
-        results.append({"budget": budget, "score": score, "ratio": costs["ratio"], "bytes_per_image": costs["bytes"]})
+        results.append({"budget": budget, "score": score, "ratio": costs.traffic.ratio,
+                        "bytes_per_image": costs.traffic.bytes})
     sparsifier.use_budget(len(sparsifier.nested.budgets) - 1)
     load_norm_statistics(simulated, statistics[-1])  # the run's own budget: disco.safetensors holds it
     if run.parallel.main:

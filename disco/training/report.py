@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from disco.accounting import cost_report
-from disco.training.checkpoint import write_text_atomically
+from disco.accounting.costs import CostReport
+from disco.files import write_text_atomically
 
 
 def _row(label: str, values: list, fmt) -> str:
@@ -18,19 +20,20 @@ def write_report(run, simulated, score: float, *, nested: list[dict] | None = No
     metric = run.objective.metric_name
     costs = cost_report(simulated.cpu(), run.example.cpu(), transport_dtype=config.transport_dtype)
     simulated.to(run.device)
+    traffic = costs.traffic
     report = {
         "model": config.model, "model_kwargs": config.model_kwargs, "dataset": run.data.name,
         "nodes": config.nodes, "budget": config.budget, "method": config.method,
         "task": config.task, "metric": metric, "dense_score": run.dense_score, "disco_score": score,
         **({"dense_accuracy": run.dense_score, "disco_accuracy": score} if metric == "accuracy" else {}),
-        "ratio": costs["ratio"], "bytes_per_image": costs["bytes"], "dense_bytes_per_image": costs["dense_bytes"],
-        "transport_dtype": costs["transport_dtype"],
-        "macs_per_node": costs["macs_per_node"], "dense_macs_per_node": costs["dense_macs_per_node"],
-        "model_macs": costs["model_macs"],
-        "param_bytes_per_node": costs["param_bytes_per_node"],
-        "dense_param_bytes_per_node": costs["dense_param_bytes_per_node"],
-        "io_bytes": costs["io_bytes"],
-        "training": training_epochs(config, run.plans, run.dense_weights),
+        "ratio": traffic.ratio, "bytes_per_image": traffic.bytes, "dense_bytes_per_image": traffic.dense_bytes,
+        "transport_dtype": traffic.transport_dtype,
+        "macs_per_node": costs.compute.macs_per_node, "dense_macs_per_node": costs.compute.dense_macs_per_node,
+        "model_macs": costs.compute.model_macs,
+        "param_bytes_per_node": costs.memory.param_bytes_per_node,
+        "dense_param_bytes_per_node": costs.memory.dense_param_bytes_per_node,
+        "io_bytes": asdict(traffic.io_bytes),
+        "training": training_epochs(config, run.schedules, run.dense_weights),
         **({"nested": nested} if nested else {}),
         **_uneven(config, costs),
     }
@@ -40,7 +43,7 @@ def write_report(run, simulated, score: float, *, nested: list[dict] | None = No
     return report
 
 
-def _uneven(config, costs: dict) -> dict:
+def _uneven(config, costs: CostReport) -> dict:
     """Node weights and per-link budgets when given; a latency-budget run: the budget, and the plan's predicted
     latency on its topology (disco plan); its byte `budget` is then not what the run aimed at (None)."""
     found = {"node_weights": config.node_weights} if config.node_weights else {}
@@ -49,19 +52,19 @@ def _uneven(config, costs: dict) -> dict:
     if config.latency_budget_ms is not None:
         from disco.planning.latency import predict
 
-        prediction = predict(costs, config.load_topology())
+        prediction = predict(costs.expected(), config.load_topology())
         found.update({"budget": None, "latency_budget_ms": config.latency_budget_ms, "topology": config.topology,
                       "predicted_latency_ms": prediction.latency_s * 1e3})
     return found
 
 
-def training_epochs(config, plans: dict, given: str | None) -> dict:
+def training_epochs(config, schedules: dict, given: str | None) -> dict:
     """How much training each side of the comparison had: the dense model's epochs (None: it was loaded from the
     file `given`), and DISCO's sparsify and fine-tune epochs on top of it, as they ran (more than asked on small
     data; `schedule`: each phase's steps, learning rate and warm-up, disco.training.schedule)."""
     return {"dense_epochs": None if given else config.dense_epochs, "dense_weights": given,
-            "sparsify_epochs": plans["sparsify"].epochs, "finetune_epochs": plans["finetune"].epochs,
-            "schedule": {phase: plan.record() for phase, plan in plans.items()}}
+            "sparsify_epochs": schedules["sparsify"].epochs, "finetune_epochs": schedules["finetune"].epochs,
+            "schedule": {phase: schedule.record() for phase, schedule in schedules.items()}}
 
 
 def _training_lines(r: dict) -> list[str]:

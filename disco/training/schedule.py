@@ -19,7 +19,7 @@ from disco.training.config import PHASES, TrainConfig
 
 
 @dataclass(frozen=True)
-class PhasePlan:
+class PhaseSchedule:
     """One phase as it runs: `epochs` passes over the training data of `steps_per_epoch` steps each."""
 
     phase: str
@@ -48,17 +48,17 @@ class PhasePlan:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
 
 
-def plan_phase(config: TrainConfig, phase: str, steps_per_epoch: int) -> PhasePlan:
+def schedule_phase(config: TrainConfig, phase: str, steps_per_epoch: int) -> PhaseSchedule:
     """The phase's epochs, learning rate and warm-up for data of `steps_per_epoch` batches."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")
     asked = config.phase_epochs(phase)
     if phase == "dense":
-        return PhasePlan(phase, asked, asked, steps_per_epoch, config.lr, 0)
+        return PhaseSchedule(phase, asked, asked, steps_per_epoch, config.lr, 0)
     epochs = max(asked, math.ceil(config.min_phase_steps / steps_per_epoch)) if asked else 0
     warmup = round(config.lr_warmup * epochs * steps_per_epoch)
-    return PhasePlan(phase, epochs, asked, steps_per_epoch, config.lr * config.sparse_lr_scale, warmup)
+    return PhaseSchedule(phase, epochs, asked, steps_per_epoch, config.lr * config.sparse_lr_scale, warmup)
 
 
-def plan_phases(config: TrainConfig, steps_per_epoch: int) -> dict[str, PhasePlan]:
-    return {phase: plan_phase(config, phase, steps_per_epoch) for phase in PHASES}
+def schedule_phases(config: TrainConfig, steps_per_epoch: int) -> dict[str, PhaseSchedule]:
+    return {phase: schedule_phase(config, phase, steps_per_epoch) for phase in PHASES}

@@ -31,6 +31,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import math
 import types
 from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -150,9 +151,22 @@ def _parser(f: dataclasses.Field, annotation) -> tuple[Callable[[str], Any], tup
         return type(choices[0]), choices
     if kind is dict or get_origin(kind) is dict:
         return parse_kwargs, None
+    if kind is float:
+        return finite_float, None
     if isinstance(kind, type) and not issubclass(kind, (list, tuple, set, frozenset)):  # list("ab") is no parse
         return kind, None
     raise TypeError(f"field {f.name!r}: no command-line parsing for {annotation}; give metadata type=...")
+
+
+def finite_float(text: str) -> float:
+    """A float option: nan and inf are refused (every comparison with nan is false: it would pass every bound)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise DiscoError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise DiscoError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _reporting(parse: Callable[[str], Any]) -> Callable[[str], Any]:

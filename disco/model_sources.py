@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from disco.errors import DiscoError
+from disco.jsonfile import SMALL_JSON_BYTES, read_json
 
 # kwargs that would make a library fetch weights or code (timm's pretrained/checkpoint_path/pretrained_cfg_overlay,
 # transformers' trust_remote_code/auto_map): a model is built with random weights, and given weights by DISCO only
@@ -169,11 +169,8 @@ def _read_folder_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise DiscoError(f"{folder} has no config.json: hf:FOLDER takes a folder written by save_pretrained")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DiscoError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(raw, dict) or "auto_map" in raw:
+    raw = read_json(path, what="model configuration", max_bytes=SMALL_JSON_BYTES)
+    if "auto_map" in raw:
         raise DiscoError(f"{path} names the model's own code (auto_map): DISCO never runs code that comes with a "
                          "model; save a model whose type transformers has (see transformers' model types)")
     return raw

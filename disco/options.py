@@ -40,6 +40,10 @@ class PartitionOptions:
         object.__setattr__(self, "node_weights", check_weights(self.node_weights, self.nodes))
 
 
+MAX_WEIGHT_RATIO = 1e6  # relative weights only: past this ratio shares underflow
+MAX_WEIGHT = 1e9  # and their sum must stay finite
+
+
 def check_weights(weights, nodes: int) -> tuple[float, ...] | None:
     """The validated node weights (None: all equal)."""
     if weights is None:
@@ -53,12 +57,18 @@ def check_weights(weights, nodes: int) -> tuple[float, ...] | None:
         if weight <= 0:
             raise DiscoError(f"node_weights[{k}] is {weight}: a node with no share computes nothing; leave it out of "
                              "the deployment (fewer nodes) instead")
+    if max(weights) / min(weights) > MAX_WEIGHT_RATIO:
+        raise DiscoError(f"node weights differ by more than {MAX_WEIGHT_RATIO:g}x: the smallest node would get no "
+                         "channel of most layers; leave it out of the deployment instead")
     return None if len(set(weights)) == 1 else weights
 
 
 def parse_weights(text: str) -> tuple[float, ...]:
     """`--node-weights 2,1,1` as numbers (checked against the node count by check_weights)."""
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        weights = tuple(float(part) for part in text.split(","))  # an empty part ("1,,2") is an error, not skipped
     except ValueError:
         raise DiscoError(f"expected one weight per node separated by commas, e.g. 2,1,1; got {text!r}") from None
+    if not all(math.isfinite(w) and 0 < w <= MAX_WEIGHT for w in weights):
+        raise DiscoError(f"node weights are relative shares in (0, {MAX_WEIGHT:g}]; got {text!r}")
+    return weights

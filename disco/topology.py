@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disco.errors import DiscoError
+from disco.jsonfile import SMALL_JSON_BYTES, read_json
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
@@ -130,19 +131,19 @@ class Topology:
         path = Path(path)
         if not path.is_file():
             raise DiscoError(f"no topology file at {path}; write one (docs/method.md 11) or measure it with disco probe")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DiscoError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, what="topology", max_bytes=SMALL_JSON_BYTES))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
 
+SMALLEST_RATE, LARGEST_RATE = 1e-6, 1e9  # Mbit/s and GMAC/s: 1 bit/s .. 1 Pbit/s; 1 kMAC/s .. 1 EMAC/s
+
+
 def _positive(value: float, what: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise DiscoError(f"{what} must be a positive number, got {value!r}")
+    """A rate within bounds: 1e-320 Mbit/s is positive, but a message over it takes infinite time."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and SMALLEST_RATE <= value <= LARGEST_RATE):
+        raise DiscoError(f"{what} must be a positive number in [{SMALLEST_RATE:g}, {LARGEST_RATE:g}], got {value!r}")
 
 
 def _as_float(value, what: str) -> float:

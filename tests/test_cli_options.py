@@ -93,3 +93,50 @@ def test_one_node_is_refused_with_a_reason_before_anything_runs(tmp_path):
     with pytest.raises(DiscoError, match="between 2 and .*one node sends nothing"):
         TrainConfig(model="torchvision:resnet18", nodes=1, out=str(tmp_path))
     assert TrainConfig(model="torchvision:resnet18", nodes=2, out=str(tmp_path)).nodes == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "deploy", "--eval", "--budget", "nan"], "finite number"),
+    (["run", "deploy", "--eval", "--timeout", "inf"], "finite number"),
+    (["serve", "deploy", "--max-body-mb", "nan"], "finite number"),
+    (["inspect", "--model", "torchvision:resnet18", "--nodes", "3", "--node-weights", "1,,2"], "one weight per node"),
+])
+def test_non_finite_or_malformed_numbers_are_refused_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser(argv[0], every=False).parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"token": ""}, "--token"),  # an empty token would switch authentication off
+    ({"token": "pässwörd-token"}, "--token"),  # HTTP carries headers as latin-1: never matched as typed
+    ({"inflight": 20_000}, "--inflight"),
+    ({"max_body_mb": float("nan")}, "--max-body-mb"),
+    ({"budget": float("nan")}, "--budget"),
+    ({"budget": 1.5}, "--budget"),
+])
+def test_serve_options_out_of_bounds_are_refused(values, message, monkeypatch):
+    from disco.serve.options import TOKEN_ENV, ServeOptions
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(DiscoError, match=message):
+        ServeOptions(deploy="deploy", **values)
+    monkeypatch.setenv(TOKEN_ENV, "")
+    with pytest.raises(DiscoError, match="--token"):
+        ServeOptions(deploy="deploy")  # the variable set but empty: refused, not "no token"
+
+
+def test_node_weights_that_overflow_their_shares_are_refused():
+    from disco.options import check_weights
+
+    with pytest.raises(DiscoError, match="differ by more than"):
+        check_weights((1e308, 1e-308), 2)
+    assert check_weights((2.0, 1.0), 2) == (2.0, 1.0)
+
+
+def test_node_weights_too_large_to_add_up_are_refused_on_the_command_line():
+    from disco.options import parse_weights
+
+    with pytest.raises(DiscoError, match="relative shares"):
+        parse_weights("1e308,1e308")  # their sum is inf: every share would be 0
+    assert parse_weights("2,1,1") == (2.0, 1.0, 1.0)

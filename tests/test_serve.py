@@ -206,10 +206,13 @@ def test_the_token_guards_v1_and_metrics_in_process():
         assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer")
         assert refused.json() == {"error": {"kind": "unauthorized",
                                             "message": "this service needs `Authorization: Bearer TOKEN`"}}
-    for path in ("/", "/health", "/ready", "/openapi.json"):
+    for path in ("/", "/health", "/ready"):
         assert client.get(path).status_code == 200
+    assert client.head("/health").status_code == 200  # load balancers' probes
+    assert client.get("/openapi.json").status_code == 401  # what the API offers is as protected as the API
+    assert client.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert client.get("/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).json() == service.model_card()
-    assert _metric(service.metrics.exposition().decode(), "disco_errors_total", kind="unauthorized") == 3
+    assert _metric(service.metrics.exposition().decode(), "disco_errors_total", kind="unauthorized") == 4  # + openapi
     assert _path_labels(service.metrics.exposition().decode())["other"] == 1  # /v1/anything: refused, one label
     assert TestClient(create_app(stub_service())).get("/v1/model").status_code == 200  # no --token: no check
 

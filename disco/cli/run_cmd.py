@@ -6,6 +6,7 @@ import dataclasses
 
 from disco.errors import DiscoError
 from disco.fields import add_options
+from disco.files import check_output_file
 from disco.runtime.options import RunOptions
 from disco.cli import COMMAND_HELP
 
@@ -49,5 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if options["serve"]:
         raise DiscoError("--serve is for the ranks `disco serve` starts: run `disco serve DEPLOY` instead")
     RunOptions(**options)  # validate here, before starting any process
+    for flag, target in (("--save-output", args.save_output), ("--summary", args.summary)):
+        if target is not None:
+            check_output_file(target, flag)  # refused now, not after the whole run
     return launch(args.deploy, worker_arguments(args), nodes=args.nodes, threads=args.threads, verbose=args.verbose,
                   verify_key=args.verify_key, model_code=args.model_code, budget=args.budget)

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from disco.data.checks import BadFile, ImageFile, check_samples, decode_image
-from disco.data.datasets import DataRequest, DataSpec, image_channels, image_transform
+from disco.data.datasets import DataRequest, DataSpec, image_channels, image_transform, rgb_image
 from disco.errors import DiscoError
 
 VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -61,7 +61,7 @@ class _ResizedImages(Dataset):
         """(normalised image at self.size, the file's own (height, width))."""
         with Image.open(self.files[index]) as image:
             original = (image.height, image.width)
-            resized = image.convert("RGB").resize(self.size[::-1], Image.BILINEAR)
+            resized = rgb_image(image).resize(self.size[::-1], Image.BILINEAR)
         return self.transform(resized), original
 
 

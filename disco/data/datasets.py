@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -67,6 +68,26 @@ class DataRequest:
 def image_channels(image: Image.Image | ImageFile) -> int:
     """1 for a greyscale image file, else 3: the input channels a model gets for it."""
     return 1 if image.mode in GREY_MODES else 3
+
+
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit PNG/TIFF greyscale: values 0..65535
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """8-bit RGB at the file's own scale. `convert("RGB")` clips 16-bit greyscale at 255 (a third of an ordinary
+    16-bit photo's pixels turn white): such images are scaled down from 0..65535 first."""
+    if image.mode in WIDE_INTEGER_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise DiscoError("floating-point images have no defined range: save the image with 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, with rgb_image's scaling."""
+    with open(path, "rb") as stream, Image.open(stream) as image:
+        return rgb_image(image)
 
 
 def default_cache() -> Path:
@@ -190,7 +211,8 @@ def _usable_image_folder(root: str, checked: CheckedSplit, transform) -> dataset
     """The ImageFolder at `root` holding only the samples that passed the check (a class left without any is
     kept empty, so that class indices stay those of the folder names)."""
     usable = {file for file, _ in checked.samples}
-    return datasets.ImageFolder(root, transform=transform, is_valid_file=usable.__contains__, allow_empty=True)
+    return datasets.ImageFolder(root, transform=transform, is_valid_file=usable.__contains__, allow_empty=True,
+                                loader=load_rgb)
 
 
 def load_dataset(dataset: str | None = "fashion-mnist", data: Path | None = None, *, cache: Path | None = None,

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from disco.data.checks import check_samples, decode_image
-from disco.data.datasets import DataRequest, DataSpec, fashion_mnist_splits, image_channels
+from disco.data.datasets import DataRequest, DataSpec, fashion_mnist_splits, image_channels, rgb_image
 from disco.errors import DiscoError
 
 # Colour photographs whose files ship inside scikit-image's wheel (checked with 0.26: they load offline).
@@ -139,7 +139,7 @@ def read_images(files: list[Path]) -> list[torch.Tensor]:
     with_modes = []
     for path in files:
         with Image.open(path) as image:
-            with_modes.append((image_channels(image) == 1, np.asarray(image.convert("RGB"))))
+            with_modes.append((image_channels(image) == 1, np.asarray(rgb_image(image))))
     all_grey = all(grey for grey, _ in with_modes)
     arrays = [array[..., :1] if all_grey else array for _, array in with_modes]
     return [torch.from_numpy(np.array(a)).permute(2, 0, 1).contiguous() for a in arrays]  # a writable copy

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from disco.accounting.costs import ExpectedCosts
 from disco.errors import DiscoError
+from disco.jsonfile import read_json
 from disco.export.budgets import NestedBudgets
 from disco.model_sources import weight_kwargs
 from disco.models import REGISTERED_SOURCES, split_spec
@@ -41,6 +42,13 @@ HF_MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}")  # `hf:vit`, `hf:
 DIGEST_KEY, NODE_KEY = "disco.manifest_digest", "disco.node"  # each shard's safetensors metadata
 # `Manifest.plans` in the JSON: the field's first name, kept so that deployments exported before still load
 PLANS_KEY = "layers"
+MAX_MANIFEST_BYTES = 256 << 20  # the largest plans (thousands of channels per layer, hundreds of layers) are ~50 MB
+MAX_NAME_CHARS = 200
+# each top-level field's JSON type (None: may be null), checked before any field is read
+FIELD_TYPES = {"model": dict, "nodes": int, "input_shape": list, "transport_dtype": str, PLANS_KEY: dict,
+               "shards": list, "expected": dict, "preprocess": (dict, None), "dataset": (dict, None),
+               "class_names": (list, None), "reference": (dict, None), "task": str, "transport_scheme": str,
+               "nested": (dict, None), "graph_digest": str, "format": str, "version": int}
 
 
 @dataclass
@@ -113,16 +121,15 @@ class Manifest:
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
         path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
+        if not path.exists():
             raise DiscoError(f"no {MANIFEST_NAME} in {folder}: export a deployment with `disco export` first")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise DiscoError(f"{path} is not valid JSON ({error}); export the deployment again") from error
+        inside_folder(path, folder, "the manifest")
+        raw = read_json(path, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
         if raw.get("format") != FORMAT or raw.get("version") != FORMAT_VERSION:
             raise DiscoError(f"{path} is not a {FORMAT} manifest of version {FORMAT_VERSION} "
                              f"(found format {raw.get('format')!r}, version {raw.get('version')!r}); export the "
                              "deployment again with this version of disco (`disco export RUN --out DIR`)")
+        _check_field_types(raw, path)
         try:
             raw["model"] = ModelSpec(**raw["model"])
             raw["plans"] = {name: _plan(name, plan, raw["nodes"]) for name, plan in raw.pop(PLANS_KEY).items()}
@@ -140,10 +147,24 @@ class Manifest:
             raise DiscoError(f"manifest task must be a task name, got {self.task!r}")
         self.model.validate()
         self._validate_shards()
+        self._validate_class_names()
         for name, plan in self.plans.items():
             if plan.nodes != self.nodes:
                 raise DiscoError(f"layer {name!r} is planned for {plan.nodes} nodes, the deployment for {self.nodes}")
         self.budgets()
+        for level in range(len(self.budgets().budgets) if self.nested is not None else 1):
+            try:
+                self.expected_at(level)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise DiscoError(f"the manifest's expected costs (level {level}) are malformed ({error}); export "
+                                 "again") from None
+
+    def _validate_class_names(self) -> None:
+        """Names are printed on terminals and pages: control characters (escape sequences) are refused."""
+        names = self.class_names or []
+        if not all(isinstance(n, str) and n.isprintable() and len(n) <= MAX_NAME_CHARS for n in names):
+            raise DiscoError(f"the manifest's class names must be printable strings of at most {MAX_NAME_CHARS} "
+                             "characters (no control characters)")
 
     def budgets(self) -> NestedBudgets | None:
         """The nested budgets the deployment carries (checked against its plans), or None: it carries one."""
@@ -207,9 +228,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def inside_folder(path: Path, folder: Path, what: str) -> None:
+    """A deployment reads only its own files: no symbolic link (it could point anywhere, to a device or a file
+    that merely matches), nothing whose real location is outside the folder. Checked before the file is opened."""
+    if path.is_symlink() or path.resolve().parent != Path(folder).resolve():
+        raise DiscoError(f"{what} {path} is a symbolic link or lies outside {folder}: a deployment reads only "
+                         "regular files in its own folder; copy the files in")
+
+
 def verify_shard(manifest: Manifest, folder: Path, node: int) -> Path:
     """The node's shard path, after checking it exists and matches the manifest's sha256."""
     path = manifest.shard_path(folder, node)
+    inside_folder(path, folder, f"shard of node {node}")
     if not path.is_file():
         raise DiscoError(f"shard of node {node} not found: {path}")
     if sha256_of(path) != manifest.shards[node]["sha256"]:
@@ -233,3 +263,15 @@ def shard_metadata(path: Path) -> dict[str, str]:
             return shard.metadata() or {}
     except Exception as error:  # a file that matched its hash yet is no safetensors: a forged manifest entry
         raise DiscoError(f"{path} is not a safetensors shard ({type(error).__name__})") from None
+
+
+def _check_field_types(raw: dict, path: Path) -> None:
+    for key, value in raw.items():
+        allowed = FIELD_TYPES.get(key)
+        if allowed is None:
+            raise DiscoError(f"{path} has an unknown field {key!r}; export the deployment again")
+        kinds = allowed if isinstance(allowed, tuple) else (allowed,)
+        if not any(value is None if kind is None else isinstance(value, kind) and not isinstance(value, bool)
+                   for kind in kinds):
+            raise DiscoError(f"{path}: field {key!r} has the wrong type ({type(value).__name__}); export the "
+                             "deployment again")

@@ -6,6 +6,7 @@ bias of its rows; of every other module what disco/split/placement.py places on 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import safetensors.torch
@@ -15,7 +16,8 @@ from torch import nn
 from disco.accounting import cost_report
 from disco.export.budgets import NestedBudgets, NestedExport, level_prefix, levels_table
 from disco.errors import DiscoError
-from disco.export.manifest import DIGEST_KEY, NODE_KEY, Manifest, ModelSpec, sha256_of
+from disco.files import write_folder_whole
+from disco.export.manifest import DIGEST_KEY, MANIFEST_NAME, NODE_KEY, Manifest, ModelSpec, sha256_of
 from disco.export.signing import SIGNATURE_NAME, read_private_key, sign_deployment
 from disco.export.trust import deployable_model
 from disco.transport import get_transport_dtype
@@ -27,6 +29,7 @@ from disco.split.partitioner import ModelSplit, as_input_tuple, disco_layers, mo
 from disco.split.placement import placements
 from disco.split.modules import load_norm_statistics
 
+SHARD_NAME = re.compile(r"node\d+\.safetensors")  # what _write names the shards
 PLAN_BUFFERS = ("in_assign", "out_assign", "group_mask")
 
 
@@ -111,10 +114,21 @@ def export(model: nn.Module, folder: str | Path, *, example_inputs, spec: ModelS
                         preprocess=preprocess, dataset=dataset, class_names=class_names, reference=reference,
                         task=task or getattr(model, "disco_task", "classification"), nested=nested_field,
                         graph_digest=graph_digest(split.captured))
-    _write(model, Path(folder), manifest, split, parts, level_tensors)
-    if sign_key is not None:
-        sign_deployment(folder, sign_key)
+    def write(staging: Path) -> None:
+        _write(model, staging, manifest, split, parts, level_tensors)
+        if sign_key is not None:
+            sign_deployment(staging, sign_key)
+
+    # a kill while exporting over a deployment leaves the old one or the new one whole
+    write_folder_whole(Path(folder), write, replaceable=_only_a_deployment, what="deployment folder")
     return manifest
+
+
+def _only_a_deployment(folder: Path) -> bool:
+    """A previous export (its manifest, shards and signature, nothing else): replacing it deletes nothing else."""
+    names = {path.name for path in folder.iterdir()}
+    return MANIFEST_NAME in names and all(name in (MANIFEST_NAME, SIGNATURE_NAME) or SHARD_NAME.fullmatch(name)
+                                          for name in names)
 
 
 def _one_example(example_inputs) -> torch.Tensor:
@@ -127,17 +141,15 @@ def _one_example(example_inputs) -> torch.Tensor:
 def _write(model: nn.Module, folder: Path, manifest: Manifest, split: ModelSplit, parts: dict,
            level_tensors: list[dict[str, torch.Tensor]]) -> None:
     """Every node's shard, bound to the manifest's digest, then the manifest (and no stale signature)."""
-    folder.mkdir(parents=True, exist_ok=True)
     digest = manifest.digest()  # of everything but the shard list: bound into every shard
     weights = layer_weights(model, split)
     for node in range(split.nodes):
-        path = folder / f"node{node}.safetensors"
+        path = folder / f"node{node}.safetensors"  # (SHARD_NAME)
         safetensors.torch.save_file({**node_tensors(model, split, node, parts, weights), **level_tensors[node]},
                                     str(path), metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
         manifest.shards.append({"file": path.name, "sha256": sha256_of(path)})
     manifest.validate()
     manifest.save(folder)
-    (folder / SIGNATURE_NAME).unlink(missing_ok=True)  # a previous export's signature would not verify
 
 
 def _levels(model: nn.Module, split: ModelSplit, example: torch.Tensor, dtype: str,

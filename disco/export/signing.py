@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from disco.errors import DiscoError
-from disco.export.manifest import MANIFEST_NAME
+from disco.export.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 
 SIGNATURE_NAME = "manifest.sig"
 PRIVATE_KEY_NAME, PUBLIC_KEY_NAME = "disco-sign.key", "disco-sign.pub"
@@ -28,7 +28,12 @@ def generate_keys(folder: str | Path) -> tuple[Path, Path]:
     private_path, public_path = folder / PRIVATE_KEY_NAME, folder / PUBLIC_KEY_NAME
     if private_path.exists() or public_path.exists():
         raise DiscoError(f"{folder} already holds a key pair; keys are never overwritten (choose another folder)")
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise DiscoError(f"--out {folder} is a file: keys are written into a folder (a new one, or one without keys)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DiscoError(f"cannot create the key folder {folder}: {error.strerror or error}") from None
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -74,6 +79,9 @@ def sign_deployment(folder: str | Path, private_key: str | Path) -> Path:
     return path
 
 
+MAX_SIGNATURE_BYTES = 4096
+
+
 def verify_deployment(folder: str | Path, public_key: str | Path) -> None:
     """Refuse the deployment unless manifest.sig is a signature of manifest.json by `public_key`'s owner."""
     folder = Path(folder)
@@ -81,9 +89,14 @@ def verify_deployment(folder: str | Path, public_key: str | Path) -> None:
     path = folder / SIGNATURE_NAME
     if not path.is_file():
         raise DiscoError(f"{folder} is not signed (no {SIGNATURE_NAME}) but --verify-key asks for a signature")
+    if path.stat().st_size > MAX_SIGNATURE_BYTES:  # an Ed25519 signature is 88 characters
+        raise DiscoError(f"{path} is not a signature file (at most {MAX_SIGNATURE_BYTES} bytes)")
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:  # read whole below: bounded first
+        raise DiscoError(f"{manifest} is missing, not a regular file, or over {MAX_MANIFEST_BYTES:,} bytes")
     try:
-        signature = base64.b64decode(path.read_text().strip(), validate=True)
-        key.verify(signature, (folder / MANIFEST_NAME).read_bytes())
+        signature = base64.b64decode(path.read_bytes()[:MAX_SIGNATURE_BYTES].strip(), validate=True)
+        key.verify(signature, manifest.read_bytes())
     except (InvalidSignature, ValueError):
         raise DiscoError(f"{folder}: the signature does not verify with {public_key}: the deployment was changed "
                          "after it was signed, or signed by someone else") from None

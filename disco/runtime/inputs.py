@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
-from disco.data.datasets import image_transform, subset
+from disco.data.datasets import image_transform, rgb_image, subset
 from disco.tasks.data import load_task_data
 from disco.errors import DiscoError
 from disco.export.manifest import Manifest
@@ -47,7 +47,7 @@ def image_tensor(image: Image.Image, manifest: Manifest) -> torch.Tensor:
                          "training run); give a .safetensors tensor file")
     p = manifest.preprocess
     return image_transform(p["channels"], p["size"], p["mean"], p["std"], bool(p.get("crop", False)))(
-        image.convert("RGB"))
+        rgb_image(image))
 
 
 def _read_image(path: Path, manifest: Manifest) -> torch.Tensor:

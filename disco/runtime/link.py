@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
+import socket
+import struct
 import threading
-from multiprocessing.connection import Client, Connection, Listener
+import time
+from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
 
 import safetensors.torch
 import torch
@@ -25,6 +29,8 @@ from disco.errors import DiscoError
 
 ADDRESS_ENV, KEY_ENV = "DISCO_SERVE_LINK", "DISCO_SERVE_KEY"
 HEADER_BYTES = 4
+HANDSHAKE_TIMEOUT_S = 5.0  # a peer that has not proved the key by then is dropped
+MAX_HANDSHAKES = 32  # connections proving the key at once
 
 
 class LinkClosed(DiscoError):
@@ -75,12 +81,20 @@ class Link:
 
 
 class LinkListener:
-    """The front end's side: listens on 127.0.0.1 (a port of its own), one rank 0 at a time."""
+    """The front end's side: listens on 127.0.0.1 (a port of its own) for rank 0.
+
+    Any local process can connect; only one holding the key gets through. Each connection proves it in its own
+    thread within HANDSHAKE_TIMEOUT_S, at most MAX_HANDSHAKES at once (more are closed at once), so a peer that
+    connects and closes, or connects and says nothing, never stops the accept loop or delays a real rank 0."""
 
     def __init__(self, max_bytes: int):
         self.key = secrets.token_bytes(32)
-        self.listener = Listener(("127.0.0.1", 0), authkey=self.key)
+        self.listener = Listener(("127.0.0.1", 0), backlog=64)  # no authkey: _authenticate runs the handshake
         self.max_bytes = max_bytes
+        self._verified: queue.Queue[Connection | None] = queue.Queue()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._closed = False
+        threading.Thread(target=self._accept_forever, daemon=True, name="disco-link-accept").start()
 
     def environment(self) -> dict[str, str]:
         """What rank 0 needs to connect, for its process environment (not its command line: others may read that)."""
@@ -88,11 +102,55 @@ class LinkListener:
         return {ADDRESS_ENV: f"{host}:{port}", KEY_ENV: self.key.hex()}
 
     def accept(self) -> Link:
-        """The next rank 0 that proves it holds the key (others are refused by multiprocessing's handshake)."""
-        return Link(self.listener.accept(), self.max_bytes)
+        """The next connection that proved it holds the key; OSError once the listener is closed."""
+        connection = self._verified.get()
+        if connection is None:
+            self._verified.put(None)  # every later accept() sees the close too
+            raise OSError("the link listener is closed")
+        return Link(connection, self.max_bytes)
 
     def close(self) -> None:
+        self._closed = True
         self.listener.close()
+        self._verified.put(None)
+
+    def _accept_forever(self) -> None:
+        while not self._closed:
+            try:
+                connection = self.listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors for a moment: keep listening
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                connection.close()  # a flood of connections: refused, the ones in progress go on
+                continue
+            threading.Thread(target=self._authenticate, args=(connection,), daemon=True,
+                             name="disco-link-handshake").start()
+
+    def _authenticate(self, connection: Connection) -> None:
+        try:
+            _receive_timeout(connection, HANDSHAKE_TIMEOUT_S)
+            deliver_challenge(connection, self.key)  # as Listener(authkey=...) does, but off the accept loop
+            answer_challenge(connection, self.key)
+            _receive_timeout(connection, 0)
+            self._verified.put(connection)
+        except Exception:  # noqa: BLE001 - a wrong key, a closed or silent peer, garbage: drop that connection
+            connection.close()
+        finally:
+            self._handshakes.release()
+
+
+def _receive_timeout(connection: Connection, seconds: float) -> None:
+    """Reads on the connection fail after `seconds` without data (0: wait forever)."""
+    sock = socket.socket(fileno=connection.fileno())
+    try:
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+    finally:
+        sock.detach()  # the descriptor stays the connection's
 
 
 def connect_from_environment(max_bytes: int) -> Link:

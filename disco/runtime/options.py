@@ -2,12 +2,20 @@
 line is derived from these fields (disco/fields.py)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from disco.fields import option, option_of
 from disco.errors import DiscoError
+from disco.files import check_output_file
+
+MAX_INFLIGHT = 64  # batches in flight: each holds a process-group lane per rank pair and a thread per rank
+
+
+def check_budget(budget: float | None) -> None:
+    """A budget picks one of a deployment's nested budgets: a fraction in (0, 1] (nan passes no comparison)."""
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise DiscoError(f"--budget must be a fraction in (0, 1], got {budget!r}")
 
 
 @dataclass(kw_only=True)
@@ -57,8 +65,9 @@ class RunOptions:
             self.batch_size = 256 if self.eval else 1
         if self.batch_size < 1 or self.repeat < 1 or self.warmup < 0 or (self.limit is not None and self.limit < 1):
             raise DiscoError("--batch-size, --repeat and --limit must be at least 1, --warmup at least 0")
-        if self.inflight < 1:
-            raise DiscoError("--inflight must be at least 1")
+        if not 1 <= self.inflight <= MAX_INFLIGHT:
+            raise DiscoError(f"--inflight must be in 1..{MAX_INFLIGHT} (each batch in flight holds its own lanes)")
+        check_budget(self.budget)
         if self.inflight > 1 and self.profile:
             raise DiscoError("--profile times one batch at a time: leave out --inflight (or give 1)")
         if self.timeout <= 0:
@@ -67,14 +76,9 @@ class RunOptions:
 
 def check_out(path: str) -> None:
     """The topology file can be written there: refused before anything is measured."""
-    target = Path(path)
-    if target.is_dir():
-        raise DiscoError(f"--out {path} is a folder; give the file to write, e.g. {target / 'topology.json'}")
-    folder = target.parent
-    if not folder.is_dir():
-        raise DiscoError(f"--out {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise DiscoError(f"--out {path}: folder {folder} is not writable")
+    if Path(path).is_dir():
+        raise DiscoError(f"--out {path} is a folder; give the file to write, e.g. {Path(path) / 'topology.json'}")
+    check_output_file(path, "--out")
 
 
 @dataclass(kw_only=True)

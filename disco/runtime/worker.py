@@ -21,6 +21,7 @@ import torch
 
 from disco.fields import add_options, from_args
 from disco.errors import DiscoError
+from disco.files import write_text_atomically
 from disco.export.manifest import MANIFEST_NAME, Manifest, sha256_of
 from disco.export.signing import verify_deployment
 from disco.runtime.comm import DistComm, choose_backend, launch_environment
@@ -152,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "?")
     try:
         summary = run_rank(from_args(RunOptions, args))
+        if summary is not None and args.summary:
+            write_text_atomically(Path(args.summary), json.dumps(summary, indent=1), "--summary")
     except Exception as error:  # noqa: BLE001 - every failure ends the rank with one line naming it
         report_failure(rank, error, args.verbose, "disco serve" if args.serve else "disco run")
     if summary is not None:
-        if args.summary:
-            Path(args.summary).write_text(json.dumps(summary, indent=1))
         if not args.quiet:
             print_summary(summary)
     return 0

@@ -34,7 +34,10 @@ def read_image(body: bytes, manifest: Manifest, max_pixels: int) -> tuple[torch.
                 tensor = image_tensor(image, manifest)
     except Refused:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # more pixels than its header admits
+        raise Refused(413, "too_many_pixels", f"the image decodes to more pixels than allowed (at most "
+                      f"{max_pixels:,}, --max-pixels)") from None
+    except UnidentifiedImageError as error:
         raise Refused(415, "not_an_image", f"the body is not an image PIL can read ({type(error).__name__}); "
                       "send PNG, JPEG, BMP, GIF, TIFF or WebP bytes") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data

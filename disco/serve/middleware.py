@@ -14,7 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from disco.serve.http_errors import error_response
 
-PROTECTED = ("/v1/", "/metrics")  # the page, /health and /ready answer without the token (probes, browsers)
+# the page, /health and /ready answer without the token (probes, browsers); the API's description (what routes
+# and parameters exist) is as protected as the API
+PROTECTED = ("/v1/", "/metrics", "/openapi.json")
 OTHER = "other"
 
 

@@ -3,13 +3,15 @@ the options it shares with `disco run` are RunOptions' own."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from disco.errors import DiscoError
 from disco.fields import option, option_of
-from disco.runtime.options import RunOptions
+from disco.runtime.options import MAX_INFLIGHT, RunOptions, check_budget
 
 TOKEN_ENV = "DISCO_SERVE_TOKEN"
+TOKEN = re.compile(r"[!-~]{8,512}")  # printable ASCII, no spaces: a header carries it as it is
 MiB = 1 << 20
 
 
@@ -51,17 +53,25 @@ class ServeOptions:
     verbose: bool = option_of(RunOptions, "verbose")
 
     def __post_init__(self) -> None:
-        self.token = self.token or os.environ.get(TOKEN_ENV) or None
+        self.token = os.environ.get(TOKEN_ENV) if self.token is None else self.token
+        if self.token is not None and not TOKEN.fullmatch(self.token):  # "" would turn authentication off
+            raise DiscoError(f"--token (or ${TOKEN_ENV}) must be 8 or more printable ASCII characters without "
+                             "spaces (what an HTTP header carries unchanged); leave both unset for no token")
         if not 0 < self.port < 65536:
             raise DiscoError(f"--port must be in 1..65535, got {self.port}")
-        if self.max_batch < 1 or self.queue_size < 1 or self.inflight < 1 or self.top_k < 1:
-            raise DiscoError("--max-batch, --queue-size, --inflight and --top-k must be at least 1")
+        for flag, value, highest in (("--max-batch", self.max_batch, 4096), ("--queue-size", self.queue_size, 65536),
+                                     ("--inflight", self.inflight, MAX_INFLIGHT), ("--top-k", self.top_k, 1000),
+                                     ("--max-body-mb", self.max_body_mb, 1024), ("--max-pixels", self.max_pixels,
+                                                                                 1_000_000_000)):
+            if not (isinstance(value, (int, float)) and 0 < value <= highest):
+                raise DiscoError(f"{flag} must be in (0, {highest}], got {value!r}")
+        check_budget(self.budget)
         if self.max_wait_ms < 0 or self.restarts < 0:
             raise DiscoError("--max-wait-ms and --restarts must not be negative")
         if self.latency_target_ms is not None and self.latency_target_ms <= 0:
             raise DiscoError("--latency-target-ms must be positive")
-        if self.timeout <= 0 or self.max_body_mb <= 0 or self.max_pixels < 1:
-            raise DiscoError("--timeout, --max-body-mb and --max-pixels must be positive")
+        if not 0 < self.timeout <= 3600 or not 0 <= self.max_wait_ms <= 60_000:
+            raise DiscoError("--timeout must be in (0, 3600] seconds and --max-wait-ms in [0, 60000]")
         if self.nnodes < 1 or (self.nnodes > 1) != (self.rdzv_endpoint is not None):
             raise DiscoError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (and --rdzv-endpoint needs --nnodes)")
 

@@ -20,7 +20,6 @@ import threading
 from concurrent.futures import Future, InvalidStateError
 
 import torch
-from multiprocessing import AuthenticationError
 
 from disco.errors import DiscoError
 from disco.runtime.launch import rank_environment, relay_rank_output, torchrun_command
@@ -127,9 +126,7 @@ class Ranks:
     def _accept_forever(self) -> None:
         while not self.stopping:
             try:
-                link = self.listener.accept()
-            except AuthenticationError:
-                continue  # not our rank 0: refused by the key handshake
+                link = self.listener.accept()  # only a connection that proved the key (runtime/link.py)
             except OSError:
                 return  # the listener was closed: stopping
             threading.Thread(target=self._read, args=(link,), daemon=True, name="disco-serve-link").start()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from disco.errors import DiscoError
+from disco.jsonfile import SMALL_JSON_BYTES, read_json
 from disco.files import fsync_path, write_atomically
 
 CHECKPOINTS = "checkpoints"
@@ -148,8 +149,11 @@ def latest_checkpoint(out: Path) -> Checkpoint | None:
     for name in (_MODEL, _STATE, _PROGRESS):
         if not (folder / name).is_file():
             raise DiscoError(f"checkpoint {folder} is damaged: {name} is missing")
-    progress = json.loads((folder / _PROGRESS).read_text())
-    return Checkpoint(folder, progress["phase"], int(progress["epoch"]), int(progress["metrics_lines"]))
+    progress = read_json(folder / _PROGRESS, what="checkpoint progress", max_bytes=SMALL_JSON_BYTES)
+    try:
+        return Checkpoint(folder, str(progress["phase"]), int(progress["epoch"]), int(progress["metrics_lines"]))
+    except (KeyError, TypeError, ValueError):
+        raise DiscoError(f"checkpoint {folder} is damaged: {_PROGRESS} lacks its phase, epoch or lines") from None
 
 
 def remove_stale_checkpoints(out: Path) -> None:

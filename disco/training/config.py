@@ -10,6 +10,7 @@ from disco.model_specs import MODEL_SPECS
 from disco.fields import option
 from disco.data.scene_options import SceneOptions
 from disco.errors import DiscoError
+from disco.jsonfile import SMALL_JSON_BYTES, read_json
 from disco.options import MAX_NODES, check_weights, parse_weights
 from disco.sparsify.budgets import check_nested, link_fractions, parse_link_budgets
 from disco.data.recipes import RECIPES
@@ -251,6 +252,6 @@ class TrainConfig:
     def load(cls, path: Path) -> "TrainConfig":
         if not path.is_file():
             raise DiscoError(f"no run configuration at {path}")
-        values = json.loads(path.read_text())
+        values = read_json(path, what="run configuration", max_bytes=SMALL_JSON_BYTES)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})

@@ -13,6 +13,7 @@ metrics line before its checkpoint counts it: resuming after a kill redoes at mo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -295,19 +296,21 @@ def resume(folder: str | Path, *, stop_after_epochs: int | None = None, device: 
         if not (out / CONFIG).is_file():
             raise DiscoError(f"{out} is not a run folder (no {CONFIG}): start the run without --resume")
         config = replace(TrainConfig.load(out / CONFIG), out=str(out))
-        if parallel.main:
-            if (out / "report.json").is_file() and (out / "disco.safetensors").is_file():
-                print(f"{out}: the run is already complete; nothing to resume (its report is written again from "
-                      "its final model)", flush=True)
-            files.remove_temporary_files(out)
-            checkpoint.remove_stale_checkpoints(out)
-        parallel.barrier()
-        saved = checkpoint.latest_checkpoint(out)
-        lines = saved.metrics_lines if saved is not None else -1
-        if parallel.from_main(lines) != lines:
-            raise DiscoError(f"rank {parallel.rank} sees another checkpoint in {out} than rank 0: resuming on several "
-                             "hosts needs the run folder on a file system they all see")
-        return _run(config, saved, parallel, stop_after_epochs=stop_after_epochs)
+        one_writer = files.lock_folder(out, "the run folder") if parallel.main else contextlib.nullcontext()
+        with one_writer:  # two resumes of one folder would interleave its checkpoints and metrics
+            if parallel.main:
+                if (out / "report.json").is_file() and (out / "disco.safetensors").is_file():
+                    print(f"{out}: the run is already complete; nothing to resume (its report is written again from "
+                          "its final model)", flush=True)
+                files.remove_temporary_files(out)
+                checkpoint.remove_stale_checkpoints(out)
+            parallel.barrier()
+            saved = checkpoint.latest_checkpoint(out)
+            lines = saved.metrics_lines if saved is not None else -1
+            if parallel.from_main(lines) != lines:
+                raise DiscoError(f"rank {parallel.rank} sees another checkpoint in {out} than rank 0: resuming on "
+                                 "several hosts needs the run folder on a file system they all see")
+            return _run(config, saved, parallel, stop_after_epochs=stop_after_epochs)
     finally:
         parallel.close()
 

@@ -1,4 +1,4 @@
-"""GET / (the page: try the deployment in a browser), /health (the process is up and its ranks can still come
+"""GET / (the page: try the deployment in a browser), GET or HEAD /health (the process is up and its ranks can still come
 back) and /ready (every rank joined and verified): none needs the token (browsers, orchestrators' probes)."""
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ async def page():
     return resources.files("disco.serve").joinpath("page.html").read_text()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers send
 async def health(service: ServiceDep):
     if service.ranks.ended:
         return error_response(503, "ranks_ended", service.ranks.reason)
     return {"status": "up"}
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(service: ServiceDep):
     if not service.ranks.ready:
         return error_response(503, "not_ready", service.ranks.reason, 1)

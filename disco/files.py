@@ -105,8 +105,10 @@ def write_folder_whole(folder: Path, write: Callable[[Path], None], *, replaceab
         raise DiscoError(f"{what} {folder} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not replaceable(folder):
         raise DiscoError(f"{what} {folder} holds other files: give a new or empty folder (or a previous one of ours)")
-    if not folder.parent.is_dir():
-        raise DiscoError(f"{what} {folder}: folder {folder.parent} does not exist")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)  # `--out deploy/x` makes deploy/ as it always did
+    except OSError as error:
+        raise DiscoError(f"cannot create {folder.parent} for {what} {folder}: {error.strerror or error}") from None
     staging = folder.with_name(f".{folder.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier attempt left
     try:

@@ -181,7 +181,7 @@ def test_an_export_replaces_a_deployment_whole_and_nothing_else(tmp_path, monkey
     import disco.export.shards as shards
     from test_hostile_deployments import _export_tiny
 
-    folder = tmp_path / "deploy"
+    folder = tmp_path / "deployments" / "deploy"  # its parent made as well
     _export_tiny(folder, seed=1)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -196,7 +196,7 @@ def test_an_export_replaces_a_deployment_whole_and_nothing_else(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         _export_tiny(folder, seed=2)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the old deployment, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy"]  # and nothing left beside it
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["deploy"]  # and nothing left beside it
     monkeypatch.undo()
     _export_tiny(folder, seed=2)
     after = {p.name: p.read_bytes() for p in folder.iterdir()}

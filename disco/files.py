@@ -38,7 +38,7 @@ def lock_folder(folder: Path, what: str):
     """An exclusive lock on `folder` itself (flock on the folder: no lock file left behind), held while the returned
     file stays open; refused at once when another process holds it: two writers of one run folder would
     interleave its files."""
-    import fcntl
+    import fcntl  # here: POSIX only, and importing this module must work everywhere
 
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -70,14 +70,17 @@ def _finite_float(text: str) -> float:
 
 def _depth(value) -> int:
     """Nesting depth of lists and objects, without recursion (a hostile file must not exhaust the stack)."""
+    if not isinstance(value, (list, dict)):
+        return 0
     deepest, pending = 0, [(value, 1)]
     while pending:
         item, depth = pending.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            return depth
+        children = item.values() if isinstance(item, dict) else item
+        # only containers are pushed: a manifest's long lists of channel numbers are skipped in one C-level pass
+        pending.extend((child, depth + 1) for child in children if type(child) in (list, dict))
     return deepest
 
 

@@ -217,3 +217,9 @@ def test_keys_and_deployments_are_not_written_over_a_file(tmp_path):
     with pytest.raises(DiscoError, match="not a folder"):
         _export_tiny(tmp_path / "a-file")
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_an_integer_image_beyond_sixteen_bits_is_refused_not_clipped():
+    deep = Image.fromarray(np.full((4, 4), 1 << 20, dtype=np.int32), mode="I")
+    with pytest.raises(DiscoError, match="beyond 16 bits"):
+        rgb_image(deep)

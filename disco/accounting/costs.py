@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 Matrix = list[list[int]]  # [src node, dst node]
+SECTIONS = ("traffic", "compute", "memory")  # CostReport's sections, in its JSON order
 
 
 def _rows(cls, data: dict) -> dict[str, Any]:
@@ -146,19 +147,22 @@ class CostReport:
 
     def __getitem__(self, key: str):
         """Reading it as the dict it used to be: refused with the attribute to read instead."""
-        where = next((f"{section}.{key}" for section in ("traffic", "compute", "memory")
-                      if key in {f.name for f in fields(getattr(self, section))}), key)
+        section = self._section_of(key)
+        where = f"{section}.{key}" if section else key
         raise TypeError(f"a CostReport is typed: read report.{where} (or report.to_json()[{key!r}] for its JSON form)")
 
     def expected(self) -> "ExpectedCosts":
-        """What a deployment of this model is checked by and predicted from."""
-        t = self.traffic
-        return ExpectedCosts(nodes=self.nodes, bytes=t.bytes, dense_bytes=t.dense_bytes, ratio=t.ratio,
-                             bytes_matrix=t.bytes_matrix, io_bytes=t.io_bytes, norm_bytes=t.norm_bytes,
-                             norm_bytes_matrix=t.norm_bytes_matrix, fallback_bytes=t.fallback_bytes,
-                             fallback_bytes_matrix=t.fallback_bytes_matrix, macs_per_node=self.compute.macs_per_node,
-                             attention_macs_per_node=self.compute.attention_macs_per_node,
-                             param_bytes_per_node=self.memory.param_bytes_per_node, layers=self.layers)
+        """What a deployment of this model is checked by and predicted from: its fields, found by name."""
+        def value(name: str):
+            section = self._section_of(name)
+            return getattr(getattr(self, section), name) if section else getattr(self, name)
+
+        return ExpectedCosts(**{f.name: value(f.name) for f in fields(ExpectedCosts)})
+
+    def _section_of(self, key: str) -> str | None:
+        """The section holding field `key` (None: a top-level field, or none at all)."""
+        return next((section for section in SECTIONS if key in {f.name for f in fields(getattr(self, section))}),
+                    None)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ def rgb_image(image: Image.Image) -> Image.Image:
     16-bit photo's pixels turn white): such images are scaled down from 0..65535 first."""
     if image.mode in WIDE_INTEGER_MODES:
         wide = np.asarray(image, dtype=np.float64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):  # a 32-bit integer image: no scale we can know
+            raise DiscoError("integer images beyond 16 bits have no defined range: save the image with 8 or 16 bits")
         image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
         raise DiscoError("floating-point images have no defined range: save the image with 8 or 16 bits per channel")

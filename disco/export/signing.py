@@ -95,7 +95,7 @@ def verify_deployment(folder: str | Path, public_key: str | Path) -> None:
     if not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:  # read whole below: bounded first
         raise DiscoError(f"{manifest} is missing, not a regular file, or over {MAX_MANIFEST_BYTES:,} bytes")
     try:
-        signature = base64.b64decode(path.read_bytes()[:MAX_SIGNATURE_BYTES].strip(), validate=True)
+        signature = base64.b64decode(path.read_bytes().strip(), validate=True)
         key.verify(signature, manifest.read_bytes())
     except (InvalidSignature, ValueError):
         raise DiscoError(f"{folder}: the signature does not verify with {public_key}: the deployment was changed "

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -48,3 +49,30 @@ def test_a_watch_no_longer_wanted_returns_nothing(processes):
     wanted.set()
     threading.Timer(0.3, wanted.clear).start()
     assert first_to_end(local_ranks(os.getpid()), wanted.is_set) is None
+
+
+def test_threads_ending_while_the_children_are_listed_hide_no_rank(processes):
+    """The front end's own threads start and end all the time; one that ends while /proc lists the task folder
+    must not drop the ranks its siblings started (this made CI see no rank at all)."""
+    ranked, _ = processes
+    expected = {process.pid: rank for rank, process in enumerate(ranked)}
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            threads = [threading.Thread(target=time.sleep, args=(0.001,)) for _ in range(40)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for churner in churners:
+        churner.start()
+    try:
+        seen = [local_ranks(os.getpid()) for _ in range(400)]
+    finally:
+        stop.set()
+        for churner in churners:
+            churner.join()
+    assert all(found == expected for found in seen)

@@ -6,7 +6,6 @@ first: rank 0 would report a dead peer too, but torchrun may stop rank 0 before 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 from pathlib import Path
@@ -17,10 +16,17 @@ POLL_S = 0.5  # how often a watcher checks whether it is still wanted
 
 def local_children(pid: int) -> list[int]:
     """The child processes of `pid` (Linux /proc; empty elsewhere or when it has ended)."""
-    with contextlib.suppress(OSError):
-        return [int(child) for path in Path(f"/proc/{pid}/task").glob("*/children")
-                for child in path.read_text().split()]
-    return []
+    return [int(child) for path in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in _read_or_empty(path).split()]
+
+
+def _read_or_empty(path: Path) -> str:
+    # Threads come and go while the task folder is listed (the front end runs server and watcher threads):
+    # one that ended in between has no file left, which must not hide its siblings' children.
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def rank_of(pid: int) -> int | None:

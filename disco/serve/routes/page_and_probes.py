@@ -18,14 +18,17 @@ async def page():
     return resources.files("disco.serve").joinpath("page.html").read_text()
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers send
+# HEAD is what load balancers send; it stays out of the OpenAPI schema, where it would repeat GET's operation.
+@router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health(service: ServiceDep):
     if service.ranks.ended:
         return error_response(503, "ranks_ended", service.ranks.reason)
     return {"status": "up"}
 
 
-@router.api_route("/ready", methods=["GET", "HEAD"])
+@router.get("/ready")
+@router.head("/ready", include_in_schema=False)
 async def ready(service: ServiceDep):
     if not service.ranks.ready:
         return error_response(503, "not_ready", service.ranks.reason, 1)

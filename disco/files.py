@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +46,24 @@ def lock_folder(folder: Path, what: str):
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(descriptor)
-        raise DiscoError(f"another process is writing {what} {folder}: wait for it to end, or stop it, before "
-                         "resuming") from None
+        raise DiscoError(f"another process is writing {what} {folder}: wait for it to end or stop it (or choose "
+                         "another folder)") from None
     return FolderLock(descriptor)
+
+
+def claim_folder(folder: Path, what: str) -> "FolderLock":
+    """`folder` made if new, shown writable (a read-only file system is one clear error before any work, not a
+    traceback after the first epoch) and locked (lock_folder) for this one writer."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DiscoError(f"{what} {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise DiscoError(f"cannot write {what} {folder}: {error.strerror or error}") from None
+    return lock_folder(folder, what)
 
 
 class FolderLock:
@@ -87,6 +103,12 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str = "out
 
 def write_text_atomically(path: Path, text: str, what: str = "output file") -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text), what)
+
+
+def write_bytes_atomically(path: Path, data: bytes, what: str = "output file") -> None:
+    """`data` written whole. Libraries' own file writers (safetensors' save_file, torch.save) turn a full disk into
+    errors of their own without the errno; serialised first and written here, it is one clear OSError."""
+    write_atomically(path, lambda temporary: temporary.write_bytes(data), what)
 
 
 def remove_temporary_files(folder: Path) -> None:

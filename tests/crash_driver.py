@@ -14,6 +14,7 @@ and so on, then resumes it once more to let it finish. A KILL is either
 Wrapped functions, by call name: replace, rename, fsync (os), save_file (safetensors.torch), torch.save and
 rmtree (shutil), wrapped here by monkeypatching: the code under test has no hooks for this. A label names the
 call's paths relative to the run folder ("." is the folder itself; fsync's from its file descriptor).
+Scenarios run in two lanes at once (one per core; each attempt uses one thread), the reference alone before them.
 RESULT: {"reference": ATTEMPT, "scenarios": [[ATTEMPT, ...], ...]}, ATTEMPT = {"outcome": "killed" |
 "finished" | "failed", "seconds": wall time}.
 
@@ -130,12 +131,38 @@ def _scenario(config: dict, scenario: dict, reference_seconds: float) -> list[di
     return attempts
 
 
+def _lanes(config: dict, scenarios: list[dict], reference_seconds: float, result_path: str) -> list[list[dict]]:
+    """The scenarios split over one lane per core (each attempt runs on one thread): a lane is a process forked
+    from this single-threaded driver that runs its share in order and writes their attempts to a file."""
+    lanes = max(1, min(2, os.cpu_count() or 1, len(scenarios)))
+    children = {}
+    for lane in range(lanes):
+        child = os.fork()
+        if child == 0:
+            try:
+                share = {k: _scenario(config, scenarios[k], reference_seconds)
+                         for k in range(lane, len(scenarios), lanes)}
+                Path(f"{result_path}.lane{lane}").write_text(json.dumps(share))
+            except BaseException:  # noqa: BLE001 - the lane must never return into the driver
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        children[lane] = child
+    attempts: dict[int, list[dict]] = {}
+    for lane, child in children.items():
+        _, status = os.waitpid(child, 0)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            raise RuntimeError(f"lane {lane} of the crash driver failed (status {status})")
+        attempts.update({int(k): v for k, v in json.loads(Path(f"{result_path}.lane{lane}").read_text()).items()})
+    return [attempts[k] for k in range(len(scenarios))]
+
+
 def main(plan_path: str, result_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     config = plan["config"]
     reference = _run_attempt(config, Path(plan["reference"]["out"]), None, reference_seconds=None,
                              trace=plan["reference"]["trace"])
-    scenarios = [_scenario(config, scenario, reference["seconds"]) for scenario in plan["scenarios"]]
+    scenarios = _lanes(config, plan["scenarios"], reference["seconds"], result_path)
     Path(result_path).write_text(json.dumps({"reference": reference, "scenarios": scenarios}))
 
 

@@ -58,6 +58,7 @@ def stub_service(token: str | None = None) -> SimpleNamespace:
     """What `create_app` and the routes that need no model read of a Service: no deployment, no ranks (ready)."""
     return SimpleNamespace(options=SimpleNamespace(token=token, top_k=5, max_body_bytes=1024, max_pixels=10**6),
                            metrics=ServiceMetrics(), lifespan=None, model_card=lambda: {"task": "classification"},
+                           level_of=lambda budget: 0,
                            ranks=SimpleNamespace(ended=False, ready=True, reason=""), manifest=SimpleNamespace(nodes=2))
 
 

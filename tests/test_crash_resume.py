@@ -43,14 +43,14 @@ def _checkpoint_rename(name):
 # scenario -> its kills: the run is killed at the first, its resume at the next..., the last resume finishes
 INSTANTS = {
     "right after the first metrics line, before its checkpoint": [_after("fsync", "metrics.jsonl")],
-    "between the files of a checkpoint (mid-sparsify)": [_before("torch.save", "checkpoints/.tmp-0004/state.pt")],
+    "between the files of a checkpoint (mid-sparsify)": [_before("fsync", "checkpoints/.tmp-0004/state.pt")],
     "checkpoint written, not yet renamed": [_before("replace", _checkpoint_rename("0002"))],
     "checkpoint renamed, the older one not yet deleted": [_after("replace", _checkpoint_rename("0002"))],
     "dense -> sparsify: dense.safetensors written, not yet renamed": [
         _before("replace", ".dense.safetensors.tmp -> dense.safetensors")],
     "dense -> sparsify: dense.json not yet renamed": [_before("replace", ".dense.json.tmp -> dense.json")],
     "dense -> sparsify: inside the first sparse checkpoint, then its resume inside it too": [
-        _before("torch.save", "checkpoints/.tmp-0003/state.pt"), _before("replace", _checkpoint_rename("0003"))],
+        _before("fsync", "checkpoints/.tmp-0003/state.pt"), _before("replace", _checkpoint_rename("0003"))],
     "sparsify -> finetune: the last sparse checkpoint in place, masks not yet cut": [
         _after("rmtree", "checkpoints/0003")],
     "sparsify -> finetune: the first finetune checkpoint not yet renamed": [

@@ -197,7 +197,7 @@ def test_swapped_shards_are_refused(exported, tmp_path):
     first_bytes = first.read_bytes()
     first.write_bytes(second.read_bytes())
     second.write_bytes(first_bytes)
-    with pytest.raises(DiscoError, match="does not match the manifest's sha256"):
+    with pytest.raises(DiscoError, match="the manifest says|does not match the manifest's sha256"):
         _load_all(folder, tiny_model_file())
     # the attacker swaps the manifest's entries too: the shards know their node
     _edit(folder, lambda raw: raw["shards"].reverse())
@@ -211,7 +211,7 @@ def test_a_shard_of_another_export_is_refused_even_with_its_hash_written_in(expo
     other = tmp_path / "other"
     _export_tiny(other, seed=5)  # same model, other channels kept
     shutil.copy(other / "node1.safetensors", folder / "node1.safetensors")
-    _edit(folder, lambda raw: raw["shards"][1].update(sha256=sha256_of(folder / "node1.safetensors")))
+    _edit(folder, lambda raw: raw["shards"][1].update(_entry_of(folder / "node1.safetensors")))
     with pytest.raises(DiscoError, match="cut for another manifest"):
         _load_all(folder, tiny_model_file())
 
@@ -223,8 +223,21 @@ def test_a_file_that_is_not_a_shard_is_refused_without_revealing_it(exported, tm
         _load_all(folder, tiny_model_file())
     assert "secret" not in str(refused.value) and sha256_of(folder / "node1.safetensors")[:8] not in str(
         refused.value)
-    _edit(folder, lambda raw: raw["shards"][1].update(sha256=sha256_of(folder / "node1.safetensors")))
+    _edit(folder, lambda raw: raw["shards"][1].update(_entry_of(folder / "node1.safetensors")))
     with pytest.raises(DiscoError, match="not a safetensors shard"):
+        _load_all(folder, tiny_model_file())
+
+
+def _entry_of(path: Path) -> dict:
+    """What an attacker who can edit manifest.json writes for a file of their own."""
+    return {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+
+def test_a_huge_file_in_place_of_a_shard_is_refused_before_it_is_read(exported, tmp_path):
+    folder = _copy(exported, tmp_path)
+    with open(folder / "node1.safetensors", "r+b") as shard:
+        shard.truncate(1 << 40)  # sparse: hashing its terabyte of zeros would take hours
+    with pytest.raises(DiscoError, match="has 1,099,511,627,776 bytes, the manifest says"):
         _load_all(folder, tiny_model_file())
 
 
@@ -282,12 +295,22 @@ def _hostile_inputs(folder: Path) -> dict[str, Path]:
     safetensors.torch.save_file({"input": torch.full((1, 1, 12, 12), float("nan"))}, str(files["NaN"]))
     files["text as image"] = folder / "text.png"
     files["text as image"].write_text("not an image")
+    files["FIFO as image"] = folder / "fifo.png"  # opened, it would block rank 0 until someone writes to it
+    os.mkfifo(files["FIFO as image"])
+    files["folder holding a FIFO"] = folder / "with_fifo"
+    files["folder holding a FIFO"].mkdir()
+    os.mkfifo(files["folder holding a FIFO"] / "camera.png")
+    files["FIFO as tensor file"] = folder / "fifo.safetensors"
+    os.mkfifo(files["FIFO as tensor file"])
+    files["device"] = Path("/dev/zero")
     return files
 
 
 CAUSES = {"truncated tensor file": "cannot read", "text as tensor file": "cannot read",
           "header claiming huge tensor": "cannot read", "wrong dtype": "dtype torch.int64 is not supported",
-          "NaN": "NaN", "text as image": "cannot read image"}
+          "NaN": "NaN", "text as image": "cannot read image", "FIFO as image": "not a regular file",
+          "folder holding a FIFO": "not a regular file", "FIFO as tensor file": "not a regular file",
+          "device": "not a regular file"}
 
 
 def test_hostile_inputs_are_refused_with_one_clear_error(exported, tmp_path):

@@ -4,9 +4,11 @@ and images are decoded at their own bit depth. References: the files' own bytes,
 16-bit image, and the deployment's manifest as exported."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -150,6 +152,61 @@ def test_one_writer_per_run_folder(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # nothing touched, nothing left
     with lock_folder(out, "the run folder"):  # released with its holder: the next writer gets it
         pass
+
+
+def test_a_second_new_run_into_the_same_folder_is_refused(tmp_path):
+    from disco.files import claim_folder
+    from disco.training import pipeline
+    from disco.training.config import TrainConfig
+    from tests_helpers import tiny_model_spec
+
+    out = tmp_path / "run"
+    with claim_folder(out, "the run folder"):  # a first `disco train --out run` that has just begun
+        with pytest.raises(DiscoError, match="another process is writing the run folder"):
+            pipeline.train(TrainConfig(model=tiny_model_spec(), out=str(out), nodes=2, budget=0.2))
+        assert list(out.iterdir()) == []  # the first run's folder untouched
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options: str):
+    """A file system of our own (read-only, or a few hundred KiB), mounted for the test and removed after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only or tiny file system needs root")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_read_only_out_is_one_clear_error_before_any_work(tmp_path):
+    from disco.training import pipeline
+    from disco.training.config import TrainConfig
+    from tests_helpers import tiny_model_spec
+
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
+        for out in (read_only, read_only / "run"):  # the folder itself, or a new one inside it
+            with pytest.raises(DiscoError, match="cannot write the run folder .*Read-only file system"):
+                pipeline.train(TrainConfig(model=tiny_model_spec(), out=str(out), nodes=2, budget=0.2))
+            with pytest.raises(DiscoError, match="--summary .*(not writable|does not exist)"):
+                write_text_atomically(out / "summary.json", "{}", "--summary")
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_says_so(tmp_path):
+    from disco.training.checkpoint import latest_checkpoint, save_checkpoint
+
+    with _tmpfs(tmp_path / "small", "size=256k") as small:
+        save_checkpoint(small, phase="dense", epoch=0, metrics_lines=1, model=torch.nn.Linear(4, 4),
+                        training_state={"optimizer": {}})
+        with pytest.raises(DiscoError, match=r"checkpoint of dense epoch 2 .*No space left on device.*--resume"):
+            save_checkpoint(small, phase="dense", epoch=1, metrics_lines=2, model=torch.nn.Linear(512, 512),
+                            training_state={"optimizer": {}})  # 1 MiB of weights
+        assert [folder.name for folder in (small / "checkpoints").iterdir()] == ["0001"]  # no half folder
+        assert latest_checkpoint(small).metrics_lines == 1
 
 
 def _png_declaring(width: int, height: int) -> bytes:

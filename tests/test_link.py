@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 
@@ -67,3 +68,30 @@ def test_a_silent_connection_is_dropped_after_the_handshake_timeout():
         silent.close()
     finally:
         listener.close()
+
+
+def test_ranks_that_loaded_another_export_of_the_folder_are_stopped_not_served(tmp_path):
+    """The folder exported again while served, then a rank restart: the new ranks' hello names another deployment
+    than the one the service describes (/v1/model), so they are told to stop and the service says why."""
+    from disco.serve.metrics import ServiceMetrics
+    from disco.serve.options import ServeOptions
+    from disco.serve.ranks import Ranks
+
+    ranks = Ranks(ServeOptions(deploy=str(tmp_path)), 2, ServiceMetrics(), deployment="the served one", quiet=True)
+    threading.Thread(target=ranks._accept_forever, daemon=True).start()
+    try:
+        for loaded, ready in (("a new export", False), ("the served one", True)):
+            rank0 = Link(Client(_address(ranks.listener), authkey=ranks.listener.key), 1 << 20)
+            rank0.send({"kind": "hello", "world": 2, "backend": "gloo", "deployment": loaded})
+            if ready:
+                deadline = time.monotonic() + 10
+                while not ranks.ready and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert ranks.ready
+            else:
+                assert rank0.receive(timeout=10)[0] == {"kind": "stop"}
+                assert not ranks.ready and "changed while it was served" in ranks.reason
+            rank0.close()
+    finally:
+        ranks.stopping = True
+        ranks.listener.close()

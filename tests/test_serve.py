@@ -8,7 +8,9 @@ import json
 import os
 import re
 import signal
+import socket
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -295,8 +297,20 @@ def _load_while(served, image: bytes, expected: dict, fault, seconds: float = 7.
 
 
 # the two tests below end the module's service: they run last (file order)
+def _rank_link(rank0: int) -> tuple[str, int]:
+    """The address rank 0 reaches the front end at (in its environment), as any local process could read it."""
+    entry = next(entry for entry in Path(f"/proc/{rank0}/environ").read_bytes().split(b"\0")
+                 if entry.startswith(b"DISCO_SERVE_LINK="))
+    host, _, port = entry.split(b"=", 1)[1].decode().rpartition(":")
+    return host, int(port)
+
+
 def test_a_dead_rank_fails_requests_naming_it_then_the_ranks_restart(served, images, reference):
-    rank1 = served.ranks()[1]
+    rank0, rank1 = served.ranks()[:2]
+    link = _rank_link(rank0)  # hostile local connections first: they must not stop the restarted rank 0 joining
+    for _ in range(100):
+        socket.create_connection(link).close()
+    silent = [socket.create_connection(link) for _ in range(10)]
     counts = _load_while(served, images["colour.png"], reference["colour.png"], lambda: os.kill(rank1, signal.SIGKILL))
     assert counts["correct"] > 0 and counts["refused"] > 0
     # named by whichever sees it first: the front end (rank 1's process ended) or rank 0 (its peer is gone)
@@ -307,6 +321,8 @@ def test_a_dead_rank_fails_requests_naming_it_then_the_ranks_restart(served, ima
     assert answer.status_code == 200
     _assert_same_answer(answer.json(), reference["colour.png"])
     assert rank1 not in served.ranks()  # restarted: new processes
+    for connection in silent:
+        connection.close()
 
 
 def test_a_hung_rank_0_is_named_and_without_restarts_left_health_says_so(served, images):
@@ -322,3 +338,9 @@ def test_a_hung_rank_0_is_named_and_without_restarts_left_health_says_so(served,
     assert health.status_code == 503 and "restart `disco serve`" in health.json()["error"]["message"]
     refused = served.predict(images["grey.png"])
     assert refused.status_code == 503 and refused.json()["error"]["kind"] == "not_ready"
+
+
+def test_sigterm_stops_the_service_saying_so(served):
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(60) == 0
+    assert served.log.read_text().rstrip().endswith("disco serve: stopped")

@@ -88,7 +88,7 @@ class Manifest:
     input_shape: list[int]  # one input without the batch dimension, e.g. [1, 28, 28]
     transport_dtype: str
     plans: dict[str, SplitPlan]  # the split plan of every channel-mixing layer, by layer name (JSON: PLANS_KEY)
-    shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ...}] in node order
+    shards: list[dict]  # [{"file": "node0.safetensors", "sha256": ..., "bytes": ...}] in node order
     expected: dict  # the simulation's cost report per image (bytes_matrix, io_bytes, ...); nested: the default's
     preprocess: dict | None = None  # {"channels", "size", "mean", "std"} for reading image files
     dataset: dict | None = None  # {"dataset", "data", "image_size", "test_subset", "seed", "skip_bad_data"}: --eval
@@ -111,6 +111,12 @@ class Manifest:
         """sha256 of everything but the shard list: what the shards were cut for (their metadata holds it)."""
         content = {k: v for k, v in self.as_json().items() if k != "shards"}
         return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def identity(self) -> str:
+        """The deployment these contents describe: the digest and every shard's sha256 (a re-export with other
+        weights but the same plan has another identity)."""
+        shards = ",".join(str(shard.get("sha256")) for shard in self.shards)
+        return hashlib.sha256(f"{self.digest()}:{shards}".encode()).hexdigest()
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -206,6 +212,9 @@ class Manifest:
                                  f"(no folders, no '..'), got {name!r}")
             if not SHA256.fullmatch(str(shard.get("sha256"))):
                 raise DiscoError(f"shard {node} has no valid sha256 in the manifest")
+            size = shard.get("bytes", 0)  # absent in deployments exported before it was recorded
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise DiscoError(f"shard {node} has an invalid size in the manifest: {size!r}")
         if len({shard["file"] for shard in self.shards}) != len(self.shards):
             raise DiscoError("the manifest names one shard file for several nodes")
 
@@ -242,6 +251,10 @@ def verify_shard(manifest: Manifest, folder: Path, node: int) -> Path:
     inside_folder(path, folder, f"shard of node {node}")
     if not path.is_file():
         raise DiscoError(f"shard of node {node} not found: {path}")
+    expected = manifest.shards[node].get("bytes")
+    if expected is not None and path.stat().st_size != expected:  # before hashing: a replaced 60 GB file costs 0 s
+        raise DiscoError(f"shard {path} has {path.stat().st_size:,} bytes, the manifest says {expected:,}: it was "
+                         "truncated or replaced; copy the deployment again")
     if sha256_of(path) != manifest.shards[node]["sha256"]:
         raise DiscoError(f"shard {path} does not match the manifest's sha256: it was corrupted or replaced; "
                          "copy the deployment again")

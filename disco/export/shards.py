@@ -145,9 +145,11 @@ def _write(model: nn.Module, folder: Path, manifest: Manifest, split: ModelSplit
     weights = layer_weights(model, split)
     for node in range(split.nodes):
         path = folder / f"node{node}.safetensors"  # (SHARD_NAME)
-        safetensors.torch.save_file({**node_tensors(model, split, node, parts, weights), **level_tensors[node]},
-                                    str(path), metadata={DIGEST_KEY: digest, NODE_KEY: str(node)})
-        manifest.shards.append({"file": path.name, "sha256": sha256_of(path)})
+        # serialised first: a full disk is then an OSError (write_folder_whole's clear error), not safetensors' own
+        path.write_bytes(safetensors.torch.save({**node_tensors(model, split, node, parts, weights),
+                                                 **level_tensors[node]}, metadata={DIGEST_KEY: digest,
+                                                                                   NODE_KEY: str(node)}))
+        manifest.shards.append({"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size})
     manifest.validate()
     manifest.save(folder)
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from disco.errors import DiscoError
-from disco.files import write_atomically
+from disco.files import write_bytes_atomically
 from disco.progress import Progress
 from disco.export.manifest import Manifest
 from disco.export.trust import build_deployed_model
@@ -41,8 +41,7 @@ def save_outputs(outputs: list, path: str) -> None:
     """One tensor 'output', or 'output.0', 'output.1'... for models with several outputs (detection maps)."""
     tensors = [t.contiguous() for t in tree_flatten(join_batches(outputs))[0]]
     names = ["output"] if len(tensors) == 1 else [f"output.{i}" for i in range(len(tensors))]
-    write_atomically(Path(path), lambda temporary: safetensors.torch.save_file(dict(zip(names, tensors)),
-                                                                             str(temporary)), "--save-output")
+    write_bytes_atomically(Path(path), safetensors.torch.save(dict(zip(names, tensors))), "--save-output")
 
 
 def coordinate(coordinator: Coordinator, manifest: Manifest, options: RunOptions, batches) -> dict:

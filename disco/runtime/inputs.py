@@ -68,17 +68,28 @@ def _tensor_file(path: Path) -> torch.Tensor:
     return tensors["input"]
 
 
+def _regular_or_folder(path: Path) -> None:
+    """A FIFO would block rank 0 while its peers wait to join (their error would then blame them), and a device
+    such as /dev/zero never ends: inputs are regular files (or links to them) and folders."""
+    if not (path.is_file() or path.is_dir()):
+        raise DiscoError(f"input {path} is not a regular file (a FIFO, socket or device?): give image files, a "
+                         "folder of them or a .safetensors file")
+
+
 def file_batches(path: str | Path, manifest: Manifest, batch_size: int) -> list[Batch]:
     """An image, a folder of images (sorted by name) or a .safetensors file with a tensor 'input'."""
     path = Path(path)
     if not path.exists():
         raise DiscoError(f"input not found: {path}")
+    _regular_or_folder(path)
     if path.suffix == ".safetensors":
         images = _tensor_file(path)
         check_input(images, manifest)
         return [Batch(chunk, None, [f"{path.name}[{i + start}]" for i in range(len(chunk))])
                 for start, chunk in zip(range(0, len(images), batch_size), images.split(batch_size))]
     files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    for file in files:
+        _regular_or_folder(file)
     if not files:
         raise DiscoError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
     batches = []

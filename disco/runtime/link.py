@@ -6,7 +6,8 @@ environment; multiprocessing.connection authenticates the connection with that k
 messages. A message is bytes, never a pickle: a 4-byte header length, a JSON header, then tensors as safetensors.
 
 Front end -> rank 0: {"kind": "batch", "batch": id} + {"input": [n, C, H, W] float32}; {"kind": "stop"}.
-Rank 0 -> front end: {"kind": "hello", "pid", "world", "backend", "inflight"} once the ranks joined and agreed;
+Rank 0 -> front end: {"kind": "hello", "pid", "world", "backend", "inflight", "deployment"} once the ranks joined
+and agreed ("deployment": Manifest.identity() of what they loaded);
 {"kind": "output", "batch": id} + the output's tensors "0", "1"... (pytree leaves, in order);
 {"kind": "error", "batch": id or null, "message"}; {"kind": "counters", "sent": {category: [[src][dst]]}}.
 """

@@ -61,7 +61,7 @@ def _say_error(link: Link, batch: int | None, error: BaseException) -> None:
 def answer_requests(coordinator: Coordinator, manifest: Manifest, link: Link, backend: str) -> dict:
     """Serve the front end's batches until it says stop (or goes away); every rank is stopped after."""
     link.send({"kind": "hello", "pid": os.getpid(), "world": coordinator.comm.world, "backend": backend,
-               "inflight": len(coordinator.lanes)})
+               "inflight": len(coordinator.lanes), "deployment": manifest.identity()})
     failure, last_counters, ran_since = _Failure(), time.monotonic(), False
     last_word, keepalive_s = time.monotonic(), coordinator.comm.timeout * KEEPALIVE_FRACTION
     while True:

@@ -28,6 +28,7 @@ from disco.runtime.comm import DistComm, choose_backend, launch_environment
 from disco.runtime.evaluation import coordinate
 from disco.runtime.inputs import eval_batches, file_batches
 from disco.runtime.options import RunOptions
+from disco.runtime.orphans import end_with_launcher
 from disco.runtime.levels import load_programs
 from disco.runtime.profiling import gather_profiles, pace_table, write_tables
 from disco.runtime.protocol import gather_counters
@@ -151,6 +152,7 @@ def report_failure(rank: str, error: Exception, verbose: bool, command: str = "d
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "?")
+    end_with_launcher(rank)
     try:
         summary = run_rank(from_args(RunOptions, args))
         if summary is not None and args.summary:

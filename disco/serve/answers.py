@@ -4,8 +4,10 @@ the task's own (Task.answer), with masks and images sent as PNG."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import warnings
+from typing import Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -17,8 +19,10 @@ from disco.serve.batching import Refused
 from disco.tasks.registry import get_task, resolved
 
 
-def read_image(body: bytes, manifest: Manifest, max_pixels: int) -> tuple[torch.Tensor, dict]:
-    """The model's input [C, H, W] from an encoded image, and what was done to it (for the answer)."""
+@contextlib.contextmanager
+def _opened(body: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The image in `body`, its header read and its size checked (nothing decoded yet), and a refusal for what
+    cannot be read, whether here or while it is decoded."""
     if not body:
         raise Refused(400, "empty", "the request holds no image: send its bytes as the body, or as a file field "
                       "of a multipart form")
@@ -30,8 +34,7 @@ def read_image(body: bytes, manifest: Manifest, max_pixels: int) -> tuple[torch.
                 if width * height > max_pixels:
                     raise Refused(413, "too_many_pixels", f"the image is {width}x{height} = {width * height:,} "
                                   f"pixels; at most {max_pixels:,} are accepted (--max-pixels)")
-                mode = image.mode
-                tensor = image_tensor(image, manifest)
+                yield image
     except Refused:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # more pixels than its header admits
@@ -42,6 +45,19 @@ def read_image(body: bytes, manifest: Manifest, max_pixels: int) -> tuple[torch.
                       "send PNG, JPEG, BMP, GIF, TIFF or WebP bytes") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data
         raise Refused(422, "unreadable_image", f"the image cannot be decoded: {error}") from None
+
+
+def image_pixels(body: bytes, max_pixels: int) -> int:
+    """The pixels the image in `body` says it has (its header alone; refused as read_image would refuse it)."""
+    with _opened(body, max_pixels) as image:
+        return image.size[0] * image.size[1]
+
+
+def read_image(body: bytes, manifest: Manifest, max_pixels: int) -> tuple[torch.Tensor, dict]:
+    """The model's input [C, H, W] from an encoded image, and what was done to it (for the answer)."""
+    with _opened(body, max_pixels) as image:
+        (width, height), mode = image.size, image.mode
+        tensor = image_tensor(image, manifest)
     try:
         check_input(tensor[None], manifest)
     except DiscoError as error:

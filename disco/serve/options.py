@@ -26,6 +26,14 @@ class ServeOptions:
     queue_size: int = option(64, help="requests waiting for a batch, at most; more get 503 with Retry-After")
     max_body_mb: float = option(10.0, help="largest request body accepted, in MiB (larger: 413)")
     max_pixels: int = option(40_000_000, help="largest image accepted, in pixels, checked before it is decoded")
+    header_timeout: float = option(10.0, metavar="S", help="seconds a client has to send a request's headers, "
+                                   "from opening the connection or from the previous answer; idle and slower "
+                                   "connections are closed (408 when part of the headers had come)")
+    body_timeout: float = option(60.0, metavar="S", help="seconds a client has to send a request's body once its "
+                                 "headers came (slower: 408, the connection closed)")
+    max_decode_pixels: int | None = option(None, help="pixels decoded at once across all requests (default: "
+                                           "--max-pixels, one largest image at a time); the front end's memory "
+                                           "grows by up to 12 bytes per pixel while it decodes (README)")
     top_k: int = option(5, help="classes a classification answer lists, unless the request asks ?top_k=")
     token: str | None = option(None, help=f"require `Authorization: Bearer TOKEN` on /v1/* and /metrics (default: "
                                           f"${TOKEN_ENV} when set; none otherwise)")
@@ -65,15 +73,23 @@ class ServeOptions:
                                                                                  1_000_000_000)):
             if not (isinstance(value, (int, float)) and 0 < value <= highest):
                 raise DiscoError(f"{flag} must be in (0, {highest}], got {value!r}")
+        if self.max_decode_pixels is not None and not self.max_pixels <= self.max_decode_pixels <= 10**10:
+            raise DiscoError(f"--max-decode-pixels must be in [--max-pixels, 1e10], got {self.max_decode_pixels}")
         check_budget(self.budget)
         if self.max_wait_ms < 0 or self.restarts < 0:
             raise DiscoError("--max-wait-ms and --restarts must not be negative")
         if self.latency_target_ms is not None and self.latency_target_ms <= 0:
             raise DiscoError("--latency-target-ms must be positive")
+        if not (0 < self.header_timeout <= 3600 and 0 < self.body_timeout <= 3600):
+            raise DiscoError("--header-timeout and --body-timeout must be in (0, 3600] seconds")
         if not 0 < self.timeout <= 3600 or not 0 <= self.max_wait_ms <= 60_000:
             raise DiscoError("--timeout must be in (0, 3600] seconds and --max-wait-ms in [0, 60000]")
         if self.nnodes < 1 or (self.nnodes > 1) != (self.rdzv_endpoint is not None):
             raise DiscoError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (and --rdzv-endpoint needs --nnodes)")
+
+    @property
+    def decode_pixels(self) -> int:
+        return self.max_pixels if self.max_decode_pixels is None else self.max_decode_pixels
 
     @property
     def max_body_bytes(self) -> int:

@@ -48,9 +48,22 @@ def _settle(future: Future, *, result=None, error: BaseException | None = None) 
         pass
 
 
+def ended_reason(code: int, restarted: int, last_error: str | None) -> str:
+    """Why the service has no ranks any more, from torchrun's exit status (negative: the signal that killed it)
+    and the restarts that did happen (not the ones allowed)."""
+    ended = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    after = f" after {restarted} restart{'s' * (restarted != 1)}" if restarted else ""
+    return (f"the ranks have ended (torchrun {ended}{after}){': ' + last_error if last_error else ''}; "
+            "restart `disco serve`")
+
+
 class Ranks:
-    def __init__(self, options: ServeOptions, nodes: int, metrics: ServiceMetrics, *, quiet: bool = False):
+    def __init__(self, options: ServeOptions, nodes: int, metrics: ServiceMetrics, *, deployment: str,
+                 quiet: bool = False):
+        """`deployment`: the identity (Manifest.identity) of the manifest the service describes; ranks that loaded
+        another are refused."""
         self.options, self.nodes, self.metrics, self.quiet = options, nodes, metrics, quiet
+        self.deployment = deployment
         self.listener = LinkListener(max_bytes=1 << 31)
         self.lock = threading.Lock()
         self.link: Link | None = None
@@ -137,6 +150,9 @@ class Ranks:
             if hello is None or hello[0].get("kind") != "hello":
                 link.close()
                 return
+            if hello[0].get("deployment") != self.deployment:
+                self._refuse_other_deployment(link)
+                return
             self._joined(link, hello[0])
             while True:
                 header, tensors = link.receive()
@@ -146,6 +162,19 @@ class Ranks:
         except Exception as error:  # noqa: BLE001 - a malformed message: treat rank 0 as failed
             self._lost(link, f"rank 0 sent a malformed message ({type(error).__name__}: {error})")
             link.close()
+
+    def _refuse_other_deployment(self, link: Link) -> None:
+        """The folder was exported again while it was served, and the ranks (restarted) loaded the new export:
+        answers would come from one model while /v1/model describes the other. The ranks are stopped for good."""
+        with self.lock:
+            self.last_error = (f"the deployment in {self.options.deploy} changed while it was served (exported "
+                               "again?): the ranks loaded the new one, this service describes the old one")
+            self.ready, self.reason = False, self.last_error
+        self.metrics.ready.set(0)
+        with contextlib.suppress(LinkClosed):
+            link.send({"kind": "stop"})
+        if not self.quiet:
+            print(f"disco serve: not ready: {self.last_error}; restart `disco serve`", file=sys.stderr, flush=True)
 
     def _joined(self, link: Link, hello: dict) -> None:
         with self.lock:
@@ -237,8 +266,6 @@ class Ranks:
         with self.lock:
             self.ended = True
             if not self.stopping:
-                self.reason = (f"the ranks have ended (torchrun exited with code {code}"
-                               + (f" after {self.options.restarts} restarts" if self.options.restarts else "")
-                               + f"){': ' + self.last_error if self.last_error else ''}; restart `disco serve`")
+                self.reason = ended_reason(code, max(0, self.hellos - 1), self.last_error)
             link = self.link
         self._lost(link, self.reason)

@@ -17,6 +17,7 @@ from disco.serve.adapt import BudgetAdapter
 from disco.serve.answers import task_answers, warm_up
 from disco.serve.batching import Batcher, Refused
 from disco.serve.metrics import ServiceMetrics
+from disco.serve.admission import PixelBudget
 from disco.serve.options import ServeOptions
 from disco.serve.ranks import Ranks
 from disco.tasks.registry import get_task
@@ -39,10 +40,12 @@ class Service:
             levels=len(self.budgets), level=self.default_level, target_s=options.latency_target_ms / 1000)
         self.metrics = ServiceMetrics()
         self.metrics.budget_level.set(self.default_level)
-        self.ranks = Ranks(options, self.manifest.nodes, self.metrics, quiet=quiet)
+        self.ranks = Ranks(options, self.manifest.nodes, self.metrics, deployment=self.manifest.identity(),
+                           quiet=quiet)
         # detection answers are decoded on this side (anchors, NMS: weight-free parts of the model)
         self.detector = build_deployed_model(self.manifest.model, options.model_code).eval() \
             if self.task.decodes_with_model else None
+        self.decoding = PixelBudget(options.decode_pixels, options.queue_size)
         self.batcher = Batcher(self.ranks, options, self.metrics,
                                functools.partial(task_answers, manifest=self.manifest, detector=self.detector),
                                self._batch_ran)

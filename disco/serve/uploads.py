@@ -3,6 +3,7 @@ Content-Length says), then the body itself or the first file of a multipart form
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from disco.serve.batching import Refused
 
@@ -14,11 +15,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise Refused(413, "too_large", f"the body is {int(declared):,} bytes; at most {limit:,} are accepted "
                       "(--max-body-mb)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, "too_large", f"the body passed {limit:,} bytes (--max-body-mb)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, "too_large", f"the body passed {limit:,} bytes (--max-body-mb)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # closed by the client, or by --body-timeout: counted, and answered to no one
+        raise Refused(400, "disconnected", f"the connection closed after {size:,} bytes of the body") from None
     return b"".join(chunks)
 
 

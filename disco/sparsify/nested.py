@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from disco.errors import DiscoError
-from disco.files import write_atomically  # files a kill leaves whole
+from disco.files import write_bytes_atomically  # files a kill leaves whole
 
 NESTED = "nested.safetensors"  # a run folder's nested order: each layer's group levels, the budgets as metadata
 
@@ -72,7 +72,7 @@ def save_levels(levels: NestedLevels, norm_statistics: list[dict[str, torch.Tens
     for index, statistics in enumerate(norm_statistics):
         tensors.update({f"norms/{index}/{name}": value.cpu().contiguous() for name, value in statistics.items()})
     metadata = {"budgets": json.dumps(list(levels.budgets))}
-    write_atomically(path, lambda target: safetensors.torch.save_file(tensors, str(target), metadata=metadata))
+    write_bytes_atomically(path, safetensors.torch.save(tensors, metadata=metadata), "the budget levels")
 
 
 def load_levels(path: Path) -> tuple[tuple[float, ...], dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -15,6 +15,7 @@ A kill (or power loss) at any instant leaves every file either as it was or as i
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from torch import nn
 
 from disco.errors import DiscoError
 from disco.jsonfile import SMALL_JSON_BYTES, read_json
-from disco.files import fsync_path, write_atomically
+from disco.files import fsync_path, write_bytes_atomically
 
 CHECKPOINTS = "checkpoints"
 _MODEL, _STATE, _PROGRESS = "model.safetensors", "state.pt", "progress.json"
@@ -74,8 +75,7 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: nn.Module, path: Path) -> None:
-    tensors = _model_tensors(model)
-    write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, str(temporary)))
+    write_bytes_atomically(path, safetensors.torch.save(_model_tensors(model)), "the model")
 
 
 def load_model_state(model: nn.Module, path: Path) -> None:
@@ -101,6 +101,12 @@ class Checkpoint:
         return torch.load(self.folder / _STATE, map_location="cpu", weights_only=True)
 
 
+def _serialised(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def _write_synced(path: Path, write: Callable[[Path], None]) -> None:
     write(path)
     fsync_path(path)
@@ -117,13 +123,18 @@ def save_checkpoint(out: Path, *, phase: str, epoch: int, metrics_lines: int, mo
     temporary = root / f"{_TEMPORARY}{name}"
     if temporary.exists():  # left by a kill; resume removes these, but never trust a half-written one
         shutil.rmtree(temporary)
-    temporary.mkdir()
-    tensors = _model_tensors(model)
-    _write_synced(temporary / _MODEL, lambda path: safetensors.torch.save_file(tensors, str(path)))
-    _write_synced(temporary / _STATE, lambda path: torch.save(training_state, path))
     progress = {"phase": phase, "epoch": epoch, "metrics_lines": metrics_lines}
-    _write_synced(temporary / _PROGRESS, lambda path: path.write_text(json.dumps(progress)))
-    fsync_path(temporary)
+    try:
+        temporary.mkdir()
+        for file, data in ((_MODEL, safetensors.torch.save(_model_tensors(model))),
+                           (_STATE, _serialised(training_state)), (_PROGRESS, json.dumps(progress).encode())):
+            _write_synced(temporary / file, lambda path: path.write_bytes(data))
+        fsync_path(temporary)
+    except OSError as error:  # a full disk, say: the previous checkpoint stays the one to resume from
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise DiscoError(f"cannot write the checkpoint of {phase} epoch {epoch + 1} in {root}: "
+                         f"{error.strerror or error}; make room, then `disco train --resume {out}` continues from "
+                         "the last checkpoint written") from None
     os.replace(temporary, root / name)  # the one step that makes this epoch the current checkpoint
     fsync_path(root)
     for older in _numbered(root):

@@ -277,10 +277,13 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, device: 
     parallel = join(device)
     try:
         out = Path(config.out)
-        taken = (out / CONFIG).exists() or (out / checkpoint.CHECKPOINTS).exists()
-        if parallel.from_main(int(taken)):
-            raise DiscoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        return _run(config, None, parallel, stop_after_epochs=stop_after_epochs)
+        # held for the whole run: two runs started into one new folder would otherwise both pass the check below
+        one_writer = files.claim_folder(out, "the run folder") if parallel.main else contextlib.nullcontext()
+        with one_writer:
+            taken = (out / CONFIG).exists() or (out / checkpoint.CHECKPOINTS).exists()
+            if parallel.from_main(int(taken)):
+                raise DiscoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            return _run(config, None, parallel, stop_after_epochs=stop_after_epochs)
     finally:
         parallel.close()
 
@@ -296,7 +299,7 @@ def resume(folder: str | Path, *, stop_after_epochs: int | None = None, device: 
         if not (out / CONFIG).is_file():
             raise DiscoError(f"{out} is not a run folder (no {CONFIG}): start the run without --resume")
         config = replace(TrainConfig.load(out / CONFIG), out=str(out))
-        one_writer = files.lock_folder(out, "the run folder") if parallel.main else contextlib.nullcontext()
+        one_writer = files.claim_folder(out, "the run folder") if parallel.main else contextlib.nullcontext()
         with one_writer:  # two resumes of one folder would interleave its checkpoints and metrics
             if parallel.main:
                 if (out / "report.json").is_file() and (out / "disco.safetensors").is_file():

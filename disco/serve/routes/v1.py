@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from disco.serve.answers import as_json, as_png, read_image
+from disco.serve.answers import as_json, as_png, image_pixels, read_image
 from disco.serve.service import Service, ServiceDep
 from disco.serve.uploads import image_bytes, read_body
 
@@ -42,9 +42,10 @@ async def answer(service: Service, request: Request, top_k: int, mask: bool, for
     deployment carries several), counted in the latency and images-by-budget metrics."""
     began, options = time.perf_counter(), service.options
     level = service.level_of(budget)
-    body = await read_body(request, options.max_body_bytes)
-    image, read = await run_in_threadpool(read_image, await image_bytes(request, body, options.max_body_bytes),
-                                          service.manifest, options.max_pixels)
+    body = await image_bytes(request, await read_body(request, options.max_body_bytes), options.max_body_bytes)
+    pixels = await run_in_threadpool(image_pixels, body, options.max_pixels)  # its header: nothing decoded yet
+    async with service.decoding.hold(pixels):
+        image, read = await run_in_threadpool(read_image, body, service.manifest, options.max_pixels)
     result = await service.batcher.infer(image, top_k, level)
     ran_at = service.budgets[level]["budget"]
     service.metrics.images_by_budget.labels(budget="deployed" if ran_at is None else str(ran_at)).inc()
